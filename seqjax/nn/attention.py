@@ -1,0 +1,619 @@
+"""Scaled dot-product attention, masks, and multi-head attention with a KV cache.
+
+Glossary: B batch (any number of leading dims, written B...), Tq / Tk query / key length, N heads, H head dim,
+D model width, F input features.
+
+The attention math and the masks are pure functions, tested on their own; `MultiHeadAttention` only projects,
+caches and calls them (DESIGN.md, style 7).
+
+Three implementations compute the same function:
+  "xla"        (default) ours: the batch and the queries are cut into blocks whose [N, Tq, Tk] score tensor stays in
+               cache; the backward pass recomputes the scores from the saved log-sum-exp (as FlashAttention does)
+               instead of storing the [B, N, Tq, Tk] probabilities. See BENCHMARKS.md for why this is faster on CPU.
+  "reference"  the textbook softmax(QKᵀ/√H)V with autodiff; used for `bias` and `return_weights`.
+  "jax"        `jax.nn.dot_product_attention` (XLA on CPU, cuDNN where available); "cudnn" forces cuDNN (GPU only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+IMPLEMENTATIONS = ("xla", "reference", "jax", "cudnn")
+
+# Size of one block's score tensor [b, N, q, Tk] in float32 elements. 2**19 (2 MiB) measured best on the 2-core CPU
+# (BENCHMARKS.md); anything from 2**18 to 2**21 is within a few percent.
+DEFAULT_BLOCK_ELEMENTS = 2**19
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def causal_mask(length: int) -> Array:
+    """Lower-triangular mask: query t may attend to keys 0..t.
+
+    Returns:
+      bool `[1, 1, length, length]`, True = may attend.
+    """
+    if length < 1:
+        raise ValueError(f"causal_mask: length must be >= 1, got {length}")
+    return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+
+
+def padding_mask(q_valid: Array, k_valid: Array | None = None) -> Array:
+    """Mask from per-position validity flags.
+
+    Args:
+      q_valid: bool `[B, Tq]`, True for real (non-padding) query positions.
+      k_valid: bool `[B, Tk]`; defaults to `q_valid` (self-attention).
+
+    Returns:
+      bool `[B, 1, Tq, Tk]`: True where both the query and the key are valid. Rows of padding queries are fully
+      masked, so attention returns zeros there.
+    """
+    k_valid = q_valid if k_valid is None else k_valid
+    q_valid, k_valid = jnp.asarray(q_valid, bool), jnp.asarray(k_valid, bool)
+    if q_valid.ndim != 2 or k_valid.ndim != 2 or q_valid.shape[0] != k_valid.shape[0]:
+        raise ValueError(
+            f"padding_mask expects q_valid [B, Tq] and k_valid [B, Tk] with the same B; got {q_valid.shape} and "
+            f"{k_valid.shape}"
+        )
+    return q_valid[:, None, :, None] & k_valid[:, None, None, :]
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+    """Logical AND of the given masks (broadcasting), ignoring None entries; None if all are None."""
+    present = [jnp.asarray(m, bool) for m in masks if m is not None]
+    if not present:
+        return None
+    ndim = {m.ndim for m in present}
+    if len(ndim) != 1:
+        raise ValueError(f"combine_masks: masks must have the same rank, got shapes {[m.shape for m in present]}")
+    return functools.reduce(jnp.logical_and, present)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scaled dot-product attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_shapes(query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None) -> None:
+    if query.ndim < 3:
+        raise ValueError(f"query must be [B..., Tq, N, H] (rank >= 3), got shape {query.shape}")
+    if key.ndim != query.ndim or value.ndim != query.ndim:
+        raise ValueError(
+            f"query, key and value must have the same rank; got query {query.shape}, key {key.shape}, "
+            f"value {value.shape}"
+        )
+    if key.shape != value.shape[:-1] + key.shape[-1:] or key.shape[:-3] != query.shape[:-3]:
+        raise ValueError(
+            f"expected query [B..., Tq, N, H] and key/value [B..., Tk, N, H] with equal B..., Tk and N; got query "
+            f"{query.shape}, key {key.shape}, value {value.shape}"
+        )
+    if key.shape[-2] != query.shape[-2]:
+        raise ValueError(f"query and key must have the same number of heads; got {query.shape} and {key.shape}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"query and key must have the same head dim; got {query.shape} and {key.shape}")
+    batch, (tq, n), tk = query.shape[:-3], query.shape[-3:-1], key.shape[-3]
+    full = (*batch, n, tq, tk)
+    for name, m in (("mask", mask), ("bias", bias)):
+        if m is None:
+            continue
+        ok = m.ndim == len(full) and all(a in (1, b) for a, b in zip(m.shape, full, strict=True))
+        if not ok:
+            raise ValueError(
+                f"{name} of shape {m.shape} does not broadcast to [B..., N, Tq, Tk] = {full} (query {query.shape}, "
+                f"key {key.shape})"
+            )
+
+
+def _acc_dtype(dtype: Dtype) -> Dtype:
+    """float32 for half-precision inputs (softmax stability), the input's own dtype for float32/float64."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def _masked_softmax(logits: Array, mask: Array | None) -> Array:
+    """Softmax over the last axis; masked entries get 0 and a fully masked row is all zeros (no NaN)."""
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(logits - m)
+    s = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(s > 0, s, 1.0)
+
+
+def _dropout(weights: Array, rate: float, rng: Array) -> Array:
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), jnp.zeros((), weights.dtype))
+
+
+def _reference_attention(q, k, v, mask, bias, scale, dropout_rate, dropout_rng, precision):
+    """softmax(q kᵀ·scale + bias) v with autodiff; returns (out [B..., Tq, N, H], weights [B..., N, Tq, Tk])."""
+    acc = _acc_dtype(q.dtype)
+    logits = jnp.einsum("...qnh,...knh->...nqk", q, k, precision=precision, preferred_element_type=acc)
+    logits = logits * jnp.asarray(scale, acc)
+    if bias is not None:
+        logits = logits + bias.astype(acc)
+    weights = _masked_softmax(logits, mask)
+    probs = weights if dropout_rate == 0.0 else _dropout(weights, dropout_rate, dropout_rng)
+    out = jnp.einsum("...nqk,...knh->...qnh", probs.astype(v.dtype), v, precision=precision)
+    return out, weights
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    cap = max(1, min(n, cap))
+    return next(d for d in range(cap, 0, -1) if n % d == 0)
+
+
+def _block_sizes(b: int, n: int, tq: int, tk: int, block_elements: int) -> tuple[int, int]:
+    """(batch block, query block) so that one block's scores [bb, N, bq, Tk] hold about `block_elements` floats."""
+    per_row = n * tk
+    bq = tq if tq * per_row <= block_elements else max(8, block_elements // per_row)
+    bq = min(bq, tq)
+    bb = _largest_divisor_at_most(b, block_elements // max(1, bq * per_row)) if bq == tq else 1
+    return bb, bq
+
+
+def _fold(x: Array, b_axis_size: int, bb: int, tq_axis: int | None, bq: int) -> Array:
+    """[B, ...] (and a Tq axis) → [nb, nq, bb, ..., bq, ...]: the two block indices first."""
+    nb = x.shape[0] // bb if x.shape[0] == b_axis_size else 1
+    x = x.reshape(nb, x.shape[0] // nb, *x.shape[1:])  # [nb, bb|1, ...]
+    if tq_axis is None:
+        return x[:, None]
+    ax = tq_axis + 1
+    tq = x.shape[ax]
+    x = x.reshape(*x.shape[:ax], tq // bq, bq, *x.shape[ax + 1 :])
+    return jnp.moveaxis(x, ax, 1)  # [nb, nq, bb, ..., bq, ...]
+
+
+def _unfold(x: Array, tq_axis: int) -> Array:
+    """Inverse of `_fold` for arrays that had the full batch and query axes."""
+    ax = tq_axis + 1
+    x = jnp.moveaxis(x, 1, ax)  # [nb, bb, ..., nq, bq, ...]
+    x = x.reshape(*x.shape[:ax], x.shape[ax] * x.shape[ax + 1], *x.shape[ax + 2 :])
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _heads_major(x: Array) -> Array:
+    """[b, T, N, H] <-> [b, N, T, H]."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _block_keep(rng, block_id, rate, shape):
+    return jax.random.bernoulli(jax.random.fold_in(rng, block_id), 1.0 - rate, shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _blocked_attention(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
+    return _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq)[0]
+
+
+def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
+    """q [B, Tq, N, H] (already scaled), k/v [B, Tk, N, H], mask [B|1, N|1, Tq|1, Tk] or None."""
+    b, tq = q.shape[:2]
+    qf = _fold(q, b, bb, 1, bq)  # [nb, nq, bb, bq, N, H]
+    kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)  # [nb, 1, bb, Tk, N, H]
+    mf = None if mask is None else _fold(mask, b, bb, 2 if mask.shape[2] == tq else None, bq)
+    nb, nq = qf.shape[:2]
+    acc = _acc_dtype(q.dtype)
+
+    def block(ib, iq):
+        # Heads-major copies of the block ([bb, N, T, H]): XLA's CPU dot is about 2x faster on this layout than on
+        # [bb, T, N, H] with the transposes left implicit (BENCHMARKS.md).
+        qb, kb, vb = _heads_major(qf[ib, iq]), _heads_major(kf[ib, 0]), _heads_major(vf[ib, 0])
+        s = jnp.einsum("bnqh,bnkh->bnqk", qb, kb, precision=precision, preferred_element_type=acc)
+        if mf is not None:
+            s = jnp.where(mf[ib if mf.shape[0] > 1 else 0, iq if mf.shape[1] > 1 else 0], s, -jnp.inf)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        e = jnp.exp(s - m)
+        l = jnp.sum(e, axis=-1, keepdims=True)  # noqa: E741  [bb, N, bq, 1]
+        if dropout_rate > 0.0:
+            keep = _block_keep(rng, ib * nq + iq, dropout_rate, e.shape)
+            e = jnp.where(keep, e, 0.0) * jnp.asarray(1.0 / (1.0 - dropout_rate), acc)
+        o = jnp.einsum("bnqk,bnkh->bnqh", e.astype(vb.dtype), vb, precision=precision, preferred_element_type=acc)
+        inv = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)  # [bb, N, bq, 1]
+        o = _heads_major(o * inv).astype(qb.dtype)  # [bb, bq, N, H]
+        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)[..., 0]  # [bb, N, bq]
+        return o, lse
+
+    if nb * nq == 1:
+        o, lse = block(0, 0)
+        o, lse = o[None, None], lse[None, None]
+    else:
+        idx = jnp.arange(nb * nq)
+        o, lse = lax.map(lambda i: block(i // nq, i % nq), idx)
+        o = o.reshape(nb, nq, *o.shape[1:])
+        lse = lse.reshape(nb, nq, *lse.shape[1:])
+    out = _unfold(o, 1)  # [B, Tq, N, H]
+    lse = _unfold(lse, 2)  # [B, N, Tq]
+    return out, (q, k, v, mask, rng, out, lse)
+
+
+def _blocked_bwd(dropout_rate, precision, bb, bq, res, dout):
+    q, k, v, mask, rng, out, lse = res
+    b, tq = q.shape[:2]
+    # D_i = sum_h dO_ih O_ih = sum_k P_ik dP_ik: the softmax backward without a second [Tq, Tk] reduction.
+    acc = _acc_dtype(q.dtype)
+    delta = jnp.einsum("bqnh,bqnh->bnq", dout.astype(acc), out.astype(acc))
+    qf, dof = _fold(q, b, bb, 1, bq), _fold(dout, b, bb, 1, bq)
+    kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)
+    lsef, deltaf = _fold(lse, b, bb, 2, bq), _fold(delta, b, bb, 2, bq)  # [nb, nq, bb, N, bq]
+    mf = None if mask is None else _fold(mask, b, bb, 2 if mask.shape[2] == tq else None, bq)
+    nb, nq = qf.shape[:2]
+
+    def block(ib, iq):
+        qb, kb, vb, dob = (_heads_major(x) for x in (qf[ib, iq], kf[ib, 0], vf[ib, 0], dof[ib, iq]))
+        s = jnp.einsum("bnqh,bnkh->bnqk", qb, kb, precision=precision, preferred_element_type=acc)
+        if mf is not None:
+            s = jnp.where(mf[ib if mf.shape[0] > 1 else 0, iq if mf.shape[1] > 1 else 0], s, -jnp.inf)
+        p = jnp.exp(s - lsef[ib, iq][..., None])  # [bb, N, bq, Tk]
+        dp = jnp.einsum("bnqh,bnkh->bnqk", dob, vb, precision=precision, preferred_element_type=acc)
+        if dropout_rate > 0.0:
+            keep = _block_keep(rng, ib * nq + iq, dropout_rate, p.shape)
+            c = jnp.asarray(1.0 / (1.0 - dropout_rate), acc)
+            pd = jnp.where(keep, p, 0.0) * c
+            dp = jnp.where(keep, dp, 0.0) * c
+        else:
+            pd = p
+        dv = jnp.einsum("bnqk,bnqh->bnkh", pd.astype(dob.dtype), dob, precision=precision)
+        ds = (p * (dp - deltaf[ib, iq][..., None])).astype(qb.dtype)
+        dq = jnp.einsum("bnqk,bnkh->bnqh", ds, kb, precision=precision)
+        dk = jnp.einsum("bnqk,bnqh->bnkh", ds, qb, precision=precision)
+        return _heads_major(dq), _heads_major(dk), _heads_major(dv)
+
+    if nb * nq == 1:
+        dq, dk, dv = block(0, 0)
+        dq = dq[None, None]
+        dk, dv = dk[None], dv[None]
+    else:
+
+        def over_queries(ib):
+            # dK and dV of one batch block sum over its query blocks.
+            def step(carry, iq):
+                dq, dk, dv = block(ib, iq)
+                return (carry[0] + dk, carry[1] + dv), dq
+
+            zeros = jnp.zeros(kf.shape[2:], k.dtype), jnp.zeros(vf.shape[2:], v.dtype)
+            (dk, dv), dq = lax.scan(step, zeros, jnp.arange(nq))
+            return dq, dk, dv
+
+        dq, dk, dv = lax.map(over_queries, jnp.arange(nb))
+    dq = _unfold(dq, 1)
+    dk = dk.reshape(b, *dk.shape[2:])
+    dv = dv.reshape(b, *dv.shape[2:])
+    return dq, dk, dv, None, None
+
+
+def _blocked_fwd_rule(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
+    return _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq)
+
+
+_blocked_attention.defvjp(_blocked_fwd_rule, _blocked_bwd)
+
+
+def scaled_dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Array | None = None,
+    *,
+    bias: Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+    scale: float | None = None,
+    precision: lax.PrecisionLike = None,
+    implementation: str = "xla",
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> Array | tuple[Array, Array]:
+    """Z = softmax(Q Kᵀ · scale + bias) V per head, with masking and dropout on the weights.
+
+    Args:
+      query: `[B..., Tq, N, H]`.
+      key, value: `[B..., Tk, N, H]`.
+      mask: bool, broadcastable to `[B..., N, Tq, Tk]` (same rank), True = may attend. A query whose row is fully
+        masked gets a zero output (and zero gradient), never NaN.
+      bias: float, broadcastable to `[B..., N, Tq, Tk]`, added to the scaled logits (e.g. relative positions).
+      dropout_rate: dropout on the attention weights, applied when `deterministic` is False.
+      dropout_rng: PRNG key for that dropout.
+      deterministic: no dropout when True.
+      return_weights: also return the softmax weights `[B..., N, Tq, Tk]` (float32, before dropout).
+      scale: logit scale; default 1/sqrt(H).
+      precision: matmul precision.
+      implementation: "xla" (blocked, default), "reference", "jax" or "cudnn"; see the module docstring. "xla"
+        falls back to "reference" when `bias` or `return_weights` is given.
+      block_elements: target size of one block's scores for "xla" (a speed knob; the result does not depend on it).
+
+    Returns:
+      `[B..., Tq, N, H]` in the dtype of `value`, and the weights when `return_weights`. The logits and the softmax
+      are computed in float32 whatever the input dtype.
+    """
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    mask = None if mask is None else jnp.asarray(mask)
+    bias = None if bias is None else jnp.asarray(bias)
+    _check_shapes(query, key, value, mask, bias)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise ValueError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    use_dropout = dropout_rate > 0.0 and not deterministic
+    if use_dropout and dropout_rng is None:
+        raise ValueError("dropout_rng is required when dropout_rate > 0 and deterministic is False")
+    head_dim = query.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    rate = dropout_rate if use_dropout else 0.0
+
+    if implementation in ("jax", "cudnn"):
+        if rate > 0.0 or return_weights:
+            raise ValueError(f"implementation={implementation!r} supports neither dropout nor return_weights")
+        return _jax_attention(query, key, value, mask, bias, scale, implementation)
+
+    if implementation == "reference" or bias is not None or return_weights:
+        out, weights = _reference_attention(query, key, value, mask, bias, scale, rate, dropout_rng, precision)
+        return (out, weights) if return_weights else out
+
+    # Flatten the batch dims, fold the scale into the (smaller) query tensor, and run the blocked kernel.
+    batch = query.shape[:-3]
+    b = math.prod(batch)
+    tq, n, h = query.shape[-3:]
+    tk = key.shape[-3]
+    q = (query * jnp.asarray(scale, query.dtype)).reshape(b, tq, n, h)
+    k, v = key.reshape(b, tk, n, h), value.reshape(b, tk, n, value.shape[-1])
+    if mask is not None:
+        mb = math.prod(mask.shape[:-3])
+        if mb not in (1, b):  # batch dims that broadcast only partly: materialise them
+            mask = jnp.broadcast_to(mask, (*batch, *mask.shape[-3:]))
+        mask = mask.reshape(-1, *mask.shape[-3:])
+    bb, bq = _block_sizes(b, n, tq, tk, block_elements)
+    pad = (-tq) % bq
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        if mask is not None and mask.shape[2] == tq:
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    rng = dropout_rng if rate > 0.0 else jax.random.key(0)
+    out = _blocked_attention(q, k, v, mask, rng, rate, precision, bb, bq)
+    out = out[:, :tq].astype(value.dtype)
+    return out.reshape(*batch, tq, n, value.shape[-1])
+
+
+def _jax_attention(query, key, value, mask, bias, scale, implementation):
+    batch = query.shape[:-3]
+    flat = lambda x: x.reshape(-1, *x.shape[-3:])  # noqa: E731
+    full = (math.prod(batch), query.shape[-2], query.shape[-3], key.shape[-3])
+    m = None if mask is None else jnp.broadcast_to(mask, (*batch, *mask.shape[-3:])).reshape(-1, *mask.shape[-3:])
+    m = None if m is None else jnp.broadcast_to(m, full)
+    bi = None if bias is None else jnp.broadcast_to(bias, (*batch, *bias.shape[-3:])).reshape(-1, *bias.shape[-3:])
+    out = jax.nn.dot_product_attention(
+        flat(query),
+        flat(key),
+        flat(value),
+        bias=bi,
+        mask=m,
+        scale=scale,
+        implementation="cudnn" if implementation == "cudnn" else None,
+    )
+    if m is not None:  # fully masked rows: zeros, as the other implementations return
+        any_valid = jnp.any(m, axis=-1)  # [B, N, Tq]
+        out = jnp.where(jnp.swapaxes(any_valid, 1, 2)[..., None], out, jnp.zeros((), out.dtype))
+    return out.reshape(*batch, *out.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-head attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Weights(nn.Module):
+    """Holds one projection's kernel and bias, so parameter names match flax's MultiHeadDotProductAttention
+    ({"query": {"kernel", "bias"}, ...}) while the parent fuses the matmuls."""
+
+    kernel_shape: tuple[int, ...]
+    bias_shape: tuple[int, ...]
+    use_bias: bool
+    kernel_init: Initializer
+    bias_init: Initializer
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array | None]:
+        kernel = self.param("kernel", self.kernel_init, self.kernel_shape, self.param_dtype)
+        bias = self.param("bias", self.bias_init, self.bias_shape, self.param_dtype) if self.use_bias else None
+        return kernel, bias
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: project to N heads, attend, project back.
+
+    Parameters have the names and shapes of flax's `nn.MultiHeadDotProductAttention` (query/key/value kernels
+    `[F, N, H]`, biases `[N, H]`, out kernel `[N, H, D]`), so weights move between the two unchanged.
+
+    Attributes:
+      num_heads: N.
+      qkv_features: N*H; defaults to the query input's width.
+      out_features: D; defaults to the query input's width.
+      dropout_rate: dropout on the attention weights.
+      use_bias: biases on the four projections.
+      dtype: compute dtype (default: inferred from inputs and params). Logits and softmax stay in float32.
+      param_dtype: storage dtype of the parameters.
+      precision: matmul precision.
+      kernel_init, bias_init, out_kernel_init: initialisers (out_kernel_init defaults to kernel_init).
+      decode: incremental decoding of self-attention with a KV cache in the "cache" collection. `init` with inputs
+        `[B, L, F]` creates a cache for L positions; each later call with `[B, T, F]` (T >= 1, T = the whole prompt
+        for a one-pass prefill) writes T positions and attends causally over everything cached so far.
+      implementation: see `scaled_dot_product_attention`.
+      fuse_qkv: compute the query/key/value projections as one matmul (same parameters, same function; faster).
+
+    The attention weights `[B..., N, Tq, Tk]` are sown into "intermediates" as "attention_weights" when that
+    collection is mutable (`apply(..., mutable=["intermediates"])`), for visualisation.
+    """
+
+    num_heads: int
+    qkv_features: int | None = None
+    out_features: int | None = None
+    dropout_rate: float = 0.0
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros_init()
+    out_kernel_init: Initializer | None = None
+    decode: bool = False
+    implementation: str = "xla"
+    fuse_qkv: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_kv: Array | None = None,
+        mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Args:
+          inputs_q: `[B..., Tq, F]`.
+          inputs_kv: `[B..., Tk, F']` for cross-attention; None for self-attention.
+          mask: bool broadcastable to `[B..., N, Tq, Tk]`, True = may attend.
+          deterministic: disables dropout.
+
+        Returns:
+          `[B..., Tq, D]`.
+        """
+        self_attention = inputs_kv is None
+        inputs_kv = inputs_q if self_attention else inputs_kv
+        if inputs_q.ndim < 2 or inputs_kv.ndim != inputs_q.ndim or inputs_kv.shape[:-2] != inputs_q.shape[:-2]:
+            raise ValueError(
+                f"MultiHeadAttention expects inputs_q [B..., Tq, F] and inputs_kv [B..., Tk, F'] with the same "
+                f"batch dims; got {inputs_q.shape} and {inputs_kv.shape}"
+            )
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+        qkv_features = self.qkv_features or inputs_q.shape[-1]
+        if qkv_features % self.num_heads:
+            raise ValueError(
+                f"qkv_features ({qkv_features}) must be divisible by num_heads ({self.num_heads}); inputs_q has "
+                f"shape {inputs_q.shape}"
+            )
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.decode and not self_attention:
+            raise ValueError("decode=True caches self-attention only; call it without inputs_kv")
+        out_features = self.out_features or inputs_q.shape[-1]
+        n, h = self.num_heads, qkv_features // self.num_heads
+
+        def weights(name, fan_in):
+            return _Weights(
+                (fan_in, n, h), (n, h), self.use_bias, self.kernel_init, self.bias_init, self.param_dtype, name=name
+            )()
+
+        wq = weights("query", inputs_q.shape[-1])
+        wk = weights("key", inputs_kv.shape[-1])
+        wv = weights("value", inputs_kv.shape[-1])
+        wo = _Weights(
+            (n, h, out_features),
+            (out_features,),
+            self.use_bias,
+            self.out_kernel_init or self.kernel_init,
+            self.bias_init,
+            self.param_dtype,
+            name="out",
+        )()
+
+        # The 1/sqrt(H) logit scale is folded into the query kernel: [F, N*H] work instead of [B, T, N*H].
+        scale = 1.0 / math.sqrt(h)
+        wq = (wq[0] * jnp.asarray(scale, wq[0].dtype), None if wq[1] is None else wq[1] * jnp.asarray(scale, wq[1].dtype))
+        dtype = self.dtype or jnp.result_type(inputs_q, inputs_kv, wq[0])
+        inputs_q, inputs_kv = inputs_q.astype(dtype), inputs_kv.astype(dtype)
+        if self_attention and self.fuse_qkv:
+            query, key, value = _project(inputs_q, [wq, wk, wv], dtype, self.precision)
+        elif self.fuse_qkv:
+            (query,) = _project(inputs_q, [wq], dtype, self.precision)
+            key, value = _project(inputs_kv, [wk, wv], dtype, self.precision)
+        else:
+            (query,) = _project(inputs_q, [wq], dtype, self.precision)
+            (key,) = _project(inputs_kv, [wk], dtype, self.precision)
+            (value,) = _project(inputs_kv, [wv], dtype, self.precision)
+
+        if self.decode:
+            key, value, mask = self._update_cache(key, value, mask)
+
+        rate = self.dropout_rate if not deterministic else 0.0
+        dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
+        want_weights = self.is_mutable_collection("intermediates")
+        result = scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            mask,
+            dropout_rate=rate,
+            dropout_rng=dropout_rng,
+            deterministic=rate == 0.0,
+            return_weights=want_weights,
+            scale=1.0,
+            precision=self.precision,
+            implementation=self.implementation,
+        )
+        if want_weights:
+            result, attn = result
+            self.sow("intermediates", "attention_weights", attn)
+        kernel, bias = wo
+        out = jnp.einsum("...tnh,nhd->...td", result, kernel.astype(dtype), precision=self.precision)
+        if bias is not None:
+            out = out + bias.astype(dtype)
+        return out
+
+    def _update_cache(self, key: Array, value: Array, mask: Array | None):
+        """Writes this call's keys/values into the cache; returns the whole cache and the causal mask over it."""
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+        if not initialized:  # init: the cache is created with the init input's length; the pass itself is causal
+            return key, value, combine_masks(mask, causal_mask(key.shape[-3]))
+        *batch, max_len, n, h = cached_key.value.shape
+        t = key.shape[-3]
+        if tuple(batch) != key.shape[:-3] or (n, h) != key.shape[-2:] or t > max_len:
+            raise ValueError(
+                f"decode: new keys {key.shape} do not fit the cache {cached_key.value.shape} (batch, heads and "
+                f"head dim must match and at most {max_len} positions fit)"
+            )
+        index = cache_index.value
+        start = (0,) * len(batch) + (index, 0, 0)
+        cached_key.value = lax.dynamic_update_slice(cached_key.value, key, start)
+        cached_value.value = lax.dynamic_update_slice(cached_value.value, value, start)
+        cache_index.value = index + t
+        # New query i sits at position index + i and sees cached positions <= index + i.
+        q_pos = index + jnp.arange(t)
+        decode_mask = (jnp.arange(max_len)[None, :] <= q_pos[:, None])[None, None]  # [1, 1, T, L]
+        decode_mask = decode_mask.reshape((1,) * len(batch) + decode_mask.shape[1:])
+        return cached_key.value, cached_value.value, combine_masks(mask, decode_mask)
+
+
+def _project(x: Array, weights: Sequence[tuple[Array, Array | None]], dtype: Dtype, precision) -> list[Array]:
+    """x [B..., T, F] times k kernels [F, N, H] as one [B*T, F] x [F, k*N*H] matmul; returns k arrays [B..., T, N, H]."""
+    f, n, h = weights[0][0].shape
+    kernel = jnp.stack([w for w, _ in weights], axis=1).astype(dtype)  # [F, k, N, H]
+    y = jnp.dot(x.reshape(-1, f), kernel.reshape(f, -1), precision=precision)  # [B*T, k*N*H]
+    if weights[0][1] is not None:
+        y = y + jnp.stack([b for _, b in weights]).astype(dtype).reshape(-1)
+    y = y.reshape(*x.shape[:-1], len(weights), n, h)  # [B..., T, k, N, H]
+    return [y[..., i, :, :] for i in range(len(weights))]
