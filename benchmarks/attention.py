@@ -87,8 +87,10 @@ def main() -> None:
     if args.variants != "all":
         keep = args.variants.split(",")
         variants = {k: v for k, v in variants.items() if any(s in k for s in keep)}
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores; B={args.batch} "
-          f"T={args.length} D={args.width} N={args.heads}, f32, forward+backward, median of {args.repeats}")
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores; B={args.batch} "
+        f"T={args.length} D={args.width} N={args.heads}, f32, forward+backward, median of {args.repeats}"
+    )
     for causal in (False, True):
         mask = causal_mask(args.length) if causal else None
         flax_t = _median_time(jax_step(nn.MultiHeadDotProductAttention(num_heads=args.heads), x, mask), args.repeats)

@@ -11,7 +11,8 @@ Three implementations compute the same function:
                cache; the backward pass recomputes the scores from the saved log-sum-exp (as FlashAttention does)
                instead of storing the [B, N, Tq, Tk] probabilities. See BENCHMARKS.md for why this is faster on CPU.
   "reference"  the textbook softmax(QKᵀ/√H)V with autodiff; used for `bias` and `return_weights`.
-  "jax"        `jax.nn.dot_product_attention` (XLA on CPU, cuDNN where available); "cudnn" forces cuDNN (GPU only).
+  "jax"        `jax.nn.dot_product_attention` (XLA on CPU, cuDNN where available; "xla" when value's head dim differs
+               from the query's); "cudnn" forces cuDNN (GPU only).
 """
 
 from __future__ import annotations
@@ -362,6 +363,8 @@ def scaled_dot_product_attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     rate = dropout_rate if use_dropout else 0.0
 
+    if implementation == "jax" and value.shape[-1] != head_dim:
+        implementation = "xla"  # jax.nn.dot_product_attention needs value's head dim to equal the query's
     if implementation in ("jax", "cudnn"):
         if rate > 0.0 or return_weights:
             raise ValueError(f"implementation={implementation!r} supports neither dropout nor return_weights")
@@ -397,7 +400,7 @@ def scaled_dot_product_attention(
 
 def _jax_attention(query, key, value, mask, bias, scale, implementation):
     batch = query.shape[:-3]
-    flat = lambda x: x.reshape(-1, *x.shape[-3:])  # noqa: E731
+    flat = lambda x: x.reshape(-1, *x.shape[-3:])
     full = (math.prod(batch), query.shape[-2], query.shape[-3], key.shape[-3])
     m = None if mask is None else jnp.broadcast_to(mask, (*batch, *mask.shape[-3:])).reshape(-1, *mask.shape[-3:])
     m = None if m is None else jnp.broadcast_to(m, full)
@@ -540,7 +543,10 @@ class MultiHeadAttention(nn.Module):
 
         # The 1/sqrt(H) logit scale is folded into the query kernel: [F, N*H] work instead of [B, T, N*H].
         scale = 1.0 / math.sqrt(h)
-        wq = (wq[0] * jnp.asarray(scale, wq[0].dtype), None if wq[1] is None else wq[1] * jnp.asarray(scale, wq[1].dtype))
+        wq = (
+            wq[0] * jnp.asarray(scale, wq[0].dtype),
+            None if wq[1] is None else wq[1] * jnp.asarray(scale, wq[1].dtype),
+        )
         dtype = self.dtype or jnp.result_type(inputs_q, inputs_kv, wq[0])
         inputs_q, inputs_kv = inputs_q.astype(dtype), inputs_kv.astype(dtype)
         if self_attention and self.fuse_qkv:
@@ -609,7 +615,7 @@ class MultiHeadAttention(nn.Module):
 
 
 def _project(x: Array, weights: Sequence[tuple[Array, Array | None]], dtype: Dtype, precision) -> list[Array]:
-    """x [B..., T, F] times k kernels [F, N, H] as one [B*T, F] x [F, k*N*H] matmul; returns k arrays [B..., T, N, H]."""
+    """x [B..., T, F] times k kernels [F, N, H] as one [B*T, F] x [F, k*N*H] matmul → k arrays [B..., T, N, H]."""
     f, n, h = weights[0][0].shape
     kernel = jnp.stack([w for w, _ in weights], axis=1).astype(dtype)  # [F, k, N, H]
     y = jnp.dot(x.reshape(-1, f), kernel.reshape(f, -1), precision=precision)  # [B*T, k*N*H]

@@ -212,9 +212,10 @@ def test_dropout(rng):
     np.testing.assert_allclose(np.asarray(no_drop), np_attention(q, k, v)[0], rtol=2e-5, atol=2e-5)
     # Inverted dropout is unbiased: the mean over many masks approaches the deterministic output.
     for impl in ("xla", "reference"):
-        outs = jax.vmap(lambda key: scaled_dot_product_attention(q, k, v, dropout_rng=key, implementation=impl, **kw))(
-            jax.random.split(rng, 2000)
+        sample = jax.vmap(
+            lambda key, impl=impl: scaled_dot_product_attention(q, k, v, dropout_rng=key, implementation=impl, **kw)
         )
+        outs = sample(jax.random.split(rng, 2000))
         np.testing.assert_allclose(np.asarray(outs.mean(0)), np.asarray(no_drop), atol=0.1)
     with pytest.raises(ValueError, match="dropout_rng"):
         scaled_dot_product_attention(q, k, v, **kw)
