@@ -2,10 +2,10 @@
 
     python benchmarks/attention.py [--batch 32 --length 256 --width 512 --heads 8] [--repeats 15]
 
-Prints the median step time of each implementation and its speed ratio to flax's `nn.MultiHeadDotProductAttention`
-and to `torch.nn.MultiheadAttention` (when torch is installed), without and with a causal mask. The timed step is
-value_and_grad of sum(out²) with respect to the parameters and the input, jit-compiled; torch runs the same
-forward+backward eagerly with all cores.
+Prints the median step time of each implementation, timed in interleaved rounds, and its speed ratio to flax's
+`nn.MultiHeadDotProductAttention` and to `torch.nn.MultiheadAttention` (when torch is installed), without and with a
+causal mask. The timed step is value_and_grad of sum(out²) with respect to the parameters and the input,
+jit-compiled; torch runs the same forward+backward eagerly with all cores.
 """
 
 from __future__ import annotations
@@ -23,15 +23,19 @@ import numpy as np
 from seqjax.nn import MultiHeadAttention, causal_mask
 
 
-def _median_time(step, repeats: int) -> float:
-    step()
-    step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved_medians(steps: dict, repeats: int) -> dict:
+    """Median time of each step, timed in interleaved rounds (A B C A B C ...) so that drifts in machine load fall
+    on every contender alike. Each step runs twice first (compilation, allocator warm-up)."""
+    for step in steps.values():
         step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def jax_step(module, x, mask):
@@ -93,17 +97,21 @@ def main() -> None:
     )
     for causal in (False, True):
         mask = causal_mask(args.length) if causal else None
-        flax_t = _median_time(jax_step(nn.MultiHeadDotProductAttention(num_heads=args.heads), x, mask), args.repeats)
-        torch_t = _median_time(torch_step(args, causal), args.repeats) if have_torch else float("nan")
+        steps = {"flax": jax_step(nn.MultiHeadDotProductAttention(num_heads=args.heads), x, mask)}
+        if have_torch:
+            steps["torch"] = torch_step(args, causal)
+        for name, kw in variants.items():
+            steps[name] = jax_step(MultiHeadAttention(num_heads=args.heads, **kw), x, mask)
+        t = _interleaved_medians(steps, args.repeats)
+        flax_t, torch_t = t.pop("flax"), t.pop("torch", float("nan"))
         print(f"\n{'causal' if causal else 'no mask'}:")
         print(f"  {'flax nn.MultiHeadDotProductAttention':40s} {flax_t * 1e3:8.1f} ms")
         if have_torch:
             print(f"  {'torch nn.MultiheadAttention':40s} {torch_t * 1e3:8.1f} ms   ({flax_t / torch_t:.2f}x flax)")
-        for name, kw in variants.items():
-            t = _median_time(jax_step(MultiHeadAttention(num_heads=args.heads, **kw), x, mask), args.repeats)
-            line = f"  {name:40s} {t * 1e3:8.1f} ms   {flax_t / t:.2f}x flax"
+        for name, ti in t.items():
+            line = f"  {name:40s} {ti * 1e3:8.1f} ms   {flax_t / ti:.2f}x flax"
             if have_torch:
-                line += f"   {torch_t / t:.2f}x torch"
+                line += f"   {torch_t / ti:.2f}x torch"
             print(line)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -170,20 +170,41 @@ def _block_sizes(b: int, n: int, tq: int, tk: int, block_elements: int) -> tuple
     return bb, bq
 
 
-def _fold(x: Array, b_axis_size: int, bb: int, tq_axis: int | None, bq: int) -> Array:
-    """[B, ...] (and a Tq axis) → [nb, nq, bb, ..., bq, ...]: the two block indices first."""
-    nb = x.shape[0] // bb if x.shape[0] == b_axis_size else 1
+class _Folded(NamedTuple):
+    """An array cut into blocks: `x[i]` is block i = ib * nq + iq, with nb (nq) 1 where the array broadcasts."""
+
+    x: Array
+    nb: int
+    nq: int
+    squeezed: bool = False  # blocks of one batch row are stored without that axis (see _fold)
+
+    def take(self, ib, iq) -> Array:
+        block = self.x[(ib if self.nb > 1 else 0) * self.nq + (iq if self.nq > 1 else 0)]
+        return block[None] if self.squeezed else block
+
+
+def _fold(x: Array, b: int, bb: int, tq_axis: int | None, bq: int) -> _Folded:
+    """[B|1, ...] with the full query axis at `tq_axis` (None: no query axis, or a broadcast one) → blocks
+    [nb * nq, bb, ..., bq, ...]. Without query blocking this is a pure reshape, which XLA keeps copy-free."""
+    x = jnp.asarray(x)  # cotangents may arrive as numpy arrays, which cannot be indexed by a traced block id
+    nb = x.shape[0] // bb if x.shape[0] == b else 1
+    if tq_axis is None or x.shape[tq_axis] == bq:
+        if x.shape[0] == nb:  # a size-1 block axis makes XLA pick a layout that costs a copy; leave it out
+            return _Folded(x, nb, 1, squeezed=True)
+        return _Folded(x.reshape(nb, x.shape[0] // nb, *x.shape[1:]), nb, 1)
     x = x.reshape(nb, x.shape[0] // nb, *x.shape[1:])  # [nb, bb|1, ...]
-    if tq_axis is None:
-        return x[:, None]
     ax = tq_axis + 1
-    tq = x.shape[ax]
-    x = x.reshape(*x.shape[:ax], tq // bq, bq, *x.shape[ax + 1 :])
-    return jnp.moveaxis(x, ax, 1)  # [nb, nq, bb, ..., bq, ...]
+    nq = x.shape[ax] // bq
+    x = x.reshape(*x.shape[:ax], nq, bq, *x.shape[ax + 1 :])
+    x = jnp.moveaxis(x, ax, 1)  # [nb, nq, bb, ..., bq, ...]
+    return _Folded(x.reshape(nb * nq, *x.shape[2:]), nb, nq)
 
 
-def _unfold(x: Array, tq_axis: int) -> Array:
-    """Inverse of `_fold` for arrays that had the full batch and query axes."""
+def _unfold(x: Array, nb: int, nq: int, tq_axis: int) -> Array:
+    """Inverse of `_fold` for per-block results [nb * nq, bb, ..., bq, ...] → [B, ..., Tq, ...]."""
+    if nq == 1:
+        return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # a no-op reshape when bb == 1
+    x = x.reshape(nb, nq, *x.shape[1:])
     ax = tq_axis + 1
     x = jnp.moveaxis(x, 1, ax)  # [nb, bb, ..., nq, bq, ...]
     x = x.reshape(*x.shape[:ax], x.shape[ax] * x.shape[ax + 1], *x.shape[ax + 2 :])
@@ -207,19 +228,19 @@ def _blocked_attention(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
 def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
     """q [B, Tq, N, H] (already scaled), k/v [B, Tk, N, H], mask [B|1, N|1, Tq|1, Tk] or None."""
     b, tq = q.shape[:2]
-    qf = _fold(q, b, bb, 1, bq)  # [nb, nq, bb, bq, N, H]
-    kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)  # [nb, 1, bb, Tk, N, H]
+    qf = _fold(q, b, bb, 1, bq)  # [nb * nq, bb, bq, N, H]
+    kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)  # [nb, bb, Tk, N, H]
     mf = None if mask is None else _fold(mask, b, bb, 2 if mask.shape[2] == tq else None, bq)
-    nb, nq = qf.shape[:2]
+    nb, nq = qf.nb, qf.nq
     acc = _acc_dtype(q.dtype)
 
     def block(ib, iq):
         # Heads-major copies of the block ([bb, N, T, H]): XLA's CPU dot is about 2x faster on this layout than on
         # [bb, T, N, H] with the transposes left implicit (BENCHMARKS.md).
-        qb, kb, vb = _heads_major(qf[ib, iq]), _heads_major(kf[ib, 0]), _heads_major(vf[ib, 0])
+        qb, kb, vb = _heads_major(qf.take(ib, iq)), _heads_major(kf.take(ib, iq)), _heads_major(vf.take(ib, iq))
         s = jnp.einsum("bnqh,bnkh->bnqk", qb, kb, precision=precision, preferred_element_type=acc)
         if mf is not None:
-            s = jnp.where(mf[ib if mf.shape[0] > 1 else 0, iq if mf.shape[1] > 1 else 0], s, -jnp.inf)
+            s = jnp.where(mf.take(ib, iq), s, -jnp.inf)
         m = jnp.max(s, axis=-1, keepdims=True)
         m = jnp.where(jnp.isfinite(m), m, 0.0)
         e = jnp.exp(s - m)
@@ -233,16 +254,9 @@ def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)[..., 0]  # [bb, N, bq]
         return o, lse
 
-    if nb * nq == 1:
-        o, lse = block(0, 0)
-        o, lse = o[None, None], lse[None, None]
-    else:
-        idx = jnp.arange(nb * nq)
-        o, lse = lax.map(lambda i: block(i // nq, i % nq), idx)
-        o = o.reshape(nb, nq, *o.shape[1:])
-        lse = lse.reshape(nb, nq, *lse.shape[1:])
-    out = _unfold(o, 1)  # [B, Tq, N, H]
-    lse = _unfold(lse, 2)  # [B, N, Tq]
+    o, lse = lax.map(lambda i: block(i // nq, i % nq), jnp.arange(nb * nq))
+    out = _unfold(o, nb, nq, 1)  # [B, Tq, N, H]
+    lse = _unfold(lse, nb, nq, 2)  # [B, N, Tq]
     return out, (q, k, v, mask, rng, out, lse)
 
 
@@ -254,34 +268,35 @@ def _blocked_bwd(dropout_rate, precision, bb, bq, res, dout):
     delta = jnp.einsum("bqnh,bqnh->bnq", dout.astype(acc), out.astype(acc))
     qf, dof = _fold(q, b, bb, 1, bq), _fold(dout, b, bb, 1, bq)
     kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)
-    lsef, deltaf = _fold(lse, b, bb, 2, bq), _fold(delta, b, bb, 2, bq)  # [nb, nq, bb, N, bq]
+    lsef, deltaf = _fold(lse, b, bb, 2, bq), _fold(delta, b, bb, 2, bq)  # [nb * nq, bb, N, bq]
     mf = None if mask is None else _fold(mask, b, bb, 2 if mask.shape[2] == tq else None, bq)
-    nb, nq = qf.shape[:2]
+    nb, nq = qf.nb, qf.nq
 
     def block(ib, iq):
-        qb, kb, vb, dob = (_heads_major(x) for x in (qf[ib, iq], kf[ib, 0], vf[ib, 0], dof[ib, iq]))
-        s = jnp.einsum("bnqh,bnkh->bnqk", qb, kb, precision=precision, preferred_element_type=acc)
+        # Works on transposed scores Sᵀ [bb, N, Tk, bq]: then Pᵀ dO (for dV) and dSᵀ Q (for dK) are plain matmuls
+        # and only dS K (for dQ) needs an explicit transpose; XLA's CPU dots that contract the lhs's row axis, or
+        # explicit [Tk, Tq] transposes, each cost more (BENCHMARKS.md).
+        qb, kb, vb, dob = (_heads_major(x.take(ib, iq)) for x in (qf, kf, vf, dof))
+        st = jnp.einsum("bnkh,bnqh->bnkq", kb, qb, precision=precision, preferred_element_type=acc)
         if mf is not None:
-            s = jnp.where(mf[ib if mf.shape[0] > 1 else 0, iq if mf.shape[1] > 1 else 0], s, -jnp.inf)
-        p = jnp.exp(s - lsef[ib, iq][..., None])  # [bb, N, bq, Tk]
-        dp = jnp.einsum("bnqh,bnkh->bnqk", dob, vb, precision=precision, preferred_element_type=acc)
+            st = jnp.where(jnp.swapaxes(mf.take(ib, iq), -1, -2), st, -jnp.inf)
+        pt = jnp.exp(st - lsef.take(ib, iq)[..., None, :])  # [bb, N, Tk, bq]
+        dpt = jnp.einsum("bnkh,bnqh->bnkq", vb, dob, precision=precision, preferred_element_type=acc)
         if dropout_rate > 0.0:
-            keep = _block_keep(rng, ib * nq + iq, dropout_rate, p.shape)
+            keep = jnp.swapaxes(_block_keep(rng, ib * nq + iq, dropout_rate, (*pt.shape[:2], bq, pt.shape[2])), -1, -2)
             c = jnp.asarray(1.0 / (1.0 - dropout_rate), acc)
-            pd = jnp.where(keep, p, 0.0) * c
-            dp = jnp.where(keep, dp, 0.0) * c
+            pdt = jnp.where(keep, pt, 0.0) * c
+            dpt = jnp.where(keep, dpt, 0.0) * c
         else:
-            pd = p
-        dv = jnp.einsum("bnqk,bnqh->bnkh", pd.astype(dob.dtype), dob, precision=precision)
-        ds = (p * (dp - deltaf[ib, iq][..., None])).astype(qb.dtype)
-        dq = jnp.einsum("bnqk,bnkh->bnqh", ds, kb, precision=precision)
-        dk = jnp.einsum("bnqk,bnqh->bnkh", ds, qb, precision=precision)
+            pdt = pt
+        dv = jnp.einsum("bnkq,bnqh->bnkh", pdt.astype(dob.dtype), dob, precision=precision)
+        dst = (pt * (dpt - deltaf.take(ib, iq)[..., None, :])).astype(qb.dtype)
+        dk = jnp.einsum("bnkq,bnqh->bnkh", dst, qb, precision=precision)
+        dq = jnp.einsum("bnqk,bnkh->bnqh", jnp.swapaxes(dst, -1, -2), kb, precision=precision)
         return _heads_major(dq), _heads_major(dk), _heads_major(dv)
 
-    if nb * nq == 1:
-        dq, dk, dv = block(0, 0)
-        dq = dq[None, None]
-        dk, dv = dk[None], dv[None]
+    if nq == 1:
+        dq, dk, dv = lax.map(lambda ib: block(ib, 0), jnp.arange(nb))
     else:
 
         def over_queries(ib):
@@ -290,12 +305,13 @@ def _blocked_bwd(dropout_rate, precision, bb, bq, res, dout):
                 dq, dk, dv = block(ib, iq)
                 return (carry[0] + dk, carry[1] + dv), dq
 
-            zeros = jnp.zeros(kf.shape[2:], k.dtype), jnp.zeros(vf.shape[2:], v.dtype)
+            zeros = jnp.zeros((bb, *k.shape[1:]), k.dtype), jnp.zeros((bb, *v.shape[1:]), v.dtype)
             (dk, dv), dq = lax.scan(step, zeros, jnp.arange(nq))
             return dq, dk, dv
 
         dq, dk, dv = lax.map(over_queries, jnp.arange(nb))
-    dq = _unfold(dq, 1)
+        dq = dq.reshape(nb * nq, *dq.shape[2:])
+    dq = _unfold(dq, nb, nq, 1)
     dk = dk.reshape(b, *dk.shape[2:])
     dv = dv.reshape(b, *dv.shape[2:])
     return dq, dk, dv, None, None
