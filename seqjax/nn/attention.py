@@ -216,8 +216,68 @@ def _heads_major(x: Array) -> Array:
     return jnp.swapaxes(x, 1, 2)
 
 
-def _block_keep(rng, block_id, rate, shape):
-    return jax.random.bernoulli(jax.random.fold_in(rng, block_id), 1.0 - rate, shape)
+def _forward_block(qb, kb, vb, mask_b, keep, precision):
+    """One block: q [bb, bq, N, H] (already scaled), k/v [bb, Tk, N, H], mask broadcastable to [bb, N, bq, Tk],
+    keep (dropout) None or bool [bb, N, bq, Tk]. Returns (out [bb, bq, N, H], lse [bb, N, bq]).
+
+    The block is first copied heads-major ([bb, N, T, H]): XLA's CPU dot is about 2x faster on that layout than on
+    [bb, T, N, H] with the transposes left implicit (BENCHMARKS.md)."""
+    acc = _acc_dtype(qb.dtype)
+    qb, kb, vb = _heads_major(qb), _heads_major(kb), _heads_major(vb)
+    s = jnp.einsum("bnqh,bnkh->bnqk", qb, kb, precision=precision, preferred_element_type=acc)
+    if mask_b is not None:
+        s = jnp.where(mask_b, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s - m)
+    l = jnp.sum(e, axis=-1, keepdims=True)  # noqa: E741  [bb, N, bq, 1]
+    if keep is not None:
+        e = jnp.where(keep[0], e, 0.0) * jnp.asarray(keep[1], acc)
+    o = jnp.einsum("bnqk,bnkh->bnqh", e.astype(vb.dtype), vb, precision=precision, preferred_element_type=acc)
+    inv = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)  # [bb, N, bq, 1]
+    o = _heads_major(o * inv).astype(qb.dtype)  # [bb, bq, N, H]
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)[..., 0]  # [bb, N, bq]
+    return o, lse
+
+
+def _backward_block(qb, kb, vb, dob, lse_b, delta_b, mask_b, keep, precision):
+    """Gradients of one block (shapes as in `_forward_block`; dO like q, lse and delta [bb, N, bq]) → dq, dk, dv.
+
+    Works on transposed scores Sᵀ [bb, N, Tk, bq]: then Pᵀ dO (for dV) and dSᵀ Q (for dK) are plain matmuls and only
+    dS K (for dQ) needs an explicit transpose; XLA's CPU dots that contract the lhs's row axis, or more explicit
+    [Tk, Tq] transposes, each cost more (BENCHMARKS.md)."""
+    acc = _acc_dtype(qb.dtype)
+    qb, kb, vb, dob = (_heads_major(x) for x in (qb, kb, vb, dob))
+    st = jnp.einsum("bnkh,bnqh->bnkq", kb, qb, precision=precision, preferred_element_type=acc)
+    if mask_b is not None:
+        st = jnp.where(jnp.swapaxes(mask_b, -1, -2), st, -jnp.inf)
+    pt = jnp.exp(st - lse_b[..., None, :])  # [bb, N, Tk, bq]
+    dpt = jnp.einsum("bnkh,bnqh->bnkq", vb, dob, precision=precision, preferred_element_type=acc)
+    if keep is not None:
+        keep_t, c = jnp.swapaxes(keep[0], -1, -2), jnp.asarray(keep[1], acc)
+        pdt = jnp.where(keep_t, pt, 0.0) * c
+        dpt = jnp.where(keep_t, dpt, 0.0) * c
+    else:
+        pdt = pt
+    dv = jnp.einsum("bnkq,bnqh->bnkh", pdt.astype(dob.dtype), dob, precision=precision)
+    dst = (pt * (dpt - delta_b[..., None, :])).astype(qb.dtype)
+    dk = jnp.einsum("bnkq,bnqh->bnkh", dst, qb, precision=precision)
+    dq = jnp.einsum("bnqk,bnkh->bnqh", jnp.swapaxes(dst, -1, -2), kb, precision=precision)
+    return _heads_major(dq), _heads_major(dk), _heads_major(dv)
+
+
+def _keep(rng, block_id, rate, shape):
+    """Dropout keep-mask of one block and the 1/(1-rate) scale; None without dropout. Drawn from
+    fold_in(rng, block_id), so the backward pass regenerates exactly the forward's mask."""
+    if rate == 0.0:
+        return None
+    return jax.random.bernoulli(jax.random.fold_in(rng, block_id), 1.0 - rate, shape), 1.0 / (1.0 - rate)
+
+
+def _softmax_delta(dout, out):
+    """D_i = sum_h dO_ih O_ih = sum_k P_ik dP_ik: the softmax backward without a second [Tq, Tk] reduction."""
+    acc = _acc_dtype(out.dtype)
+    return jnp.einsum("bqnh,bqnh->bnq", dout.astype(acc), out.astype(acc))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -227,34 +287,19 @@ def _blocked_attention(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
 
 def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
     """q [B, Tq, N, H] (already scaled), k/v [B, Tk, N, H], mask [B|1, N|1, Tq|1, Tk] or None."""
-    b, tq = q.shape[:2]
+    b, tq, n = q.shape[:3]
     qf = _fold(q, b, bb, 1, bq)  # [nb * nq, bb, bq, N, H]
     kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)  # [nb, bb, Tk, N, H]
     mf = None if mask is None else _fold(mask, b, bb, 2 if mask.shape[2] == tq else None, bq)
     nb, nq = qf.nb, qf.nq
-    acc = _acc_dtype(q.dtype)
 
-    def block(ib, iq):
-        # Heads-major copies of the block ([bb, N, T, H]): XLA's CPU dot is about 2x faster on this layout than on
-        # [bb, T, N, H] with the transposes left implicit (BENCHMARKS.md).
-        qb, kb, vb = _heads_major(qf.take(ib, iq)), _heads_major(kf.take(ib, iq)), _heads_major(vf.take(ib, iq))
-        s = jnp.einsum("bnqh,bnkh->bnqk", qb, kb, precision=precision, preferred_element_type=acc)
-        if mf is not None:
-            s = jnp.where(mf.take(ib, iq), s, -jnp.inf)
-        m = jnp.max(s, axis=-1, keepdims=True)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        e = jnp.exp(s - m)
-        l = jnp.sum(e, axis=-1, keepdims=True)  # noqa: E741  [bb, N, bq, 1]
-        if dropout_rate > 0.0:
-            keep = _block_keep(rng, ib * nq + iq, dropout_rate, e.shape)
-            e = jnp.where(keep, e, 0.0) * jnp.asarray(1.0 / (1.0 - dropout_rate), acc)
-        o = jnp.einsum("bnqk,bnkh->bnqh", e.astype(vb.dtype), vb, precision=precision, preferred_element_type=acc)
-        inv = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)  # [bb, N, bq, 1]
-        o = _heads_major(o * inv).astype(qb.dtype)  # [bb, bq, N, H]
-        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)[..., 0]  # [bb, N, bq]
-        return o, lse
+    def block(i):
+        ib, iq = i // nq, i % nq
+        keep = _keep(rng, i, dropout_rate, (bb, n, bq, k.shape[1]))
+        m = None if mf is None else mf.take(ib, iq)
+        return _forward_block(qf.take(ib, iq), kf.take(ib, iq), vf.take(ib, iq), m, keep, precision)
 
-    o, lse = lax.map(lambda i: block(i // nq, i % nq), jnp.arange(nb * nq))
+    o, lse = lax.map(block, jnp.arange(nb * nq))
     out = _unfold(o, nb, nq, 1)  # [B, Tq, N, H]
     lse = _unfold(lse, nb, nq, 2)  # [B, N, Tq]
     return out, (q, k, v, mask, rng, out, lse)
@@ -262,10 +307,8 @@ def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
 
 def _blocked_bwd(dropout_rate, precision, bb, bq, res, dout):
     q, k, v, mask, rng, out, lse = res
-    b, tq = q.shape[:2]
-    # D_i = sum_h dO_ih O_ih = sum_k P_ik dP_ik: the softmax backward without a second [Tq, Tk] reduction.
-    acc = _acc_dtype(q.dtype)
-    delta = jnp.einsum("bqnh,bqnh->bnq", dout.astype(acc), out.astype(acc))
+    b, tq, n = q.shape[:3]
+    delta = _softmax_delta(dout, out)
     qf, dof = _fold(q, b, bb, 1, bq), _fold(dout, b, bb, 1, bq)
     kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)
     lsef, deltaf = _fold(lse, b, bb, 2, bq), _fold(delta, b, bb, 2, bq)  # [nb * nq, bb, N, bq]
@@ -273,27 +316,10 @@ def _blocked_bwd(dropout_rate, precision, bb, bq, res, dout):
     nb, nq = qf.nb, qf.nq
 
     def block(ib, iq):
-        # Works on transposed scores Sᵀ [bb, N, Tk, bq]: then Pᵀ dO (for dV) and dSᵀ Q (for dK) are plain matmuls
-        # and only dS K (for dQ) needs an explicit transpose; XLA's CPU dots that contract the lhs's row axis, or
-        # explicit [Tk, Tq] transposes, each cost more (BENCHMARKS.md).
-        qb, kb, vb, dob = (_heads_major(x.take(ib, iq)) for x in (qf, kf, vf, dof))
-        st = jnp.einsum("bnkh,bnqh->bnkq", kb, qb, precision=precision, preferred_element_type=acc)
-        if mf is not None:
-            st = jnp.where(jnp.swapaxes(mf.take(ib, iq), -1, -2), st, -jnp.inf)
-        pt = jnp.exp(st - lsef.take(ib, iq)[..., None, :])  # [bb, N, Tk, bq]
-        dpt = jnp.einsum("bnkh,bnqh->bnkq", vb, dob, precision=precision, preferred_element_type=acc)
-        if dropout_rate > 0.0:
-            keep = jnp.swapaxes(_block_keep(rng, ib * nq + iq, dropout_rate, (*pt.shape[:2], bq, pt.shape[2])), -1, -2)
-            c = jnp.asarray(1.0 / (1.0 - dropout_rate), acc)
-            pdt = jnp.where(keep, pt, 0.0) * c
-            dpt = jnp.where(keep, dpt, 0.0) * c
-        else:
-            pdt = pt
-        dv = jnp.einsum("bnkq,bnqh->bnkh", pdt.astype(dob.dtype), dob, precision=precision)
-        dst = (pt * (dpt - deltaf.take(ib, iq)[..., None, :])).astype(qb.dtype)
-        dk = jnp.einsum("bnkq,bnqh->bnkh", dst, qb, precision=precision)
-        dq = jnp.einsum("bnqk,bnkh->bnqh", jnp.swapaxes(dst, -1, -2), kb, precision=precision)
-        return _heads_major(dq), _heads_major(dk), _heads_major(dv)
+        keep = _keep(rng, ib * nq + iq, dropout_rate, (bb, n, bq, k.shape[1]))
+        m = None if mf is None else mf.take(ib, iq)
+        blocks = (x.take(ib, iq) for x in (qf, kf, vf, dof, lsef, deltaf))
+        return _backward_block(*blocks, m, keep, precision)
 
     if nq == 1:
         dq, dk, dv = lax.map(lambda ib: block(ib, 0), jnp.arange(nb))
@@ -317,11 +343,7 @@ def _blocked_bwd(dropout_rate, precision, bb, bq, res, dout):
     return dq, dk, dv, None, None
 
 
-def _blocked_fwd_rule(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
-    return _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq)
-
-
-_blocked_attention.defvjp(_blocked_fwd_rule, _blocked_bwd)
+_blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def scaled_dot_product_attention(
@@ -397,11 +419,7 @@ def scaled_dot_product_attention(
     tk = key.shape[-3]
     q = (query * jnp.asarray(scale, query.dtype)).reshape(b, tq, n, h)
     k, v = key.reshape(b, tk, n, h), value.reshape(b, tk, n, value.shape[-1])
-    if mask is not None:
-        mb = math.prod(mask.shape[:-3])
-        if mb not in (1, b):  # batch dims that broadcast only partly: materialise them
-            mask = jnp.broadcast_to(mask, (*batch, *mask.shape[-3:]))
-        mask = mask.reshape(-1, *mask.shape[-3:])
+    mask = _flat_mask(mask, batch)
     bb, bq = _block_sizes(b, n, tq, tk, block_elements)
     pad = (-tq) % bq
     if pad:
@@ -412,6 +430,15 @@ def scaled_dot_product_attention(
     out = _blocked_attention(q, k, v, mask, rng, rate, precision, bb, bq)
     out = out[:, :tq].astype(value.dtype)
     return out.reshape(*batch, tq, n, value.shape[-1])
+
+
+def _flat_mask(mask: Array | None, batch: tuple[int, ...]) -> Array | None:
+    """[B..., N|1, Tq|1, Tk] (batch dims possibly 1) → [B|1, N|1, Tq|1, Tk]."""
+    if mask is None:
+        return None
+    if math.prod(mask.shape[:-3]) not in (1, math.prod(batch)):  # batch dims that broadcast only partly
+        mask = jnp.broadcast_to(mask, (*batch, *mask.shape[-3:]))
+    return mask.reshape(-1, *mask.shape[-3:])
 
 
 def _jax_attention(query, key, value, mask, bias, scale, implementation):
@@ -565,22 +592,25 @@ class MultiHeadAttention(nn.Module):
         )
         dtype = self.dtype or jnp.result_type(inputs_q, inputs_kv, wq[0])
         inputs_q, inputs_kv = inputs_q.astype(dtype), inputs_kv.astype(dtype)
+        rate = self.dropout_rate if not deterministic else 0.0
+        dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
+        want_weights = self.is_mutable_collection("intermediates")
         if self_attention and self.fuse_qkv:
-            query, key, value = _project(inputs_q, [wq, wk, wv], dtype, self.precision)
+            qkv = _project(inputs_q, [wq, wk, wv], dtype, self.precision)  # [B..., T, 3, N, H]
+            query, key, value = (qkv[..., i, :, :] for i in range(3))
         elif self.fuse_qkv:
-            (query,) = _project(inputs_q, [wq], dtype, self.precision)
-            key, value = _project(inputs_kv, [wk, wv], dtype, self.precision)
+            query = _project(inputs_q, [wq], dtype, self.precision)[..., 0, :, :]
+            kv = _project(inputs_kv, [wk, wv], dtype, self.precision)
+            key, value = kv[..., 0, :, :], kv[..., 1, :, :]
         else:
-            (query,) = _project(inputs_q, [wq], dtype, self.precision)
-            (key,) = _project(inputs_kv, [wk], dtype, self.precision)
-            (value,) = _project(inputs_kv, [wv], dtype, self.precision)
+            query, key, value = (
+                _project(x, [w], dtype, self.precision)[..., 0, :, :]
+                for x, w in ((inputs_q, wq), (inputs_kv, wk), (inputs_kv, wv))
+            )
 
         if self.decode:
             key, value, mask = self._update_cache(key, value, mask)
 
-        rate = self.dropout_rate if not deterministic else 0.0
-        dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
-        want_weights = self.is_mutable_collection("intermediates")
         result = scaled_dot_product_attention(
             query,
             key,
@@ -597,6 +627,10 @@ class MultiHeadAttention(nn.Module):
         if want_weights:
             result, attn = result
             self.sow("intermediates", "attention_weights", attn)
+        return self._out(result, wo, dtype)
+
+    def _out(self, result: Array, wo: tuple[Array, Array | None], dtype: Dtype) -> Array:
+        """[B..., T, N, H] → [B..., T, D]."""
         kernel, bias = wo
         out = jnp.einsum("...tnh,nhd->...td", result, kernel.astype(dtype), precision=self.precision)
         if bias is not None:
@@ -630,12 +664,11 @@ class MultiHeadAttention(nn.Module):
         return cached_key.value, cached_value.value, combine_masks(mask, decode_mask)
 
 
-def _project(x: Array, weights: Sequence[tuple[Array, Array | None]], dtype: Dtype, precision) -> list[Array]:
-    """x [B..., T, F] times k kernels [F, N, H] as one [B*T, F] x [F, k*N*H] matmul → k arrays [B..., T, N, H]."""
+def _project(x: Array, weights: Sequence[tuple[Array, Array | None]], dtype: Dtype, precision) -> Array:
+    """x [B..., T, F] times k kernels [F, N, H] as one [B*T, F] x [F, k*N*H] matmul → [B..., T, k, N, H]."""
     f, n, h = weights[0][0].shape
     kernel = jnp.stack([w for w, _ in weights], axis=1).astype(dtype)  # [F, k, N, H]
     y = jnp.dot(x.reshape(-1, f), kernel.reshape(f, -1), precision=precision)  # [B*T, k*N*H]
     if weights[0][1] is not None:
         y = y + jnp.stack([b for _, b in weights]).astype(dtype).reshape(-1)
-    y = y.reshape(*x.shape[:-1], len(weights), n, h)  # [B..., T, k, N, H]
-    return [y[..., i, :, :] for i in range(len(weights))]
+    return y.reshape(*x.shape[:-1], len(weights), n, h)  # [B..., T, k, N, H]

@@ -387,3 +387,20 @@ def test_cache_overflow_and_cross_attention_errors(rng):
         dec.apply(variables, jnp.zeros((2, 4, 8)), mutable=["cache"])
     with pytest.raises(ValueError, match="self-attention"):
         dec.init(rng, jnp.zeros((2, 3, 8)), jnp.zeros((2, 3, 8)))
+
+
+def test_mha_dropout_gradients_match_their_forward(x64):
+    x = np.random.default_rng(19).normal(size=(2, 5, 6))
+    m = MultiHeadAttention(num_heads=2, dropout_rate=0.4, param_dtype=jnp.float64)
+    params = m.init(jax.random.key(10), x)
+    f = lambda p, x: m.apply(p, x, mask=causal_mask(5), deterministic=False, rngs={"dropout": jax.random.key(11)})
+    check_grads(f, (params, x), order=1, modes=["rev"])
+
+
+def test_long_sequences_use_query_blocks(rng):
+    """N*T*T above the block budget: the kernel blocks queries too; the result is the same function."""
+    q, k, v = qkv(20, 1, 300, 300, 2, 4)
+    mask = np.asarray(causal_mask(300))
+    assert _block_sizes(1, 2, 300, 300, 2**16)[1] < 300
+    out = scaled_dot_product_attention(q, k, v, mask, block_elements=2**16)
+    np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v, mask)[0], rtol=2e-5, atol=2e-5)
