@@ -32,6 +32,7 @@ def _interleaved_medians(steps: dict, repeats: int) -> dict:
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            time.sleep(0.1)  # let the previous contender's worker threads (torch's OpenMP spin-waits) go idle
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
@@ -95,6 +96,14 @@ def main() -> None:
         f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores; B={args.batch} "
         f"T={args.length} D={args.width} N={args.heads}, f32, forward+backward, median of {args.repeats}"
     )
+    # Model FLOPs of forward+backward (3x the forward): four projections and the two attention matmuls.
+    b, t, d = args.batch, args.length, args.width
+    flops = 3 * (4 * 2 * b * t * d * d + 2 * 2 * b * t * t * d)
+    a = jnp.ones((2048, 2048), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    peak_t = _interleaved_medians({"mm": lambda: jax.block_until_ready(mm(a))}, args.repeats)["mm"]
+    peak = 2 * 2048**3 / peak_t / 1e9
+    print(f"machine peak (XLA 2048^3 f32 matmul): {peak:.0f} GFLOP/s; model GFLOP per step: {flops / 1e9:.1f}")
     for causal in (False, True):
         mask = causal_mask(args.length) if causal else None
         steps = {"flax": jax_step(nn.MultiHeadDotProductAttention(num_heads=args.heads), x, mask)}
@@ -109,7 +118,7 @@ def main() -> None:
         if have_torch:
             print(f"  {'torch nn.MultiheadAttention':40s} {torch_t * 1e3:8.1f} ms   ({flax_t / torch_t:.2f}x flax)")
         for name, ti in t.items():
-            line = f"  {name:40s} {ti * 1e3:8.1f} ms   {flax_t / ti:.2f}x flax"
+            line = f"  {name:40s} {ti * 1e3:8.1f} ms   {flax_t / ti:.2f}x flax   {flops / ti / 1e9 / peak:.2f} of peak"
             if have_torch:
                 line += f"   {torch_t / ti:.2f}x torch"
             print(line)

@@ -377,7 +377,7 @@ def scaled_dot_product_attention(
       scale: logit scale; default 1/sqrt(H).
       precision: matmul precision.
       implementation: "xla" (blocked, default), "reference", "jax" or "cudnn"; see the module docstring. "xla"
-        falls back to "reference" when `bias` or `return_weights` is given.
+        computes as "reference" when `bias` or `return_weights` is given or when the problem fits one block.
       block_elements: target size of one block's scores for "xla" (a speed knob; the result does not depend on it).
 
     Returns:
@@ -408,7 +408,10 @@ def scaled_dot_product_attention(
             raise ValueError(f"implementation={implementation!r} supports neither dropout nor return_weights")
         return _jax_attention(query, key, value, mask, bias, scale, implementation)
 
-    if implementation == "reference" or bias is not None or return_weights:
+    # A problem that fits one block gains nothing from blocking, and there storing the probabilities for the
+    # backward pass is cheaper than recomputing them (BENCHMARKS.md): use the plain formulation.
+    one_block = math.prod(query.shape[:-3]) * query.shape[-2] * query.shape[-3] * key.shape[-3] <= block_elements
+    if implementation == "reference" or bias is not None or return_weights or one_block:
         out, weights = _reference_attention(query, key, value, mask, bias, scale, rate, dropout_rng, precision)
         return (out, weights) if return_weights else out
 

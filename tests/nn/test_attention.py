@@ -404,3 +404,18 @@ def test_long_sequences_use_query_blocks(rng):
     assert _block_sizes(1, 2, 300, 300, 2**16)[1] < 300
     out = scaled_dot_product_attention(q, k, v, mask, block_elements=2**16)
     np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v, mask)[0], rtol=2e-5, atol=2e-5)
+
+
+def test_mha_above_one_block_matches_flax(rng):
+    """Big enough (B*N*T*T > 2**19) for the blocked kernel inside MultiHeadAttention, forward and gradients."""
+    x = jax.random.normal(rng, (2, 384, 8))
+    ours, theirs = MultiHeadAttention(num_heads=2), _flax_mha(num_heads=2)
+    params = theirs.init(jax.random.key(12), x)
+
+    def loss(module):
+        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x, mask=causal_mask(384))))))
+
+    (a, ga), (b, gb) = loss(ours)(params, x), loss(theirs)(params, x)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+    for u, w in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
