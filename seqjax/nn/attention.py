@@ -216,14 +216,15 @@ def _heads_major(x: Array) -> Array:
     return jnp.swapaxes(x, 1, 2)
 
 
-def _forward_block(qb, kb, vb, mask_b, keep, precision):
+def _forward_block(qb, kb, vb, mask_b, keep, precision, heads_major=False):
     """One block: q [bb, bq, N, H] (already scaled), k/v [bb, Tk, N, H], mask broadcastable to [bb, N, bq, Tk],
     keep (dropout) None or bool [bb, N, bq, Tk]. Returns (out [bb, bq, N, H], lse [bb, N, bq]).
 
     The block is first copied heads-major ([bb, N, T, H]): XLA's CPU dot is about 2x faster on that layout than on
     [bb, T, N, H] with the transposes left implicit (BENCHMARKS.md)."""
     acc = _acc_dtype(qb.dtype)
-    qb, kb, vb = _heads_major(qb), _heads_major(kb), _heads_major(vb)
+    if not heads_major:
+        qb, kb, vb = _heads_major(qb), _heads_major(kb), _heads_major(vb)
     s = jnp.einsum("bnqh,bnkh->bnqk", qb, kb, precision=precision, preferred_element_type=acc)
     if mask_b is not None:
         s = jnp.where(mask_b, s, -jnp.inf)
@@ -240,14 +241,16 @@ def _forward_block(qb, kb, vb, mask_b, keep, precision):
     return o, lse
 
 
-def _backward_block(qb, kb, vb, dob, lse_b, delta_b, mask_b, keep, precision):
+def _backward_block(qb, kb, vb, dob, lse_b, delta_b, mask_b, keep, precision, heads_major=False):
     """Gradients of one block (shapes as in `_forward_block`; dO like q, lse and delta [bb, N, bq]) → dq, dk, dv.
 
     Works on transposed scores Sᵀ [bb, N, Tk, bq]: then Pᵀ dO (for dV) and dSᵀ Q (for dK) are plain matmuls and only
     dS K (for dQ) needs an explicit transpose; XLA's CPU dots that contract the lhs's row axis, or more explicit
     [Tk, Tq] transposes, each cost more (BENCHMARKS.md)."""
     acc = _acc_dtype(qb.dtype)
-    qb, kb, vb, dob = (_heads_major(x) for x in (qb, kb, vb, dob))
+    dob = _heads_major(dob)
+    if not heads_major:
+        qb, kb, vb = _heads_major(qb), _heads_major(kb), _heads_major(vb)
     st = jnp.einsum("bnkh,bnqh->bnkq", kb, qb, precision=precision, preferred_element_type=acc)
     if mask_b is not None:
         st = jnp.where(jnp.swapaxes(mask_b, -1, -2), st, -jnp.inf)
@@ -263,6 +266,8 @@ def _backward_block(qb, kb, vb, dob, lse_b, delta_b, mask_b, keep, precision):
     dst = (pt * (dpt - delta_b[..., None, :])).astype(qb.dtype)
     dk = jnp.einsum("bnkq,bnqh->bnkh", dst, qb, precision=precision)
     dq = jnp.einsum("bnqk,bnkh->bnqh", jnp.swapaxes(dst, -1, -2), kb, precision=precision)
+    if heads_major:
+        return dq, dk, dv
     return _heads_major(dq), _heads_major(dk), _heads_major(dv)
 
 
@@ -280,24 +285,27 @@ def _softmax_delta(dout, out):
     return jnp.einsum("bqnh,bqnh->bnq", dout.astype(acc), out.astype(acc))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _blocked_attention(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
-    return _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _blocked_attention(q, k, v, mask, rng, dropout_rate, precision, bb, bq, heads_major):
+    return _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq, heads_major)[0]
 
 
-def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
-    """q [B, Tq, N, H] (already scaled), k/v [B, Tk, N, H], mask [B|1, N|1, Tq|1, Tk] or None."""
-    b, tq, n = q.shape[:3]
-    qf = _fold(q, b, bb, 1, bq)  # [nb * nq, bb, bq, N, H]
+def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq, heads_major):
+    """q [B, Tq, N, H] (already scaled), k/v [B, Tk, N, H], mask [B|1, N|1, Tq|1, Tk] or None. With heads_major,
+    q/k/v (and their gradients) are [B, N, T, H] instead; the output is [B, Tq, N, H] either way."""
+    t_axis = 2 if heads_major else 1
+    b, tq, n = q.shape[0], q.shape[t_axis], q.shape[3 - t_axis]
+    tk = k.shape[t_axis]
+    qf = _fold(q, b, bb, t_axis, bq)  # [nb * nq, bb, bq, N, H] (or [.., N, bq, H])
     kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)  # [nb, bb, Tk, N, H]
     mf = None if mask is None else _fold(mask, b, bb, 2 if mask.shape[2] == tq else None, bq)
     nb, nq = qf.nb, qf.nq
 
     def block(i):
         ib, iq = i // nq, i % nq
-        keep = _keep(rng, i, dropout_rate, (bb, n, bq, k.shape[1]))
+        keep = _keep(rng, i, dropout_rate, (bb, n, bq, tk))
         m = None if mf is None else mf.take(ib, iq)
-        return _forward_block(qf.take(ib, iq), kf.take(ib, iq), vf.take(ib, iq), m, keep, precision)
+        return _forward_block(qf.take(ib, iq), kf.take(ib, iq), vf.take(ib, iq), m, keep, precision, heads_major)
 
     o, lse = lax.map(block, jnp.arange(nb * nq))
     out = _unfold(o, nb, nq, 1)  # [B, Tq, N, H]
@@ -305,21 +313,23 @@ def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq):
     return out, (q, k, v, mask, rng, out, lse)
 
 
-def _blocked_bwd(dropout_rate, precision, bb, bq, res, dout):
+def _blocked_bwd(dropout_rate, precision, bb, bq, heads_major, res, dout):
     q, k, v, mask, rng, out, lse = res
-    b, tq, n = q.shape[:3]
+    t_axis = 2 if heads_major else 1
+    b, tq, n = q.shape[0], q.shape[t_axis], q.shape[3 - t_axis]
+    tk = k.shape[t_axis]
     delta = _softmax_delta(dout, out)
-    qf, dof = _fold(q, b, bb, 1, bq), _fold(dout, b, bb, 1, bq)
+    qf, dof = _fold(q, b, bb, t_axis, bq), _fold(dout, b, bb, 1, bq)
     kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)
     lsef, deltaf = _fold(lse, b, bb, 2, bq), _fold(delta, b, bb, 2, bq)  # [nb * nq, bb, N, bq]
     mf = None if mask is None else _fold(mask, b, bb, 2 if mask.shape[2] == tq else None, bq)
     nb, nq = qf.nb, qf.nq
 
     def block(ib, iq):
-        keep = _keep(rng, ib * nq + iq, dropout_rate, (bb, n, bq, k.shape[1]))
+        keep = _keep(rng, ib * nq + iq, dropout_rate, (bb, n, bq, tk))
         m = None if mf is None else mf.take(ib, iq)
         blocks = (x.take(ib, iq) for x in (qf, kf, vf, dof, lsef, deltaf))
-        return _backward_block(*blocks, m, keep, precision)
+        return _backward_block(*blocks, m, keep, precision, heads_major)
 
     if nq == 1:
         dq, dk, dv = lax.map(lambda ib: block(ib, 0), jnp.arange(nb))
@@ -337,7 +347,7 @@ def _blocked_bwd(dropout_rate, precision, bb, bq, res, dout):
 
         dq, dk, dv = lax.map(over_queries, jnp.arange(nb))
         dq = dq.reshape(nb * nq, *dq.shape[2:])
-    dq = _unfold(dq, nb, nq, 1)
+    dq = _unfold(dq, nb, nq, t_axis)
     dk = dk.reshape(b, *dk.shape[2:])
     dv = dv.reshape(b, *dv.shape[2:])
     return dq, dk, dv, None, None
@@ -417,22 +427,26 @@ def scaled_dot_product_attention(
 
     # Flatten the batch dims, fold the scale into the (smaller) query tensor, and run the blocked kernel.
     batch = query.shape[:-3]
-    b = math.prod(batch)
-    tq, n, h = query.shape[-3:]
-    tk = key.shape[-3]
+    b, (tq, n, h), tk = math.prod(batch), query.shape[-3:], key.shape[-3]
     q = (query * jnp.asarray(scale, query.dtype)).reshape(b, tq, n, h)
     k, v = key.reshape(b, tk, n, h), value.reshape(b, tk, n, value.shape[-1])
-    mask = _flat_mask(mask, batch)
+    out = _run_blocked(q, k, v, _flat_mask(mask, batch), rate, dropout_rng, precision, block_elements, False)
+    return out.astype(value.dtype).reshape(*batch, tq, n, value.shape[-1])
+
+
+def _run_blocked(q, k, v, mask, rate, dropout_rng, precision, block_elements, heads_major):
+    """The blocked kernel on flat-batch q [B, Tq, N, H] and k/v [B, Tk, N, H] (or [B, N, T, H] with heads_major),
+    mask [B|1, N|1, Tq|1, Tk]; pads the queries to a whole number of blocks. Returns [B, Tq, N, H]."""
+    t_axis = 2 if heads_major else 1
+    b, tq, n, tk = q.shape[0], q.shape[t_axis], q.shape[3 - t_axis], k.shape[t_axis]
     bb, bq = _block_sizes(b, n, tq, tk, block_elements)
     pad = (-tq) % bq
     if pad:
-        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        q = jnp.pad(q, [(0, pad) if i == t_axis else (0, 0) for i in range(4)])
         if mask is not None and mask.shape[2] == tq:
             mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))
     rng = dropout_rng if rate > 0.0 else jax.random.key(0)
-    out = _blocked_attention(q, k, v, mask, rng, rate, precision, bb, bq)
-    out = out[:, :tq].astype(value.dtype)
-    return out.reshape(*batch, tq, n, value.shape[-1])
+    return _blocked_attention(q, k, v, mask, rng, rate, precision, bb, bq, heads_major)[:, :tq]
 
 
 def _flat_mask(mask: Array | None, batch: tuple[int, ...]) -> Array | None:
@@ -600,6 +614,23 @@ class MultiHeadAttention(nn.Module):
         want_weights = self.is_mutable_collection("intermediates")
         if self_attention and self.fuse_qkv:
             qkv = _project(inputs_q, [wq, wk, wv], dtype, self.precision)  # [B..., T, 3, N, H]
+            *batch, t = inputs_q.shape[:-1]
+            b = math.prod(batch)
+            if (
+                self.implementation == "xla"
+                and not (self.decode or want_weights)
+                and b * n * t * t > DEFAULT_BLOCK_ELEMENTS
+            ):
+                # Slice q, k, v heads-major ([B, N, T, H]) in the one copy that slicing costs anyway, so that the
+                # kernel's blocks need no transposes of their own (BENCHMARKS.md).
+                _check_shapes(*(qkv[..., i, :, :] for i in range(3)), mask, None)
+                if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
+                    raise ValueError(f"mask must be boolean (True = may attend), got dtype {jnp.asarray(mask).dtype}")
+                qkv_hm = jnp.moveaxis(qkv.reshape(b, t, 3, n, h), 1, 3)  # [B, 3, N, T, H]
+                flat_mask = _flat_mask(None if mask is None else jnp.asarray(mask), tuple(batch))
+                q, k, v = qkv_hm[:, 0], qkv_hm[:, 1], qkv_hm[:, 2]
+                out = _run_blocked(q, k, v, flat_mask, rate, dropout_rng, self.precision, DEFAULT_BLOCK_ELEMENTS, True)
+                return self._out(out.reshape(*batch, t, n, h), wo, dtype)
             query, key, value = (qkv[..., i, :, :] for i in range(3))
         elif self.fuse_qkv:
             query = _project(inputs_q, [wq], dtype, self.precision)[..., 0, :, :]

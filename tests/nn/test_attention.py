@@ -419,3 +419,12 @@ def test_mha_above_one_block_matches_flax(rng):
     np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
     for u, w in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
+
+
+def test_mha_above_one_block_dropout_gradients(x64):
+    """The heads-major kernel path of MultiHeadAttention regenerates its dropout masks in the backward pass."""
+    x = np.random.default_rng(21).normal(size=(1, 520, 4))
+    m = MultiHeadAttention(num_heads=2, dropout_rate=0.3, param_dtype=jnp.float64)
+    params = m.init(jax.random.key(13), x)
+    f = jax.jit(lambda p, x: m.apply(p, x, deterministic=False, rngs={"dropout": jax.random.key(14)}))
+    check_grads(f, (params, x), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
