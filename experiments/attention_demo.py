@@ -134,19 +134,20 @@ def plot(workdir: str, weights: np.ndarray, tokens) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = weights.shape[0]
-    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.2), squeeze=False)
-    labels = [str(int(t)) for t in tokens]
+    n, t = weights.shape[0], weights.shape[1]
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.6), squeeze=False)
+    inputs = [str(int(x)) for x in tokens]
+    outputs = [f"{i}: {int(x)}" for i, x in enumerate(tokens[::-1])]  # position: the token it should emit
     for h, ax in enumerate(axes[0]):
         ax.imshow(weights[h], cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"head {h}")
-        ax.set_xticks(range(len(labels)), labels, fontsize=6)
-        ax.set_yticks(range(len(labels)), labels, fontsize=6)
-        ax.set_xlabel("key (input token)")
-    axes[0][0].set_ylabel("query position")
+        ax.set_xticks(range(t), inputs, fontsize=6)
+        ax.set_yticks(range(t), outputs if h == 0 else [""] * t, fontsize=6)
+        ax.set_xlabel("key: input token")
+    axes[0][0].set_ylabel("query position: target token")
     fig.suptitle("attention weights after training to reverse the sequence")
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "attention.png"), dpi=100)
+    fig.savefig(os.path.join(workdir, "attention.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
 
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
