@@ -413,6 +413,8 @@ def scaled_dot_product_attention(
 
     if implementation == "jax" and value.shape[-1] != head_dim:
         implementation = "xla"  # jax.nn.dot_product_attention needs value's head dim to equal the query's
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU; JAX's backend here is {jax.default_backend()!r}")
     if implementation in ("jax", "cudnn"):
         if rate > 0.0 or return_weights:
             raise ValueError(f"implementation={implementation!r} supports neither dropout nor return_weights")

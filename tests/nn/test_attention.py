@@ -253,6 +253,9 @@ def test_bad_mask_names_the_shapes():
         scaled_dot_product_attention(q, q, q, jnp.ones((2, 1, 4, 4), jnp.float32))
     with pytest.raises(ValueError, match="implementation"):
         scaled_dot_product_attention(q, q, q, implementation="flash")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+            scaled_dot_product_attention(q, q, q, implementation="cudnn")
 
 
 # ---------------------------------------------------------------------------------------------- multi-head attention
