@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["linear_to_kernel", "load_multihead_attention"]
+__all__ = ["linear_to_kernel", "load_gru", "load_lstm", "load_multihead_attention", "load_rnn"]
 
 _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight")
 _MHA_BIASES = ("in_proj_bias", "out_proj.bias")
@@ -182,3 +182,62 @@ def load_multihead_attention(
             params[proj]["bias"] = np.ascontiguousarray(b.reshape(n, h))
         params["out"]["bias"] = b_out
     return {"params": params}
+
+
+def _load_recurrent(
+    state_dict: Mapping[str, Any], gates: int, caller: str, num_layers: int, bidirectional: bool, prefix: str
+) -> dict:
+    """torch.nn.{LSTM,GRU,RNN} weights `weight_ih_l{k}[_reverse]` [G*H, in], `weight_hh_l{k}...` [G*H, H] and the two
+    biases → `{"params": {"l{k}[_reverse]": {"cell": {"input": {kernel, bias}, "hidden": {kernel, bias}}}}}` for
+    seqjax's stacked layers (same gate order, so the kernels are the transposes)."""
+    sd = _select(state_dict, prefix, caller)
+    suffixes = [""] + (["_reverse"] if bidirectional else [])
+    expected = {
+        f"{kind}_{part}_l{layer}{sfx}"
+        for layer in range(num_layers)
+        for sfx in suffixes
+        for kind in ("weight", "bias")
+        for part in ("ih", "hh")
+    }
+    missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if "weight_ih_l0" not in sd or any(k.startswith("weight") for k in missing):
+        raise ValueError(
+            f"{caller}: missing keys {[prefix + k for k in missing]} (num_layers={num_layers}, "
+            f"bidirectional={bidirectional})"
+        )
+    if extra:
+        raise ValueError(f"{caller}: unexpected keys {[prefix + k for k in extra]}: check num_layers and bidirectional")
+    rows = sd["weight_ih_l0"].shape[0]
+    if rows % gates:
+        raise ValueError(f"{caller}: {prefix}weight_ih_l0 has {rows} rows, not a multiple of {gates} gates")
+    hidden = rows // gates
+    params = {}
+    for layer in range(num_layers):
+        for sfx in suffixes:
+            tag = f"l{layer}{sfx}"
+            cell = {}
+            for part, name in (("ih", "input"), ("hh", "hidden")):
+                w = _weight(sd, f"weight_{part}_{tag}", prefix, rows, hidden if part == "hh" else None)
+                bias_key = f"bias_{part}_{tag}"
+                if bias_key in sd and sd[bias_key].shape != (rows,):
+                    raise ValueError(f"{prefix}{bias_key} has shape {sd[bias_key].shape}, expected ({rows},)")
+                bias = sd.get(bias_key, np.zeros(rows, w.dtype))
+                cell[name] = {"kernel": linear_to_kernel(w), "bias": bias}
+            params[tag] = {"cell": cell}
+    return {"params": params}
+
+
+def load_lstm(state_dict: Mapping[str, Any], *, num_layers: int = 1, bidirectional: bool = False, prefix: str = ""):
+    """`torch.nn.LSTM` state_dict (numpy arrays or tensors) → variables for `seqjax.nn.LSTM` with the same
+    `num_layers` and `bidirectional`. A missing bias (`bias=False` in torch) loads as zeros."""
+    return _load_recurrent(state_dict, 4, "load_lstm", num_layers, bidirectional, prefix)
+
+
+def load_gru(state_dict: Mapping[str, Any], *, num_layers: int = 1, bidirectional: bool = False, prefix: str = ""):
+    """`torch.nn.GRU` state_dict → variables for `seqjax.nn.GRU`; see `load_lstm`."""
+    return _load_recurrent(state_dict, 3, "load_gru", num_layers, bidirectional, prefix)
+
+
+def load_rnn(state_dict: Mapping[str, Any], *, num_layers: int = 1, bidirectional: bool = False, prefix: str = ""):
+    """`torch.nn.RNN` state_dict → variables for `seqjax.nn.SimpleRNN` (same `nonlinearity`); see `load_lstm`."""
+    return _load_recurrent(state_dict, 1, "load_rnn", num_layers, bidirectional, prefix)

@@ -17,15 +17,24 @@ from seqjax.nn.position import (
     sinusoidal_positions,
     sinusoidal_positions_2d,
 )
+from seqjax.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, SimpleRNN, SimpleRNNCell, flip_sequences
 
 __all__ = [
+    "GRU",
+    "LSTM",
+    "RNN",
     "AddSinusoidalPositions",
+    "GRUCell",
+    "LSTMCell",
     "LearnedPositionEmbedding",
     "MlpBlock",
     "MultiHeadAttention",
+    "SimpleRNN",
+    "SimpleRNNCell",
     "apply_rotary",
     "causal_mask",
     "combine_masks",
+    "flip_sequences",
     "padding_mask",
     "rotary_frequencies",
     "scaled_dot_product_attention",

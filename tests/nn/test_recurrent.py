@@ -1,0 +1,243 @@
+"""Recurrent cells and the scan wrapper against numpy equations, flax's built-in cells, torch's cells, autodiff."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from seqjax.nn.recurrent import RNN, GRUCell, LSTMCell, SimpleRNNCell, flip_sequences
+
+F, H = 3, 4
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def np_step(kind, p, carry, x):
+    """The cell equations written out in numpy, gates in PyTorch's order."""
+    xi = x @ p["input"]["kernel"] + p["input"]["bias"]
+    h = carry[1] if kind == "lstm" else carry
+    hh = h @ p["hidden"]["kernel"] + p["hidden"]["bias"]
+    if kind in ("tanh", "relu"):
+        new = np.tanh(xi + hh) if kind == "tanh" else np.maximum(xi + hh, 0.0)
+        return new, new
+    if kind == "lstm":
+        i, f, g, o = np.split(xi + hh, 4, axis=-1)
+        c = sigmoid(f) * carry[0] + sigmoid(i) * np.tanh(g)
+        h = sigmoid(o) * np.tanh(c)
+        return (c, h), h
+    xr, xz, xn = np.split(xi, 3, axis=-1)
+    hr, hz, hn = np.split(hh, 3, axis=-1)
+    r, z = sigmoid(xr + hr), sigmoid(xz + hz)
+    n = np.tanh(xn + r * hn)
+    new = (1 - z) * n + z * h
+    return new, new
+
+
+def make(kind, **kw):
+    return {
+        "tanh": lambda: SimpleRNNCell(H, **kw),
+        "relu": lambda: SimpleRNNCell(H, activation="relu", **kw),
+        "lstm": lambda: LSTMCell(H, **kw),
+        "gru": lambda: GRUCell(H, **kw),
+    }[kind]()
+
+
+def random_params(cell, seed, batch=(2,)):
+    """Initialised parameters with every bias made nonzero, as numpy float64."""
+    r = np.random.default_rng(seed)
+    carry = cell.initialize_carry(jax.random.key(0), (*batch, F))
+    params = cell.init(jax.random.key(seed), carry, jnp.zeros((*batch, F)))["params"]
+    return jax.tree.map(lambda a: np.asarray(a, np.float64) + 0.3 * r.normal(size=a.shape), params)
+
+
+def random_carry(kind, seed, batch=(2,)):
+    r = np.random.default_rng(seed)
+    if kind == "lstm":
+        return r.normal(size=(*batch, H)), r.normal(size=(*batch, H))
+    return r.normal(size=(*batch, H))
+
+
+KINDS = ["tanh", "relu", "lstm", "gru"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cell_step_matches_numpy_equations(kind):
+    cell = make(kind)
+    p = random_params(cell, 1, batch=(2, 3))
+    carry = random_carry(kind, 2, batch=(2, 3))
+    x = np.random.default_rng(3).normal(size=(2, 3, F))
+    new, y = cell.apply({"params": p}, jax.tree.map(jnp.asarray, carry), jnp.asarray(x))
+    ref_new, ref_y = np_step(kind, p, carry, x)
+    np.testing.assert_allclose(np.asarray(y), ref_y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref_new), strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5)
+
+
+def _flax_to_ours(kind, fp):
+    cat = lambda names, field: np.concatenate([np.asarray(fp[n][field]) for n in names], axis=-1)
+    zeros = lambda n: np.zeros(n, np.float32)
+    if kind == "lstm":
+        return {
+            "input": {"kernel": cat(["ii", "if", "ig", "io"], "kernel"), "bias": zeros(4 * H)},
+            "hidden": {
+                "kernel": cat(["hi", "hf", "hg", "ho"], "kernel"),
+                "bias": cat(["hi", "hf", "hg", "ho"], "bias"),
+            },
+        }
+    if kind == "gru":
+        return {
+            "input": {"kernel": cat(["ir", "iz", "in"], "kernel"), "bias": cat(["ir", "iz", "in"], "bias")},
+            "hidden": {
+                "kernel": cat(["hr", "hz", "hn"], "kernel"),
+                "bias": np.concatenate([zeros(2 * H), np.asarray(fp["hn"]["bias"])]),
+            },
+        }
+    return {
+        "input": {"kernel": np.asarray(fp["i"]["kernel"]), "bias": np.asarray(fp["i"]["bias"])},
+        "hidden": {"kernel": np.asarray(fp["h"]["kernel"]), "bias": zeros(H)},
+    }
+
+
+@pytest.mark.parametrize("kind", ["tanh", "lstm", "gru"])
+def test_cells_match_flax_builtins_with_mapped_weights(kind):
+    theirs = {"tanh": nn.SimpleCell(H), "lstm": nn.LSTMCell(H), "gru": nn.GRUCell(H)}[kind]
+    x = jax.random.normal(jax.random.key(4), (2, F))
+    carry = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), random_carry(kind, 5))
+    fp = theirs.init(jax.random.key(6), carry, x)["params"]
+    fp = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(7), a.shape), fp)  # nonzero biases
+    (c1, y1), (c2, y2) = (
+        make(kind).apply({"params": _flax_to_ours(kind, fp)}, carry, x),
+        theirs.apply({"params": fp}, carry, x),
+    )
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y2), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(c1), jax.tree.leaves(c2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cells_match_torch_cells(kind):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    tcell = {
+        "tanh": lambda: torch.nn.RNNCell(F, H, nonlinearity="tanh"),
+        "relu": lambda: torch.nn.RNNCell(F, H, nonlinearity="relu"),
+        "lstm": lambda: torch.nn.LSTMCell(F, H),
+        "gru": lambda: torch.nn.GRUCell(F, H),
+    }[kind]()
+    sd = {k: v.detach().numpy() for k, v in tcell.state_dict().items()}
+    params = {
+        "input": {"kernel": sd["weight_ih"].T, "bias": sd["bias_ih"]},
+        "hidden": {"kernel": sd["weight_hh"].T, "bias": sd["bias_hh"]},
+    }
+    x = np.random.default_rng(8).normal(size=(2, F)).astype(np.float32)
+    carry = jax.tree.map(lambda a: a.astype(np.float32), random_carry(kind, 9))
+    _, y = make(kind).apply({"params": params}, jax.tree.map(jnp.asarray, carry), jnp.asarray(x))
+    if kind == "lstm":  # torch's LSTMCell state is (h, c); ours is (c, h)
+        ref = tcell(torch.from_numpy(x), (torch.from_numpy(carry[1]), torch.from_numpy(carry[0])))[0]
+    else:
+        ref = tcell(torch.from_numpy(x), torch.from_numpy(carry))
+    np.testing.assert_allclose(np.asarray(y), ref.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_lstm_forget_bias():
+    p = LSTMCell(H, forget_bias=1.0).init(
+        jax.random.key(0), LSTMCell(H).initialize_carry(None, (2, F)), jnp.zeros((2, F))
+    )
+    b_in, b_hid = np.asarray(p["params"]["input"]["bias"]), np.asarray(p["params"]["hidden"]["bias"])
+    np.testing.assert_array_equal(b_in, np.r_[np.zeros(H), np.ones(H), np.zeros(2 * H)])
+    np.testing.assert_array_equal(b_hid, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------------------- RNN
+
+
+def _loop(kind, p, x, carry):
+    ys = []
+    for t in range(x.shape[1]):
+        carry, y = np_step(kind, p, carry, x[:, t])
+        ys.append(y)
+    return carry, (np.stack(ys, 1) if ys else np.zeros((x.shape[0], 0, H)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rnn_equals_a_python_loop_of_the_cell(kind):
+    rnn = RNN(make(kind), return_carry=True)
+    x = np.random.default_rng(10).normal(size=(2, 6, F))
+    p = random_params(make(kind), 11)
+    carry0 = random_carry(kind, 12)
+    carry, ys = rnn.apply({"params": {"cell": p}}, jnp.asarray(x), initial_carry=jax.tree.map(jnp.asarray, carry0))
+    ref_carry, ref_ys = _loop(kind, p, x, carry0)
+    np.testing.assert_allclose(np.asarray(ys), ref_ys, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(ref_carry), strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_seq_lengths_and_reverse_within_lengths(kind, reverse):
+    lengths = np.array([6, 3, 0, 1])
+    x = np.random.default_rng(13).normal(size=(4, 6, F))
+    p = random_params(make(kind), 14)
+    rnn = RNN(make(kind), return_carry=True, reverse=reverse)
+    carry, ys = rnn.apply({"params": {"cell": p}}, jnp.asarray(x), seq_lengths=jnp.asarray(lengths))
+    zero = random_carry(kind, 0, batch=(1,))
+    zero = jax.tree.map(np.zeros_like, zero)
+    for b, n in enumerate(lengths):
+        seq = x[b : b + 1, :n]
+        ref_carry, ref_ys = _loop(kind, p, seq[:, ::-1] if reverse else seq, zero)
+        if reverse:
+            ref_ys = ref_ys[:, ::-1]
+        np.testing.assert_allclose(np.asarray(ys[b, :n]), ref_ys[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(ys[b, n:]), 0.0)  # nothing past the length
+        for a, r in zip(jax.tree.leaves(carry), jax.tree.leaves(ref_carry), strict=True):
+            np.testing.assert_allclose(np.asarray(a[b]), r[0], rtol=1e-5, atol=1e-5)
+
+
+def test_flip_sequences_reverses_within_lengths():
+    x = jnp.arange(10).reshape(2, 5)
+    np.testing.assert_array_equal(np.asarray(flip_sequences(x, jnp.array([5, 3]))), [[4, 3, 2, 1, 0], [7, 6, 5, 8, 9]])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "tanh"])
+def test_rnn_gradients_float64(kind, x64):
+    x = np.random.default_rng(15).normal(size=(3, 5, F))
+    rnn = RNN(make(kind, param_dtype=jnp.float64))
+    params = rnn.init(jax.random.key(16), x)
+    f = jax.jit(lambda p, x: rnn.apply(p, x, seq_lengths=jnp.array([5, 2, 4])))
+    check_grads(f, (params, x), order=1, modes=["rev"])
+
+
+def test_rnn_bf16_compute():
+    x = jax.random.normal(jax.random.key(17), (2, 4, F))
+    rnn = RNN(LSTMCell(H, dtype=jnp.bfloat16))
+    p = rnn.init(jax.random.key(18), x)
+    y = rnn.apply(p, x)
+    assert y.dtype == jnp.bfloat16
+    ref = RNN(LSTMCell(H)).apply(p, x)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=0.05)
+
+
+def test_bad_inputs_raise_clear_errors():
+    rnn = RNN(LSTMCell(H))
+    x = jnp.zeros((2, 5, F))
+    params = rnn.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"\[0, T=5\]"):
+        rnn.apply(params, x, seq_lengths=jnp.array([6, 2]))
+    with pytest.raises(ValueError, match=r"\[0, T=5\]"):
+        rnn.apply(params, x, seq_lengths=jnp.array([-1, 2]))
+    with pytest.raises(ValueError, match=r"shape \[B\] = \(2,\)"):
+        rnn.apply(params, x, seq_lengths=jnp.array([5, 2, 1]))
+    with pytest.raises(ValueError, match=r"\[B, T, F\]"):
+        rnn.apply(params, jnp.zeros((5, F)))
+    with pytest.raises(ValueError, match="initial_carry"):
+        rnn.apply(params, x, initial_carry=(jnp.zeros((2, H + 1)), jnp.zeros((2, H + 1))))
+    with pytest.raises(Exception, match=r"\(5, 16\)|\(3, 16\)"):  # flax names the kernel shapes it expected and got
+        rnn.apply(params, jnp.zeros((2, 5, 5)))
+    with pytest.raises(ValueError, match="carry"):
+        GRUCell(H).init(jax.random.key(0), jnp.zeros((3, H)), jnp.zeros((2, F)))
+    with pytest.raises(ValueError, match="activation"):
+        SimpleRNNCell(H, activation="sigmoid").init(jax.random.key(0), jnp.zeros((2, H)), jnp.zeros((2, F)))
