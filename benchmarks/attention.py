@@ -12,31 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import interleaved_medians
 
 from seqjax.nn import MultiHeadAttention, causal_mask
-
-
-def _interleaved_medians(steps: dict, repeats: int) -> dict:
-    """Median time of each step, timed in interleaved rounds (A B C A B C ...) so that drifts in machine load fall
-    on every contender alike. Each step runs twice first (compilation, allocator warm-up)."""
-    for step in steps.values():
-        step()
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            time.sleep(0.1)  # let the previous contender's worker threads (torch's OpenMP spin-waits) go idle
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def jax_step(module, x, mask):
@@ -101,7 +84,7 @@ def main() -> None:
     flops = 3 * (4 * 2 * b * t * d * d + 2 * 2 * b * t * t * d)
     a = jnp.ones((2048, 2048), jnp.float32)
     mm = jax.jit(lambda a: a @ a)
-    peak_t = _interleaved_medians({"mm": lambda: jax.block_until_ready(mm(a))}, args.repeats)["mm"]
+    peak_t = interleaved_medians({"mm": lambda: jax.block_until_ready(mm(a))}, args.repeats)["mm"]
     peak = 2 * 2048**3 / peak_t / 1e9
     print(f"machine peak (XLA 2048^3 f32 matmul): {peak:.0f} GFLOP/s; model GFLOP per step: {flops / 1e9:.1f}")
     for causal in (False, True):
@@ -111,7 +94,7 @@ def main() -> None:
             steps["torch"] = torch_step(args, causal)
         for name, kw in variants.items():
             steps[name] = jax_step(MultiHeadAttention(num_heads=args.heads, **kw), x, mask)
-        t = _interleaved_medians(steps, args.repeats)
+        t = interleaved_medians(steps, args.repeats)
         flax_t, torch_t = t.pop("flax"), t.pop("torch", float("nan"))
         print(f"\n{'causal' if causal else 'no mask'}:")
         print(f"  {'flax nn.MultiHeadDotProductAttention':40s} {flax_t * 1e3:8.1f} ms")

@@ -1,0 +1,23 @@
+"""Shared timing for the benchmark scripts."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def interleaved_medians(steps: dict, repeats: int) -> dict:
+    """Median time of each step, timed in interleaved rounds (A B C A B C ...) so that drifts in machine load fall
+    on every contender alike. Each step runs twice first (compilation, allocator warm-up), and each timed step
+    follows a 0.1 s pause so that the previous contender's worker threads (torch's OpenMP spin-waits) are idle."""
+    for step in steps.values():
+        step()
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            time.sleep(0.1)
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
