@@ -29,6 +29,12 @@ Masks have opposite conventions: torch's boolean `attn_mask` [Tq, Tk] and `key_p
 attention is *not* allowed; ours is True where it is. Use `mask = ~attn_mask[None, None]` and
 `mask = ~key_padding_mask[:, None, None, :]` (combine with `seqjax.nn.combine_masks`). Note that
 `torch.nn.functional.scaled_dot_product_attention` uses our convention (True = may attend) for boolean masks.
+
+`torch.nn.LSTM` / `GRU` / `RNN` → `seqjax.nn.LSTM` / `GRU` / `SimpleRNN` (`load_lstm`, `load_gru`, `load_rnn`): the
+gate order is the same (LSTM i, f, g, o; GRU r, z, n), so `weight_ih_l{k}[_reverse]` [G*H, in] becomes
+`l{k}[_reverse]/cell/input/kernel` [in, G*H] (its transpose), `weight_hh_...` becomes `.../hidden/kernel`, and
+`bias_ih_...` / `bias_hh_...` map unchanged to the two biases. Torch's LSTM state is (h, c); seqjax's LSTM returns
+(h_n, c_n) in the same order, while a single `LSTMCell` carries (c, h).
 """
 
 from __future__ import annotations
