@@ -17,7 +17,17 @@ from seqjax.nn.position import (
     sinusoidal_positions,
     sinusoidal_positions_2d,
 )
-from seqjax.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, SimpleRNN, SimpleRNNCell, flip_sequences
+from seqjax.nn.recurrent import (
+    GRU,
+    LSTM,
+    RNN,
+    Bidirectional,
+    GRUCell,
+    LSTMCell,
+    SimpleRNN,
+    SimpleRNNCell,
+    flip_sequences,
+)
 from seqjax.nn.sequence import (
     AutoregressiveModel,
     LatentAutoregressiveModel,
@@ -35,6 +45,7 @@ __all__ = [
     "RNN",
     "AddSinusoidalPositions",
     "AutoregressiveModel",
+    "Bidirectional",
     "GRUCell",
     "LSTMCell",
     "LatentAutoregressiveModel",

@@ -205,7 +205,8 @@ class RNN(nn.Module):
       return_carry: return `(carry, outputs)` instead of `outputs`.
       unroll: time steps per scan iteration (a speed knob).
 
-    Call with `initial_carry` (default: the cell's zero state) and `seq_lengths [B]` (default: all T). Outputs at
+    Call with `initial_carry` (default: the cell's zero state), `seq_lengths [B]` (default: all T) and optionally
+    `return_carry` (overrides the attribute). Outputs at
     t >= seq_lengths[b] are zero and the final carry of sequence b is the one after its last valid step, as PyTorch
     returns them for packed sequences.
     """
@@ -216,7 +217,14 @@ class RNN(nn.Module):
     unroll: int = 1
 
     @nn.compact
-    def __call__(self, inputs: Array, *, initial_carry: Carry | None = None, seq_lengths: Array | None = None):
+    def __call__(
+        self,
+        inputs: Array,
+        *,
+        initial_carry: Carry | None = None,
+        seq_lengths: Array | None = None,
+        return_carry: bool | None = None,
+    ):
         if inputs.ndim != 3:
             raise ValueError(f"RNN expects inputs [B, T, F], got shape {inputs.shape}")
         b, t, _ = inputs.shape
@@ -251,7 +259,27 @@ class RNN(nn.Module):
         carry, ys = scan(self.cell, carry, (xs, valid))
         if self.reverse:
             ys = flip_sequences(ys, seq_lengths)
-        return (carry, ys) if self.return_carry else ys
+        return_carry = self.return_carry if return_carry is None else return_carry
+        return (carry, ys) if return_carry else ys
+
+
+class Bidirectional(nn.Module):
+    """Runs `forward_rnn` and `backward_rnn` (an `RNN` with `reverse=True`, reversing within `seq_lengths`) over the
+    same inputs and concatenates their outputs: `[B, T, H_fwd + H_bwd]`; with `return_carry`, also
+    `(carry_fwd, carry_bwd)`."""
+
+    forward_rnn: RNN
+    backward_rnn: RNN
+    return_carry: bool = False
+
+    @nn.compact
+    def __call__(self, inputs: Array, *, seq_lengths: Array | None = None):
+        if not self.backward_rnn.reverse:
+            raise ValueError("Bidirectional: backward_rnn must be an RNN with reverse=True")
+        cf, yf = self.forward_rnn(inputs, seq_lengths=seq_lengths, return_carry=True)
+        cb, yb = self.backward_rnn(inputs, seq_lengths=seq_lengths, return_carry=True)
+        out = jnp.concatenate([yf, yb], axis=-1)
+        return ((cf, cb), out) if self.return_carry else out
 
 
 class _StackedRNN(nn.Module):

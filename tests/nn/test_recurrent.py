@@ -241,3 +241,43 @@ def test_bad_inputs_raise_clear_errors():
         GRUCell(H).init(jax.random.key(0), jnp.zeros((3, H)), jnp.zeros((2, F)))
     with pytest.raises(ValueError, match="activation"):
         SimpleRNNCell(H, activation="sigmoid").init(jax.random.key(0), jnp.zeros((2, H)), jnp.zeros((2, F)))
+
+
+def test_bidirectional_concatenates_forward_and_reverse_within_lengths():
+    from seqjax.nn import Bidirectional
+
+    x = jnp.asarray(np.random.default_rng(19).normal(size=(2, 5, F)).astype(np.float32))
+    lengths = jnp.array([5, 3])
+    bi = Bidirectional(RNN(GRUCell(H)), RNN(GRUCell(H), reverse=True), return_carry=True)
+    variables = bi.init(jax.random.key(0), x, seq_lengths=lengths)
+    (cf, cb), out = bi.apply(variables, x, seq_lengths=lengths)
+    assert jax.tree.map(jnp.shape, (cf, cb)) == ((2, H), (2, H))
+    assert out.shape == (2, 5, 2 * H)
+    p = variables["params"]
+    fwd = RNN(GRUCell(H)).apply({"params": p["forward_rnn"]}, x, seq_lengths=lengths)
+    bwd = RNN(GRUCell(H), reverse=True).apply({"params": p["backward_rnn"]}, x, seq_lengths=lengths)
+    np.testing.assert_allclose(np.asarray(out), np.concatenate([fwd, bwd], -1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="reverse=True"):
+        Bidirectional(RNN(GRUCell(H)), RNN(GRUCell(H))).init(jax.random.key(0), x)
+
+
+class _DropoutCell(nn.Module):
+    """A cell whose output is its input after dropout: shows the mask each step draws."""
+
+    @nn.compact
+    def __call__(self, carry, x):
+        return carry, nn.Dropout(0.5)(x, deterministic=not self.has_rng("dropout"))
+
+    def initialize_carry(self, rng, input_shape):
+        return jnp.zeros((*input_shape[:-1], 1))
+
+
+def test_rnn_dropout_differs_per_step_and_is_off_at_inference():
+    x = jnp.ones((1, 8, 64))
+    rnn = RNN(_DropoutCell())
+    variables = rnn.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(np.asarray(rnn.apply(variables, x)), 1.0)  # no dropout rng: inference
+    y = np.asarray(rnn.apply(variables, x, rngs={"dropout": jax.random.key(1)}))
+    masks = y[0] != 0
+    assert 0.3 < masks.mean() < 0.7
+    assert len({m.tobytes() for m in masks}) == 8  # a different mask at every step
