@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
+
+
+def torch_available() -> bool:
+    """Whether torch can be imported, to add it as a contender."""
+    return importlib.util.find_spec("torch") is not None
 
 
 def interleaved_medians(steps: dict, repeats: int) -> dict:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import interleaved_medians
+from _timing import interleaved_medians, torch_available
 
 from seqjax.nn import MultiHeadAttention, causal_mask
 
@@ -58,12 +58,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--variants", default="all", help="comma list of seqjax variants, or 'all'")
     args = p.parse_args()
-    try:
-        import torch  # noqa: F401
-
-        have_torch = True
-    except ImportError:
-        have_torch = False
+    have_torch = torch_available()
 
     x = jax.random.normal(jax.random.key(0), (args.batch, args.length, args.width), jnp.float32)
     variants = {

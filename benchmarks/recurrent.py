@@ -16,7 +16,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from _timing import interleaved_medians
+from _timing import interleaved_medians, torch_available
 
 from seqjax.nn import GRU, LSTM
 
@@ -55,12 +55,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
-    try:
-        import torch  # noqa: F401
-
-        have_torch = True
-    except ImportError:
-        have_torch = False
+    have_torch = torch_available()
     x = jax.random.normal(jax.random.key(0), (args.batch, args.length, args.features), jnp.float32)
     tokens = args.batch * args.length
     print(

@@ -121,6 +121,17 @@ def _check_shapes(query: Array, key: Array, value: Array, mask: Array | None, bi
             )
 
 
+def _fits_one_block(b: int, n: int, tq: int, tk: int, block_elements: int) -> bool:
+    """A problem whose whole score tensor fits one block gains nothing from blocking, and there storing the
+    probabilities for the backward pass is cheaper than recomputing them (BENCHMARKS.md): "xla" computes it plainly."""
+    return b * n * tq * tk <= block_elements
+
+
+def _check_mask_dtype(mask: Array | None) -> None:
+    if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
+        raise ValueError(f"mask must be boolean (True = may attend), got dtype {jnp.asarray(mask).dtype}")
+
+
 def _acc_dtype(dtype: Dtype) -> Dtype:
     """float32 for half-precision inputs (softmax stability), the input's own dtype for float32/float64."""
     dtype = jnp.dtype(dtype)
@@ -290,15 +301,21 @@ def _blocked_attention(q, k, v, mask, rng, dropout_rate, precision, bb, bq, head
     return _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq, heads_major)[0]
 
 
-def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq, heads_major):
-    """q [B, Tq, N, H] (already scaled), k/v [B, Tk, N, H], mask [B|1, N|1, Tq|1, Tk] or None. With heads_major,
-    q/k/v (and their gradients) are [B, N, T, H] instead; the output is [B, Tq, N, H] either way."""
+def _fold_inputs(q, k, v, mask, bb, bq, heads_major):
+    """Blocks of q, k, v and the mask, shared by the forward and backward passes; returns (dims, qf, kf, vf, mf) with
+    dims = (t_axis, B, Tq, N, Tk)."""
     t_axis = 2 if heads_major else 1
-    b, tq, n = q.shape[0], q.shape[t_axis], q.shape[3 - t_axis]
-    tk = k.shape[t_axis]
+    b, tq, n, tk = q.shape[0], q.shape[t_axis], q.shape[3 - t_axis], k.shape[t_axis]
     qf = _fold(q, b, bb, t_axis, bq)  # [nb * nq, bb, bq, N, H] (or [.., N, bq, H])
     kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)  # [nb, bb, Tk, N, H]
     mf = None if mask is None else _fold(mask, b, bb, 2 if mask.shape[2] == tq else None, bq)
+    return (t_axis, b, tq, n, tk), qf, kf, vf, mf
+
+
+def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq, heads_major):
+    """q [B, Tq, N, H] (already scaled), k/v [B, Tk, N, H], mask [B|1, N|1, Tq|1, Tk] or None. With heads_major,
+    q/k/v (and their gradients) are [B, N, T, H] instead; the output is [B, Tq, N, H] either way."""
+    (_, _, _, n, tk), qf, kf, vf, mf = _fold_inputs(q, k, v, mask, bb, bq, heads_major)
     nb, nq = qf.nb, qf.nq
 
     def block(i):
@@ -315,14 +332,10 @@ def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq, heads_majo
 
 def _blocked_bwd(dropout_rate, precision, bb, bq, heads_major, res, dout):
     q, k, v, mask, rng, out, lse = res
-    t_axis = 2 if heads_major else 1
-    b, tq, n = q.shape[0], q.shape[t_axis], q.shape[3 - t_axis]
-    tk = k.shape[t_axis]
+    (t_axis, b, _, n, tk), qf, kf, vf, mf = _fold_inputs(q, k, v, mask, bb, bq, heads_major)
     delta = _softmax_delta(dout, out)
-    qf, dof = _fold(q, b, bb, t_axis, bq), _fold(dout, b, bb, 1, bq)
-    kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)
+    dof = _fold(dout, b, bb, 1, bq)
     lsef, deltaf = _fold(lse, b, bb, 2, bq), _fold(delta, b, bb, 2, bq)  # [nb * nq, bb, N, bq]
-    mf = None if mask is None else _fold(mask, b, bb, 2 if mask.shape[2] == tq else None, bq)
     nb, nq = qf.nb, qf.nq
 
     def block(ib, iq):
@@ -400,8 +413,7 @@ def scaled_dot_product_attention(
     _check_shapes(query, key, value, mask, bias)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if mask is not None and mask.dtype != jnp.bool_:
-        raise ValueError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}")
+    _check_mask_dtype(mask)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
     use_dropout = dropout_rate > 0.0 and not deterministic
@@ -420,9 +432,9 @@ def scaled_dot_product_attention(
             raise ValueError(f"implementation={implementation!r} supports neither dropout nor return_weights")
         return _jax_attention(query, key, value, mask, bias, scale, implementation)
 
-    # A problem that fits one block gains nothing from blocking, and there storing the probabilities for the
-    # backward pass is cheaper than recomputing them (BENCHMARKS.md): use the plain formulation.
-    one_block = math.prod(query.shape[:-3]) * query.shape[-2] * query.shape[-3] * key.shape[-3] <= block_elements
+    one_block = _fits_one_block(
+        math.prod(query.shape[:-3]), query.shape[-2], query.shape[-3], key.shape[-3], block_elements
+    )
     if implementation == "reference" or bias is not None or return_weights or one_block:
         out, weights = _reference_attention(query, key, value, mask, bias, scale, rate, dropout_rng, precision)
         return (out, weights) if return_weights else out
@@ -621,13 +633,12 @@ class MultiHeadAttention(nn.Module):
             if (
                 self.implementation == "xla"
                 and not (self.decode or want_weights)
-                and b * n * t * t > DEFAULT_BLOCK_ELEMENTS
+                and not _fits_one_block(b, n, t, t, DEFAULT_BLOCK_ELEMENTS)
             ):
                 # Slice q, k, v heads-major ([B, N, T, H]) in the one copy that slicing costs anyway, so that the
                 # kernel's blocks need no transposes of their own (BENCHMARKS.md).
                 _check_shapes(*(qkv[..., i, :, :] for i in range(3)), mask, None)
-                if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
-                    raise ValueError(f"mask must be boolean (True = may attend), got dtype {jnp.asarray(mask).dtype}")
+                _check_mask_dtype(mask)
                 qkv_hm = jnp.moveaxis(qkv.reshape(b, t, 3, n, h), 1, 3)  # [B, 3, N, T, H]
                 flat_mask = _flat_mask(None if mask is None else jnp.asarray(mask), tuple(batch))
                 q, k, v = qkv_hm[:, 0], qkv_hm[:, 1], qkv_hm[:, 2]

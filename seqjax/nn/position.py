@@ -119,19 +119,23 @@ def sinusoidal_positions_2d(
     return jnp.concatenate([rows, cols], axis=-1)  # [height, width, D]
 
 
+def _positions_fit(positions: Array, lead: tuple[int, ...]) -> bool:
+    """Whether integer positions `[T]` or `[B..., T]` broadcast to `lead = (*B, T)` with the same T."""
+    if not (1 <= positions.ndim <= len(lead) and positions.shape[-1] == lead[-1]):
+        return False
+    try:
+        return np.broadcast_shapes(positions.shape, lead) == lead
+    except ValueError:
+        return False
+
+
 def _check_inputs(layer: str, inputs: Array, positions: Array | None) -> None:
     """inputs must be [B..., T, D]; positions, when given, must broadcast to [B..., T]."""
     if inputs.ndim < 2:
         raise ValueError(f"{layer} expects inputs [B..., T, D] (rank >= 2), got shape {inputs.shape}")
     if positions is None:
         return
-    ok = 1 <= positions.ndim <= inputs.ndim - 1 and positions.shape[-1] == inputs.shape[-2]
-    if ok:
-        try:
-            ok = np.broadcast_shapes(positions.shape, inputs.shape[:-1]) == inputs.shape[:-1]
-        except ValueError:
-            ok = False
-    if not ok:
+    if not _positions_fit(positions, inputs.shape[:-1]):
         raise ValueError(
             f"{layer}: positions of shape {positions.shape} do not broadcast to [B..., T] = {inputs.shape[:-1]} "
             f"(inputs {inputs.shape})"
@@ -275,13 +279,7 @@ def apply_rotary(x: Array, positions: Array, *, base: float = 10000.0) -> Array:
     if x.ndim < 3:
         raise ValueError(f"apply_rotary expects x [B..., T, N, H] (rank >= 3), got shape {x.shape}")
     lead = x.shape[:-2]  # [B..., T]
-    ok = 1 <= positions.ndim <= len(lead) and positions.shape[-1] == lead[-1]
-    if ok:
-        try:
-            ok = np.broadcast_shapes(positions.shape, lead) == lead
-        except ValueError:
-            ok = False
-    if not ok:
+    if not _positions_fit(positions, lead):
         raise ValueError(
             f"apply_rotary: positions must be [T] or [B..., T] = {lead} for x [B..., T, N, H] = {x.shape}; got "
             f"positions of shape {positions.shape}"
