@@ -1,0 +1,293 @@
+"""Autoregressive generation: greedy, sampling (temperature, top-k, top-p) and beam search.
+
+One interface covers every model with a cache or a carried state: a **step function**
+
+    step(state, tokens [B, T] int) -> (logits [B, T, V], state)
+
+that reads T new tokens, returns their next-token logits and the updated state. The prompt `[B, P]` is read in one
+call (prefill), then one token per call. `state` is any pytree: a Transformer's KV cache with its parameters
+(`lm_step` / `lm_state`, `seq2seq_step` / `seq2seq_state`), or a recurrent model's carry. Steps must be hashable
+(they are static arguments of the jit-compiled loops): use a module-level function or a frozen dataclass, and keep
+arrays (parameters included) in `state`.
+
+All functions return only the new tokens, `[B, max_new_tokens]` (beam search: `[B, K, max_new_tokens]`); after a
+sequence emits `eos_id`, its later tokens are `pad_id`. The state must hold room for P + max_new_tokens - 1 tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+State = Any
+StepFn = Callable[[State, Array], tuple[Array, State]]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Greedy and sampling
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _check(prompt: Array, max_new_tokens: int) -> Array:
+    prompt = jnp.asarray(prompt)
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt must be integer tokens [B, P] with P >= 1, got {prompt.shape} {prompt.dtype}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    return prompt
+
+
+def _generate(step, state, prompt, max_new_tokens, choose, eos_id, pad_id):
+    """Prefill, then `max_new_tokens - 1` single-token steps; `choose(logits [B, V], i) -> tokens [B]`."""
+    logits, state = step(state, prompt)
+    first = choose(logits[:, -1].astype(jnp.float32), 0)
+    done = jnp.zeros(first.shape, bool) if eos_id is None else first == eos_id
+
+    def body(carry, i):
+        state, token, done = carry
+        logits, state = step(state, token[:, None])
+        new = choose(logits[:, 0].astype(jnp.float32), i)
+        new = jnp.where(done, pad_id, new).astype(token.dtype)
+        if eos_id is not None:
+            done = done | (new == eos_id)
+        return (state, new, done), new
+
+    _, rest = lax.scan(body, (state, first.astype(prompt.dtype), done), jnp.arange(1, max_new_tokens))
+    return jnp.concatenate([first[:, None].astype(prompt.dtype), rest.T], axis=1)  # [B, max_new_tokens]
+
+
+@functools.partial(jax.jit, static_argnames=("step", "max_new_tokens", "eos_id", "pad_id"))
+def greedy(
+    step: StepFn, state: State, prompt: Array, max_new_tokens: int, *, eos_id: int | None = None, pad_id: int = 0
+) -> Array:
+    """The most likely token at each step: `[B, max_new_tokens]`."""
+    prompt = _check(prompt, max_new_tokens)
+    return _generate(step, state, prompt, max_new_tokens, lambda logits, i: jnp.argmax(logits, -1), eos_id, pad_id)
+
+
+def filter_logits(logits: Array, *, top_k: int | None = None, top_p: float | None = None) -> Array:
+    """Sets to -inf every logit outside the top k and outside the nucleus: the fewest most likely tokens whose
+    probability reaches `top_p` (the most likely token always stays, so `top_p -> 0` is greedy). `[..., V]`."""
+    neg = jnp.asarray(-jnp.inf, logits.dtype)
+    if top_k is not None:
+        if not 1 <= top_k:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p is not None:
+        if not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, -1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
+        keep_sorted = (before < top_p) | (jnp.arange(logits.shape[-1]) == 0)
+        keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), -1)  # back to vocabulary order
+        logits = jnp.where(keep, logits, neg)
+    return logits
+
+
+@functools.partial(
+    jax.jit, static_argnames=("step", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id")
+)
+def sample(
+    step: StepFn,
+    state: State,
+    prompt: Array,
+    rng: Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+) -> Array:
+    """Samples from softmax(logits / temperature), optionally restricted to the top k and to the nucleus top_p.
+    The key of step i is `fold_in(rng, i)`, so a fixed `rng` gives fixed tokens. `[B, max_new_tokens]`."""
+    prompt = _check(prompt, max_new_tokens)
+    if temperature <= 0.0:
+        raise ValueError(f"temperature must be > 0 (use greedy for the argmax), got {temperature}")
+
+    def choose(logits, i):
+        logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+        return jax.random.categorical(jax.random.fold_in(rng, i), logits, axis=-1)
+
+    return _generate(step, state, prompt, max_new_tokens, choose, eos_id, pad_id)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Beam search
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def default_batch_axes(state: State) -> Any:
+    """Where each state leaf keeps its batch: None for parameters (under a "params" key) and scalars (cache
+    counters); axis 1 under a scanned "layers" stack (`[L, B, ...]`; a `[L]` counter has none); 0 otherwise."""
+
+    def axis(path, leaf):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if "params" in keys or jnp.ndim(leaf) == 0:
+            return None
+        if "layers" in keys:
+            return None if jnp.ndim(leaf) == 1 else 1
+        return 0
+
+    return jax.tree_util.tree_map_with_path(axis, state)
+
+
+def _map_batch(fn, state, axes):
+    return jax.tree.map(lambda x, a: x if a is None else fn(x, a), state, axes)
+
+
+def length_penalty(length: Array, alpha: float) -> Array:
+    """GNMT's ((5 + length) / 6) ** alpha; scores are divided by it (alpha = 0: raw log-probability)."""
+    return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+@functools.partial(
+    jax.jit, static_argnames=("step", "max_new_tokens", "beam_size", "alpha", "eos_id", "pad_id", "batch_axes")
+)
+def beam_search(
+    step: StepFn,
+    state: State,
+    prompt: Array,
+    max_new_tokens: int,
+    *,
+    beam_size: int,
+    alpha: float = 0.6,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    batch_axes: Any = None,
+) -> tuple[Array, Array]:
+    """Keeps the `beam_size` best continuations by log-probability divided by `length_penalty` (a finished beam's
+    length stops at its `eos_id`; it then extends only with `pad_id` at no cost).
+
+    `batch_axes`: a function state -> pytree of batch axes (None: `default_batch_axes`), used to copy the state
+    to every beam and to reorder it as beams are chosen.
+
+    Returns:
+      tokens `[B, K, max_new_tokens]` and scores `[B, K]`, best first.
+    """
+    prompt = _check(prompt, max_new_tokens)
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    b, k, n = prompt.shape[0], beam_size, max_new_tokens
+    logits, state = step(state, prompt)
+    axes = (batch_axes or default_batch_axes)(state)
+    state = _map_batch(lambda x, a: jnp.repeat(x, k, axis=a), state, axes)  # [B*K] along each batch axis
+    logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32))  # [B, V]
+    v = logp.shape[-1]
+
+    # Beam 0 starts with score 0, the others with -inf, so the first expansion draws K distinct tokens from beam 0.
+    scores = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, 1))  # [B, K] sum of log-probs
+    tokens = jnp.full((b, k, n), pad_id, prompt.dtype)
+    done = jnp.zeros((b, k), bool)
+    lengths = jnp.zeros((b, k), jnp.int32)
+    logp = jnp.repeat(logp[:, None], k, axis=1)  # [B, K, V]
+
+    def expand(i, logp, scores, tokens, done, lengths, state):
+        # A finished beam continues only with pad at no cost.
+        pad_only = jnp.full((v,), -jnp.inf).at[pad_id].set(0.0)
+        logp = jnp.where(done[..., None], pad_only, logp)
+        total = scores[..., None] + logp  # [B, K, V]
+        new_len = jnp.where(done, lengths, i + 1)[..., None]  # [B, K, 1]
+        ranked = total / length_penalty(new_len, alpha)
+        _, flat = lax.top_k(ranked.reshape(b, k * v), k)  # [B, K]
+        beam, token = flat // v, flat % v
+        take = lambda x: jnp.take_along_axis(x, beam, axis=1)
+        scores = jnp.take_along_axis(total.reshape(b, k * v), flat, axis=1)
+        tokens = jnp.take_along_axis(tokens, beam[..., None], axis=1).at[:, :, i].set(token.astype(tokens.dtype))
+        was_done = take(done)
+        lengths = jnp.where(was_done, take(lengths), i + 1)
+        done = was_done | (token == eos_id) if eos_id is not None else was_done
+        rows = (jnp.arange(b)[:, None] * k + beam).reshape(-1)  # [B*K] rows of the chosen parents
+        state = _map_batch(lambda x, a: jnp.take(x, rows, axis=a), state, axes)
+        return scores, tokens, done, lengths, state
+
+    scores, tokens, done, lengths, state = expand(0, logp, scores, tokens, done, lengths, state)
+
+    def body(carry, i):
+        scores, tokens, done, lengths, state = carry
+        last = tokens[:, :, i - 1].reshape(b * k, 1)
+        logits, state = step(state, last)
+        logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)).reshape(b, k, v)
+        return expand(i, logp, scores, tokens, done, lengths, state), None
+
+    (scores, tokens, done, lengths, state), _ = lax.scan(body, (scores, tokens, done, lengths, state), jnp.arange(1, n))
+    final = scores / length_penalty(lengths, alpha)
+    order = jnp.argsort(-final, axis=1)
+    return jnp.take_along_axis(tokens, order[..., None], axis=1), jnp.take_along_axis(final, order, axis=1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Adapters for the Transformer models (decode=True configs)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _empty_cache(model: nn.Module, *args) -> Any:
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args)["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _decode_model(model: nn.Module) -> nn.Module:
+    return model if model.config.decode else model.clone(config=model.config.replace(decode=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class lm_step:
+    """Step function of a `DecoderLM`; the state is `lm_state(...)`: `{"params", "cache"}`."""
+
+    model: nn.Module
+
+    def __call__(self, state: State, tokens: Array) -> tuple[Array, State]:
+        logits, new = _decode_model(self.model).apply(
+            {"params": state["params"], "cache": state["cache"]}, tokens, mutable=["cache"]
+        )
+        return logits, {"params": state["params"], "cache": new["cache"]}
+
+
+def lm_state(model: nn.Module, params: Any, batch_size: int, max_decode_len: int) -> State:
+    """An empty KV cache for `max_decode_len` positions (prompt + new tokens - 1), with the parameters."""
+    if max_decode_len > model.config.max_len:
+        raise ValueError(f"max_decode_len={max_decode_len} exceeds TransformerConfig.max_len={model.config.max_len}")
+    cache = _empty_cache(_decode_model(model), jnp.zeros((batch_size, max_decode_len), jnp.int32))
+    return {"params": params, "cache": cache}
+
+
+@dataclasses.dataclass(frozen=True)
+class seq2seq_step:
+    """Step function of an encoder-decoder `Transformer` over `seq2seq_state(...)`: `{"params", "cache",
+    "encoded", "inputs"}` (the source is encoded once, in `seq2seq_state`)."""
+
+    model: nn.Module
+
+    def __call__(self, state: State, tokens: Array) -> tuple[Array, State]:
+        logits, new = _decode_model(self.model).apply(
+            {"params": state["params"], "cache": state["cache"]},
+            state["encoded"],
+            state["inputs"],
+            tokens,
+            mutable=["cache"],
+            method="decode",
+        )
+        return logits, {**state, "cache": new["cache"]}
+
+
+def seq2seq_state(model: nn.Module, params: Any, inputs: Array, max_decode_len: int) -> State:
+    """Encodes `inputs [B, S]` and makes an empty decoder cache for `max_decode_len` target positions."""
+    if max_decode_len > model.config.max_len:
+        raise ValueError(f"max_decode_len={max_decode_len} exceeds TransformerConfig.max_len={model.config.max_len}")
+    decoder = _decode_model(model)
+    encoded = decoder.apply({"params": params}, inputs, method="encode")
+    targets = jnp.zeros((inputs.shape[0], max_decode_len), jnp.int32)
+    cache = _empty_cache(decoder, inputs, targets)
+    return {"params": params, "cache": cache, "encoded": encoded, "inputs": jnp.asarray(inputs)}

@@ -1,0 +1,48 @@
+"""Whole models, each built from one frozen config dataclass; `get_model(name, config)` builds one by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+
+from seqjax.models.transformer import (
+    DecoderBlock,
+    DecoderLM,
+    Encoder,
+    EncoderBlock,
+    Transformer,
+    TransformerConfig,
+    stack_layers,
+    unstack_layers,
+)
+
+MODELS: dict[str, tuple[type[nn.Module], type]] = {
+    "transformer": (Transformer, TransformerConfig),
+    "decoder_lm": (DecoderLM, TransformerConfig),
+    "encoder": (Encoder, TransformerConfig),
+}
+
+
+def get_model(name: str, config: Any) -> nn.Module:
+    """The model registered as `name`, built from `config` (an instance of its config dataclass)."""
+    if name not in MODELS:
+        raise ValueError(f"get_model: unknown model {name!r}; registered: {sorted(MODELS)}")
+    model, config_type = MODELS[name]
+    if not isinstance(config, config_type):
+        raise TypeError(f"get_model({name!r}) needs a {config_type.__name__}, got {type(config).__name__}")
+    return model(config)
+
+
+__all__ = [
+    "MODELS",
+    "DecoderBlock",
+    "DecoderLM",
+    "Encoder",
+    "EncoderBlock",
+    "Transformer",
+    "TransformerConfig",
+    "get_model",
+    "stack_layers",
+    "unstack_layers",
+]

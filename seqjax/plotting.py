@@ -1,0 +1,81 @@
+"""Attention weights out of a model, and pictures of them.
+
+`attention_weights` runs any model built from `seqjax.nn.MultiHeadAttention` with the "intermediates" collection
+mutable and returns every layer's weights by module path; `plot_attention` draws one layer as a heat map per head.
+matplotlib is imported only when drawing, with the file-only "Agg" backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from seqjax.models.transformer import unstack_layers
+
+Array = jax.Array
+
+
+def attention_weights(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, np.ndarray]:
+    """Runs `model.apply(variables, *args, **kwargs)` and collects the attention weights its attention layers sow.
+
+    Returns:
+      `{path: [B, N, Tq, Tk]}`, paths such as "decoder/stack/layers_1/cross_attention" (scanned stacks are unstacked
+      into `layers_i`), in call order.
+    """
+    _, state = model.apply(variables, *args, mutable=["intermediates"], **kwargs)
+    tree = unstack_layers(state.get("intermediates", {}))
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    out = {}
+    for path, value in flat.items():
+        head, _, leaf = path.rpartition("/")
+        if leaf == "attention_weights":
+            out[head] = np.asarray(value[-1] if isinstance(value, tuple) else value)  # sow keeps a tuple of calls
+    if not out:
+        raise ValueError("attention_weights: the model sowed no attention weights (no MultiHeadAttention ran)")
+    return out
+
+
+def plot_attention(
+    weights: np.ndarray,
+    path: str,
+    *,
+    query_labels: Sequence[str] | None = None,
+    key_labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> str:
+    """Draws `weights [N, Tq, Tk]` (one example's layer) as N heat maps side by side: rows = queries, columns =
+    keys, colour 0..1. Writes a PNG to `path` and returns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    weights = np.asarray(weights)
+    if weights.ndim != 3:
+        raise ValueError(f"plot_attention expects one example's weights [N, Tq, Tk], got shape {weights.shape}")
+    n, tq, tk = weights.shape
+    for name, labels, size in (("query_labels", query_labels, tq), ("key_labels", key_labels, tk)):
+        if labels is not None and len(labels) != size:
+            raise ValueError(f"plot_attention: {name} has {len(labels)} entries for {size} positions")
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 1.0, 2.8), squeeze=False)
+    image = None
+    for h, ax in enumerate(axes[0]):
+        image = ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_title(f"head {h}", fontsize=9)
+        if key_labels is not None:
+            ax.set_xticks(range(tk), key_labels, fontsize=6, rotation=90)
+        ax.set_xlabel("key", fontsize=8)
+        if query_labels is not None:
+            ax.set_yticks(range(tq), query_labels if h == 0 else [""] * tq, fontsize=6)
+    axes[0][0].set_ylabel("query", fontsize=8)
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.02)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

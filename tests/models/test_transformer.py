@@ -1,0 +1,278 @@
+"""The Transformer family: causality, padding, cached decoding, scanned = unscanned, remat, config errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqjax import decoding
+from seqjax.models import DecoderLM, Encoder, Transformer, TransformerConfig, get_model, stack_layers, unstack_layers
+
+V = 19
+
+
+def _config(**overrides):
+    base = dict(
+        vocab_size=V,
+        emb_dim=16,
+        num_heads=2,
+        num_layers=2,
+        mlp_dim=32,
+        max_len=16,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+    )
+    return TransformerConfig(**{**base, **overrides})
+
+
+def _tokens(key, shape):
+    return jax.random.randint(key, shape, 1, V)  # 0 is padding
+
+
+def _init(model, rng, *args):
+    return jax.jit(model.init)(rng, *args)["params"]  # jit: an eager init compiles every op on its own (slower)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Causality and padding
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_decoder_lm_is_causal_bitwise(rng, scan, implementation):
+    cfg = _config(scan_layers=scan, attention_implementation=implementation)
+    tokens = _tokens(rng, (3, 12))
+    model = DecoderLM(cfg)
+    params = _init(model, rng, tokens)
+    apply = jax.jit(lambda t: model.apply({"params": params}, t))
+    base = np.asarray(apply(tokens))
+    for t in (0, 5, 10):
+        changed = tokens.at[:, t + 1 :].set(_tokens(jax.random.fold_in(rng, t), (3, 11 - t)))
+        assert not np.array_equal(changed, tokens)
+        out = np.asarray(apply(changed))
+        np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
+        assert not np.allclose(out[:, t + 1 :], base[:, t + 1 :])  # the change is visible later
+
+
+def test_decoder_lm_is_causal_at_blocked_size(rng):
+    # Large enough that attention runs the blocked kernel (B*N*T*T > 2**19 elements).
+    cfg = _config(emb_dim=32, num_heads=4, num_layers=1, max_len=256)
+    tokens = _tokens(rng, (3, 256))
+    model = DecoderLM(cfg)
+    params = _init(model, rng, tokens[:1, :8])
+    apply = jax.jit(lambda t: model.apply({"params": params}, t))
+    base = np.asarray(apply(tokens))
+    changed = tokens.at[:, 100:].set(_tokens(jax.random.fold_in(rng, 1), (3, 156)))
+    np.testing.assert_array_equal(np.asarray(apply(changed))[:, :100], base[:, :100])
+
+
+def test_transformer_decoder_is_causal_bitwise(rng):
+    cfg = _config()
+    inputs, targets = _tokens(rng, (2, 9)), _tokens(jax.random.fold_in(rng, 1), (2, 10))
+    model = Transformer(cfg)
+    params = _init(model, rng, inputs, targets)
+    apply = jax.jit(lambda s, t: model.apply({"params": params}, s, t))
+    base = np.asarray(apply(inputs, targets))
+    # Teacher forcing shifts right: logits[:, t] sees targets[:, :t], so changing targets[t:] keeps [: t + 1].
+    t = 4
+    changed = targets.at[:, t:].set(_tokens(jax.random.fold_in(rng, 2), (2, 10 - t)))
+    out = np.asarray(apply(inputs, changed))
+    np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
+    assert not np.allclose(out[:, t + 1 :], base[:, t + 1 :])
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_encoder_padding_does_not_change_real_tokens(rng, pre_norm):
+    cfg = _config(pre_norm=pre_norm)
+    real = _tokens(rng, (2, 6))
+    short = jnp.pad(real, ((0, 0), (0, 1)))  # one pad
+    long = jnp.pad(real, ((0, 0), (0, 7)))  # seven pads
+    model = Transformer(cfg)
+    targets = _tokens(jax.random.fold_in(rng, 1), (2, 5))
+    params = _init(model, rng, short, targets)
+    enc_short = model.apply({"params": params}, short, method="encode")
+    enc_long = model.apply({"params": params}, long, method="encode")
+    np.testing.assert_allclose(enc_short[:, :6], enc_long[:, :6], rtol=1e-5, atol=1e-5)
+    # The decoder sees only real source tokens too.
+    np.testing.assert_allclose(
+        model.apply({"params": params}, short, targets), model.apply({"params": params}, long, targets), atol=1e-5
+    )
+    # And padding really is masked: changing a real token changes the outputs.
+    other = model.apply({"params": params}, short.at[:, 0].set(short[:, 0] % (V - 1) + 1), method="encode")
+    assert not np.allclose(other[:, 1:6], enc_short[:, 1:6])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Cached decoding equals the full pass
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("position", ["sinusoidal", "learned"])
+def test_lm_cached_decoding_equals_full_pass(rng, scan, position):
+    cfg = _config(scan_layers=scan, position=position)
+    tokens = _tokens(rng, (2, 12))
+    model = DecoderLM(cfg)
+    params = _init(model, rng, tokens)
+    full = model.apply({"params": params}, tokens)
+    step = jax.jit(decoding.lm_step(model))
+    state = decoding.lm_state(model, params, 2, 12)
+    logits, state = step(state, tokens[:, :5])  # prefill the prompt in one pass
+    np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
+    for t in range(5, 12):
+        logits, state = step(state, tokens[:, t : t + 1])
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_seq2seq_cached_decoding_equals_full_pass(rng, scan):
+    cfg = _config(scan_layers=scan, pre_norm=False)
+    inputs = jnp.pad(_tokens(rng, (2, 7)), ((0, 0), (0, 2)))  # source padding too
+    targets = _tokens(jax.random.fold_in(rng, 1), (2, 8))
+    model = Transformer(cfg)
+    params = _init(model, rng, inputs, targets)
+    full = model.apply({"params": params}, inputs, targets)
+    fed = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]  # what teacher forcing feeds: start token, then targets
+    step = jax.jit(decoding.seq2seq_step(model))
+    state = decoding.seq2seq_state(model, params, inputs, 8)
+    logits, state = step(state, fed[:, :3])
+    np.testing.assert_allclose(logits, full[:, :3], rtol=1e-5, atol=1e-5)
+    for t in range(3, 8):
+        logits, state = step(state, fed[:, t : t + 1])
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_rejects_prompt_longer_than_cache_or_max_len(rng):
+    cfg = _config()
+    model = DecoderLM(cfg)
+    params = _init(model, rng, _tokens(rng, (1, 4)))
+    state = decoding.lm_state(model, params, 1, 6)
+    with pytest.raises(ValueError, match="at most 6 positions"):
+        decoding.lm_step(model)(state, _tokens(rng, (1, 7)))
+    with pytest.raises(ValueError, match="max_len=16"):
+        decoding.lm_state(model, params, 1, 17)
+    with pytest.raises(ValueError, match=r"tokens has length 17 > TransformerConfig.max_len=16"):
+        model.apply({"params": params}, _tokens(rng, (1, 17)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Layer stacks: scanned = unscanned, remat changes nothing but memory
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["decoder_lm", "transformer", "encoder"])
+def test_scanned_and_unscanned_compute_the_same(rng, name):
+    cfg = _config(num_layers=3, num_decoder_layers=2)
+    args = (_tokens(rng, (2, 9)),) if name != "transformer" else (_tokens(rng, (2, 9)), _tokens(rng, (2, 7)))
+    plain = get_model(name, cfg)
+    params = _init(plain, rng, *args)
+    scanned = get_model(name, cfg.replace(scan_layers=True))
+    stacked = stack_layers(params)
+    # Same structure as a scanned init, and the conversion round-trips exactly.
+    ref_shapes = jax.tree.map(jnp.shape, _init(scanned, rng, *args))
+    assert jax.tree.map(jnp.shape, stacked) == ref_shapes
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), jax.tree.map(np.asarray, dict(params)))
+    np.testing.assert_allclose(
+        plain.apply({"params": params}, *args), scanned.apply({"params": stacked}, *args), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_changes_nothing_but_memory(rng, scan, policy):
+    cfg = _config(scan_layers=scan, dropout_rate=0.1, attention_dropout_rate=0.1)
+    tokens = _tokens(rng, (2, 10))
+    params = _init(DecoderLM(cfg), rng, tokens)
+
+    def loss(params, cfg):
+        logits = DecoderLM(cfg).apply({"params": params}, tokens, deterministic=False, rngs={"dropout": rng})
+        return jnp.mean(logits**2)
+
+    value, grads = jax.jit(jax.value_and_grad(lambda p: loss(p, cfg)))(params)
+    value_r, grads_r = jax.jit(jax.value_and_grad(lambda p: loss(p, cfg.replace(remat_policy=policy))))(params)
+    np.testing.assert_allclose(value, value_r, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, grads_r)
+    # The rematerialised program really recomputes: the backward pass contains the checkpoint.
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(p, cfg.replace(remat_policy=policy))))(params))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+def test_dropout_is_on_only_in_training(rng):
+    cfg = _config(dropout_rate=0.3)
+    tokens = _tokens(rng, (2, 8))
+    model = DecoderLM(cfg)
+    params = _init(model, rng, tokens)
+    a = model.apply({"params": params}, tokens)
+    np.testing.assert_array_equal(a, model.apply({"params": params}, tokens))
+    b = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": rng})
+    c = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.fold_in(rng, 1)})
+    assert not np.allclose(a, b) and not np.allclose(b, c)
+
+
+def test_tied_and_shared_embeddings(rng):
+    inputs, targets = _tokens(rng, (2, 6)), _tokens(rng, (2, 5))
+    tied = _init(Transformer(_config()), rng, inputs, targets)
+    assert "logits" not in tied["decoder"]
+    untied = _init(Transformer(_config(tie_embeddings=False)), rng, inputs, targets)
+    assert untied["decoder"]["logits"]["kernel"].shape == (16, V)
+    shared = _init(Transformer(_config(share_embeddings=True)), rng, inputs, targets)
+    assert "shared_embedding" in shared
+    assert "table" not in shared["encoder"].get("embed", {}) and "table" not in shared["decoder"].get("embed", {})
+    other = _init(Transformer(_config(output_vocab_size=7)), rng, inputs, targets)
+    assert Transformer(_config(output_vocab_size=7)).apply({"params": other}, inputs, targets).shape == (2, 5, 7)
+
+
+def test_bfloat16_compute_keeps_float32_logits(rng):
+    cfg = _config(dtype=jnp.bfloat16)
+    tokens = _tokens(rng, (2, 8))
+    model = DecoderLM(cfg)
+    params = _init(model, rng, tokens)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    logits = model.apply({"params": params}, tokens)
+    assert logits.dtype == jnp.float32
+    ref = DecoderLM(cfg.replace(dtype=jnp.float32)).apply({"params": params}, tokens)
+    np.testing.assert_allclose(logits, ref, atol=0.15)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Config errors name the field
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(num_heads=3), "num_heads"),
+        (dict(qkv_dim=10, num_heads=4), "num_heads"),
+        (dict(remat_policy="sometimes"), "remat_policy"),
+        (dict(position="spiral"), "position"),
+        (dict(dropout_rate=1.0), "dropout_rate"),
+        (dict(attention_dropout_rate=-0.1), "attention_dropout_rate"),
+        (dict(emb_dim=0), "emb_dim"),
+        (dict(activation="swish"), "activation"),
+        (dict(attention_implementation="flash"), "attention_implementation"),
+        (dict(share_embeddings=True, output_vocab_size=5), "share_embeddings"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"TransformerConfig.{field}"):
+        _config(**overrides)
+
+
+def test_config_is_frozen_and_replace_validates():
+    cfg = _config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.num_heads = 4
+    with pytest.raises(ValueError, match="num_heads"):
+        cfg.replace(num_heads=5)
+
+
+def test_get_model_errors():
+    with pytest.raises(ValueError, match="unknown model 'gpt'"):
+        get_model("gpt", _config())
+    with pytest.raises(TypeError, match="TransformerConfig"):
+        get_model("transformer", {"vocab_size": 3})
+    assert isinstance(get_model("encoder", _config()), Encoder)

@@ -1,0 +1,171 @@
+"""Generation: greedy, sampling, beam search, against brute force and against each other."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqjax import decoding
+from seqjax.models import DecoderLM, TransformerConfig
+
+V = 5
+
+
+def bigram_step(state, tokens):
+    """A toy model whose next-token logits depend on the last token only: `table[token]`. The state also counts
+    the tokens it has read per sequence ([B]), so beam search's reordering of the state is exercised."""
+    logits = state["table"][tokens]  # [B, T, V]
+    return logits, {"table": state["table"], "seen": state["seen"] + tokens.shape[1]}
+
+
+def bigram_batch_axes(state):
+    return {"table": None, "seen": 0}
+
+
+def _bigram(rng, batch=3):
+    table = 2.0 * jax.random.normal(rng, (V, V))
+    return {"table": table, "seen": jnp.zeros((batch,), jnp.int32)}
+
+
+def _score(table, prompt_last, seq, alpha=0.0, eos_id=None):
+    """Brute-force reference: log-probability of `seq` after `prompt_last`, and its length (up to eos)."""
+    logp = np.asarray(jax.nn.log_softmax(table, axis=-1))
+    total, prev, length = 0.0, prompt_last, 0
+    for tok in seq:
+        total += logp[prev, tok]
+        length += 1
+        prev = tok
+        if eos_id is not None and tok == eos_id:
+            break
+    return total / ((5.0 + length) / 6.0) ** alpha, seq[:length]
+
+
+def test_greedy_matches_argmax_chain(rng):
+    state = _bigram(rng)
+    prompt = jnp.array([[1, 2], [0, 4], [3, 3]])
+    out = decoding.greedy(bigram_step, state, prompt, 6)
+    table = np.asarray(state["table"])
+    for b in range(3):
+        prev, ref = int(prompt[b, -1]), []
+        for _ in range(6):
+            prev = int(np.argmax(table[prev]))
+            ref.append(prev)
+        np.testing.assert_array_equal(out[b], ref)
+
+
+def test_greedy_pads_after_eos(rng):
+    table = jnp.full((V, V), -5.0).at[1, 2].set(5.0).at[2, 3].set(5.0).at[3, 1].set(5.0)  # 1 -> 2 -> 3 -> 1
+    state = {"table": table, "seen": jnp.zeros((1,), jnp.int32)}
+    out = decoding.greedy(bigram_step, state, jnp.array([[1]]), 6, eos_id=3, pad_id=0)
+    np.testing.assert_array_equal(out, [[2, 3, 0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_search_equals_brute_force(rng, alpha):
+    state = _bigram(rng, batch=2)
+    prompt = jnp.array([[1], [4]])
+    n, k = 3, V**2  # K >= V**(n-1) keeps every prefix, so beam search is exact
+    tokens, scores = decoding.beam_search(
+        bigram_step, state, prompt, n, beam_size=k, alpha=alpha, batch_axes=bigram_batch_axes
+    )
+    table = np.asarray(state["table"])
+    for b in range(2):
+        ranked = sorted(
+            (_score(table, int(prompt[b, -1]), seq, alpha)[0], seq) for seq in itertools.product(range(V), repeat=n)
+        )[::-1]
+        np.testing.assert_array_equal(tokens[b, 0], ranked[0][1])
+        np.testing.assert_allclose(scores[b, :5], [s for s, _ in ranked[:5]], rtol=1e-5)
+
+
+def test_beam_search_with_eos_matches_brute_force(rng):
+    state = _bigram(jax.random.fold_in(rng, 3), batch=1)
+    eos, n, alpha = 2, 3, 0.6
+    tokens, scores = decoding.beam_search(
+        bigram_step, state, jnp.array([[0]]), n, beam_size=V**2, alpha=alpha, eos_id=eos, batch_axes=bigram_batch_axes
+    )
+    table = np.asarray(state["table"])
+    best = {}
+    for seq in itertools.product(range(V), repeat=n):
+        score, prefix = _score(table, 0, seq, alpha, eos_id=eos)
+        best[prefix] = score  # sequences that end at eos are one hypothesis, padded after it
+    ranked = sorted(best.items(), key=lambda kv: -kv[1])
+    got = [int(t) for t in tokens[0, 0]]
+    want = list(ranked[0][0]) + [0] * (n - len(ranked[0][0]))
+    assert got == want
+    np.testing.assert_allclose(scores[0, 0], ranked[0][1], rtol=1e-5)
+
+
+def test_beam_one_equals_greedy_and_state_is_reordered(rng):
+    state = _bigram(rng)
+    prompt = jnp.array([[1, 2], [0, 4], [3, 3]])
+    greedy = decoding.greedy(bigram_step, state, prompt, 7, eos_id=1)
+    beam, _ = decoding.beam_search(bigram_step, state, prompt, 7, beam_size=1, eos_id=1, batch_axes=bigram_batch_axes)
+    np.testing.assert_array_equal(beam[:, 0], greedy)
+
+
+def test_filter_logits_against_numpy(rng):
+    logits = jax.random.normal(rng, (4, 11))
+    top3 = np.asarray(decoding.filter_logits(logits, top_k=3))
+    for row, ref in zip(top3, np.asarray(logits), strict=True):
+        kept = np.isfinite(row)
+        assert kept.sum() == 3 and set(np.flatnonzero(kept)) == set(np.argsort(-ref)[:3])
+    nucleus = np.asarray(decoding.filter_logits(logits, top_p=0.7))
+    for row, ref in zip(nucleus, np.asarray(logits), strict=True):
+        probs = np.exp(ref - ref.max()) / np.exp(ref - ref.max()).sum()
+        order = np.argsort(-probs)
+        need = int(np.searchsorted(np.cumsum(probs[order]), 0.7) + 1)  # fewest tokens reaching 0.7
+        assert set(np.flatnonzero(np.isfinite(row))) == set(order[:need])
+    with pytest.raises(ValueError, match="top_p"):
+        decoding.filter_logits(logits, top_p=1.5)
+
+
+def _lm(rng):
+    cfg = TransformerConfig(
+        vocab_size=13, emb_dim=16, num_heads=2, num_layers=2, mlp_dim=32, max_len=16, dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+    )  # fmt: skip
+    model = DecoderLM(cfg)
+    prompt = jax.random.randint(rng, (3, 4), 1, 13)
+    params = jax.jit(model.init)(rng, prompt)["params"]
+    return model, params, prompt
+
+
+def test_transformer_sampling_limits_equal_greedy_and_seed_fixes_output(rng):
+    model, params, prompt = _lm(rng)
+    step, n = decoding.lm_step(model), 8
+    state = decoding.lm_state(model, params, 3, 4 + n - 1)
+    greedy = decoding.greedy(step, state, prompt, n)
+    np.testing.assert_array_equal(decoding.sample(step, state, prompt, rng, n, top_k=1), greedy)
+    np.testing.assert_array_equal(decoding.sample(step, state, prompt, rng, n, top_p=1e-6), greedy)
+    beam, _ = decoding.beam_search(step, state, prompt, n, beam_size=1)
+    np.testing.assert_array_equal(beam[:, 0], greedy)
+    a = decoding.sample(step, state, prompt, rng, n, temperature=2.0)
+    np.testing.assert_array_equal(a, decoding.sample(step, state, prompt, rng, n, temperature=2.0))
+    b = decoding.sample(step, state, prompt, jax.random.fold_in(rng, 1), n, temperature=2.0)
+    assert not np.array_equal(a, b)
+
+
+def test_transformer_beam_search_scores_match_full_pass(rng):
+    model, params, prompt = _lm(rng)
+    n, k = 5, 3
+    state = decoding.lm_state(model, params, 3, 4 + n - 1)
+    tokens, scores = decoding.beam_search(decoding.lm_step(model), state, prompt, n, beam_size=k, alpha=0.0)
+    # Re-score every returned beam with one full forward pass.
+    for j in range(k):
+        seq = jnp.concatenate([prompt, tokens[:, j]], axis=1)
+        logp = jax.nn.log_softmax(model.apply({"params": params}, seq), axis=-1)
+        ref = jnp.take_along_axis(logp[:, 3:-1], tokens[:, j, :, None], axis=-1).sum(axis=(1, 2))
+        np.testing.assert_allclose(scores[:, j], ref, rtol=1e-4, atol=1e-4)
+    assert np.all(np.diff(np.asarray(scores), axis=1) <= 1e-6)  # best first
+
+
+def test_bad_arguments(rng):
+    state = _bigram(rng)
+    with pytest.raises(ValueError, match="prompt must be integer tokens"):
+        decoding.greedy(bigram_step, state, jnp.zeros((3,), jnp.int32), 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        decoding.greedy(bigram_step, state, jnp.zeros((3, 1), jnp.int32), 0)
+    with pytest.raises(ValueError, match="temperature"):
+        decoding.sample(bigram_step, state, jnp.zeros((3, 1), jnp.int32), rng, 4, temperature=0.0)
