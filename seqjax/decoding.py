@@ -171,8 +171,8 @@ def beam_search(
     """Keeps the `beam_size` best continuations by log-probability divided by `length_penalty` (a finished beam's
     length stops at its `eos_id`; it then extends only with `pad_id` at no cost).
 
-    `batch_axes`: a function state -> pytree of batch axes (None: `default_batch_axes`), used to copy the state
-    to every beam and to reorder it as beams are chosen.
+    `batch_axes`: a function state -> pytree of batch axes, used to copy the state to every beam and to reorder it
+    as beams are chosen; None: the step's own `batch_axes` method if it has one, else `default_batch_axes`.
 
     Returns:
       tokens `[B, K, max_new_tokens]` and scores `[B, K]`, best first.
@@ -182,7 +182,7 @@ def beam_search(
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     b, k, n = prompt.shape[0], beam_size, max_new_tokens
     logits, state = step(state, prompt)
-    axes = (batch_axes or default_batch_axes)(state)
+    axes = (batch_axes or getattr(step, "batch_axes", None) or default_batch_axes)(state)
     state = _map_batch(lambda x, a: jnp.repeat(x, k, axis=a), state, axes)  # [B*K] along each batch axis
     logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32))  # [B, V]
     v = logp.shape[-1]

@@ -169,3 +169,28 @@ def test_bad_arguments(rng):
         decoding.greedy(bigram_step, state, jnp.zeros((3, 1), jnp.int32), 0)
     with pytest.raises(ValueError, match="temperature"):
         decoding.sample(bigram_step, state, jnp.zeros((3, 1), jnp.int32), rng, 4, temperature=0.0)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrent_lm_through_the_same_functions(rng, cell):
+    from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig, rnn_state, rnn_step
+
+    model = RecurrentLM(RecurrentLMConfig(vocab_size=11, emb_dim=8, hidden_size=16, num_layers=2, cell=cell))
+    tokens = jax.random.randint(rng, (3, 9), 0, 11)
+    params = jax.jit(model.init)(rng, tokens)["params"]
+    full, _ = model.apply({"params": params}, tokens)
+    step = jax.jit(rnn_step(model))
+    logits, state = step(rnn_state(model, params, 3), tokens[:, :4])  # prefill carries the state forward
+    for t in range(4, 9):
+        logits, state = step(state, tokens[:, t : t + 1])
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+    state = rnn_state(model, params, 3)
+    greedy = decoding.greedy(rnn_step(model), state, tokens[:, :4], 6)
+    beam, _ = decoding.beam_search(rnn_step(model), state, tokens[:, :4], 6, beam_size=1)
+    np.testing.assert_array_equal(beam[:, 0], greedy)
+    np.testing.assert_array_equal(decoding.sample(rnn_step(model), state, tokens[:, :4], rng, 6, top_k=1), greedy)
+    beams, scores = decoding.beam_search(rnn_step(model), state, tokens[:, :4], 4, beam_size=3, alpha=0.0)
+    seq = jnp.concatenate([tokens[:, :4], beams[:, 1]], axis=1)  # re-score the second beam with a full pass
+    logp = jax.nn.log_softmax(model.apply({"params": params}, seq)[0], axis=-1)
+    ref = jnp.take_along_axis(logp[:, 3:-1], beams[:, 1, :, None], axis=-1).sum(axis=(1, 2))
+    np.testing.assert_allclose(scores[:, 1], ref, rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig
 from seqjax.models.transformer import (
     DecoderBlock,
     DecoderLM,
@@ -21,6 +22,7 @@ MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "transformer": (Transformer, TransformerConfig),
     "decoder_lm": (DecoderLM, TransformerConfig),
     "encoder": (Encoder, TransformerConfig),
+    "recurrent_lm": (RecurrentLM, RecurrentLMConfig),
 }
 
 
@@ -40,6 +42,8 @@ __all__ = [
     "DecoderLM",
     "Encoder",
     "EncoderBlock",
+    "RecurrentLM",
+    "RecurrentLMConfig",
     "Transformer",
     "TransformerConfig",
     "get_model",
