@@ -4,10 +4,12 @@
         [--remat-policy none] [--quick]
 
 train: one step (forward, backward, Adam update) of an encoder language model, 6 layers, D=512, 8 heads, MLP 2048,
-  B=16, T=256, V=8192, float32, no dropout, pre-LN, relu: `seqjax.models.Encoder` plus a Dense to the vocabulary,
-  mean softmax cross-entropy against random targets, `optax.adam`, the whole step jit-compiled with the parameters
-  and optimizer state donated; against `torch.nn.TransformerEncoder` (norm_first) with an embedding, the same
-  sinusoidal positions, a final LayerNorm, a Linear to the vocabulary and `torch.optim.Adam`, eager on all cores.
+  B=16, T=256, V=8192, float32, no dropout, pre-LN, relu: `seqjax.models.Encoder` plus an output layer to the
+  vocabulary with mean softmax cross-entropy against random targets (`--loss fused`, the default: computed chunk by
+  chunk by `seqjax.training.fused_linear_cross_entropy`; `--loss plain`: Dense, logits, optax), `optax.adam`, the
+  whole step jit-compiled with the parameters and optimizer state donated; against `torch.nn.TransformerEncoder`
+  (norm_first) with an embedding, the same sinusoidal positions, a final LayerNorm, a Linear to the vocabulary,
+  `F.cross_entropy` and `torch.optim.Adam`, eager on all cores.
   Median step time (interleaved rounds), tokens/s, speed ratio to torch, and model GFLOP/s as a fraction of the
   machine's float32 matmul peak (a jitted 2048^3 `jnp.dot`, 2*n^3 flops, timed in the same run). Model FLOPs:
 
@@ -48,17 +50,29 @@ from seqjax import decoding
 from seqjax.models import DecoderLM, Encoder, TransformerConfig
 from seqjax.models.transformer import REMAT_POLICIES
 from seqjax.nn.position import sinusoidal_embedding
+from seqjax.training import fused_linear_cross_entropy
 
 
 class EncoderLM(nn.Module):
-    """`Encoder` then a Dense to the vocabulary: tokens `[B, T]` -> logits `[B, T, V]`."""
+    """`Encoder` then an output layer to the vocabulary: `(tokens [B, T], targets [B, T]) -> mean cross-entropy`.
+
+    loss "fused": `seqjax.training.fused_linear_cross_entropy` (chunked; the [B*T, V] logits never exist);
+    "plain": a Dense to logits `[B, T, V]`, then optax's cross-entropy. The same function, same parameter shapes.
+    """
 
     config: TransformerConfig
+    loss: str = "fused"
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, targets):
         x = Encoder(self.config, name="encoder")(tokens)
-        return nn.Dense(self.config.vocab_size, name="logits")(x)
+        v = self.config.vocab_size
+        if self.loss == "plain":
+            logits = nn.Dense(v, name="logits")(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], v))
+        bias = self.param("bias", nn.initializers.zeros_init(), (v,))
+        return fused_linear_cross_entropy(x, kernel, bias, targets)
 
 
 def make_config(args, **changes) -> TransformerConfig:
@@ -75,8 +89,7 @@ def make_train_step(model: nn.Module, opt: optax.GradientTransformation):
 
     def step(params, opt_state, tokens, targets):
         def loss_fn(p):
-            logits = model.apply({"params": p}, tokens)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            return model.apply({"params": p}, tokens, targets)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -90,8 +103,8 @@ def random_tokens(key, shape, vocab):
 
 
 def jax_train(args, tokens, targets):
-    model, opt = EncoderLM(make_config(args)), optax.adam(1e-4)
-    params = model.init(jax.random.key(1), tokens)["params"]
+    model, opt = EncoderLM(make_config(args), loss=args.loss), optax.adam(1e-4)
+    params = model.init(jax.random.key(1), tokens, targets)["params"]
     state = [params, opt.init(params)]
     step = jax.jit(make_train_step(model, opt), donate_argnums=(0, 1))
 
@@ -155,7 +168,7 @@ def part_train(args, have_torch: bool) -> None:
     print(f"machine peak ({args.peak_n}^3 f32 jnp.dot): {peak:.0f} GFLOP/s; model GFLOP per step: {flops / 1e9:.2f}")
     keys = jax.random.split(jax.random.key(0))
     tokens, targets = (random_tokens(k, (b, t), v) for k in keys)
-    steps = {"seqjax Encoder + Dense (jit)": jax_train(args, tokens, targets)}
+    steps = {f"seqjax Encoder, {args.loss} loss (jit)": jax_train(args, tokens, targets)}
     if have_torch:
         steps["torch TransformerEncoder (eager)"] = torch_train(args, tokens, targets)
     times = interleaved_medians(steps, args.repeats)
@@ -168,9 +181,11 @@ def part_train(args, have_torch: bool) -> None:
 
 def compile_seconds(args, layers: int, scan: bool) -> float:
     """Trace + lower + compile of the training step at `layers` layers, from a fresh model, step and jit."""
-    model, opt = EncoderLM(make_config(args, num_layers=layers, scan_layers=scan)), optax.adam(1e-4)
+    model = EncoderLM(make_config(args, num_layers=layers, scan_layers=scan), loss=args.loss)
+    opt = optax.adam(1e-4)
     tokens = jax.ShapeDtypeStruct((args.batch, args.length), jnp.int32)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones(tokens.shape, tokens.dtype))["params"])
+    ones = jnp.ones(tokens.shape, tokens.dtype)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), ones, ones)["params"])
     opt_state = jax.eval_shape(opt.init, params)
     step = make_train_step(model, opt)
     t0 = time.perf_counter()
@@ -274,6 +289,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--scan-layers", action="store_true", help="train part: TransformerConfig.scan_layers")
     p.add_argument("--remat-policy", default="none", choices=["none", *REMAT_POLICIES], help="train and compile")
+    p.add_argument(
+        "--loss", choices=["fused", "plain"], default="fused", help="our output layer + loss (train, compile)"
+    )
     p.add_argument("--compile-layers", default="2,6,12,24", help="comma list of layer counts")
     p.add_argument("--compile-repeats", type=int, default=1)
     p.add_argument("--decode-len", type=int, default=256)
@@ -282,7 +300,15 @@ def main() -> None:
     p.add_argument("--peak-n", type=int, default=2048, help="size of the peak-measuring matmul")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument(
+        "--xla-flags",
+        choices=["default", "ynn-off"],
+        default="default",
+        help="ynn-off: add --xla_cpu_experimental_ynn_fusion_type= (XLA's YNNPACK fusions off) before JAX starts",
+    )
     args = p.parse_args()
+    if args.xla_flags == "ynn-off":  # XLA reads XLA_FLAGS when its backends start, i.e. at the first computation
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
     if args.quick:
         quick = dict(layers=2, width=64, heads=4, mlp=256, batch=2, length=32, vocab=256, decode_len=32, decode_batch=2)
         quick.update(compile_layers="1,2", peak_n=512, repeats=min(args.repeats, 3), decode_passes=1)
@@ -300,6 +326,7 @@ def main() -> None:
         f"jax {jax.__version__}, flax {flax.__version__}, torch {torch_version}; {jax.devices()[0].platform}, "
         f"{os.cpu_count()} cores" + ("; --quick" if args.quick else "")
     )
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (--xla-flags {args.xla_flags})")
     if "train" in parts:
         part_train(args, have_torch)
     if "compile" in parts:
