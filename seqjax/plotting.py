@@ -79,3 +79,35 @@ def plot_attention(
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def plot_rollout(images: np.ndarray, maps: np.ndarray, path: str, *, titles: Sequence[str] | None = None) -> str:
+    """Images `[B, H, W, C]` (values in [0, 1]) above their attention maps `[B, h, w]` (e.g. the class token's row
+    of `seqjax.models.vit.attention_rollout`, reshaped to the patch grid) drawn over them. Writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images, maps = np.asarray(images), np.asarray(maps)
+    if images.ndim != 4 or maps.ndim != 3 or maps.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"plot_rollout expects images [B, H, W, C] and maps [B, h, w]; got {images.shape}, {maps.shape}"
+        )
+    b, h, w = images.shape[0], images.shape[1], images.shape[2]
+    fig, axes = plt.subplots(2, b, figsize=(2.0 * b, 4.2), squeeze=False)
+    for i in range(b):
+        img = images[i] if images.shape[-1] == 3 else images[i, ..., 0]
+        axes[0][i].imshow(np.clip(img, 0, 1), cmap=None if images.shape[-1] == 3 else "gray")
+        axes[1][i].imshow(np.clip(img, 0, 1), cmap=None if images.shape[-1] == 3 else "gray")
+        axes[1][i].imshow(maps[i], cmap="inferno", alpha=0.6, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        for ax in (axes[0][i], axes[1][i]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if titles is not None:
+            axes[0][i].set_title(titles[i], fontsize=8)
+    axes[1][0].set_ylabel("attention rollout", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

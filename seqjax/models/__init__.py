@@ -17,12 +17,14 @@ from seqjax.models.transformer import (
     stack_layers,
     unstack_layers,
 )
+from seqjax.models.vit import ViT, ViTConfig, vit_config
 
 MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "transformer": (Transformer, TransformerConfig),
     "decoder_lm": (DecoderLM, TransformerConfig),
     "encoder": (Encoder, TransformerConfig),
     "recurrent_lm": (RecurrentLM, RecurrentLMConfig),
+    "vit": (ViT, ViTConfig),
 }
 
 
@@ -46,7 +48,10 @@ __all__ = [
     "RecurrentLMConfig",
     "Transformer",
     "TransformerConfig",
+    "ViT",
+    "ViTConfig",
     "get_model",
     "stack_layers",
     "unstack_layers",
+    "vit_config",
 ]
