@@ -18,6 +18,7 @@ from seqjax.models.transformer import (
     unstack_layers,
 )
 from seqjax.models.vit import ViT, ViTConfig, vit_config
+from seqjax.models.vqvae import VQVAE, VQVAEConfig
 
 MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "transformer": (Transformer, TransformerConfig),
@@ -25,6 +26,7 @@ MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "encoder": (Encoder, TransformerConfig),
     "recurrent_lm": (RecurrentLM, RecurrentLMConfig),
     "vit": (ViT, ViTConfig),
+    "vqvae": (VQVAE, VQVAEConfig),
 }
 
 
@@ -40,6 +42,7 @@ def get_model(name: str, config: Any) -> nn.Module:
 
 __all__ = [
     "MODELS",
+    "VQVAE",
     "DecoderBlock",
     "DecoderLM",
     "Encoder",
@@ -48,6 +51,7 @@ __all__ = [
     "RecurrentLMConfig",
     "Transformer",
     "TransformerConfig",
+    "VQVAEConfig",
     "ViT",
     "ViTConfig",
     "get_model",
