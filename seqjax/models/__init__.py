@@ -6,6 +6,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from seqjax.models.image_decoder import ImageDecoderConfig, ImageTokenDecoder
 from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig
 from seqjax.models.transformer import (
     DecoderBlock,
@@ -27,6 +28,7 @@ MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "recurrent_lm": (RecurrentLM, RecurrentLMConfig),
     "vit": (ViT, ViTConfig),
     "vqvae": (VQVAE, VQVAEConfig),
+    "image_decoder": (ImageTokenDecoder, ImageDecoderConfig),
 }
 
 
@@ -47,6 +49,8 @@ __all__ = [
     "DecoderLM",
     "Encoder",
     "EncoderBlock",
+    "ImageDecoderConfig",
+    "ImageTokenDecoder",
     "RecurrentLM",
     "RecurrentLMConfig",
     "Transformer",
