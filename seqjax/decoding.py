@@ -11,7 +11,10 @@ call (prefill), then one token per call. `state` is any pytree: a Transformer's 
 arrays (parameters included) in `state`.
 
 All functions return only the new tokens, `[B, max_new_tokens]` (beam search: `[B, K, max_new_tokens]`); after a
-sequence emits `eos_id`, its later tokens are `pad_id`. The state must hold room for P + max_new_tokens - 1 tokens.
+sequence emits `eos_id`, its later tokens are `pad_id` (which a model may also generate: compare positions with the
+eos position, not with pad, to find where a sequence ends). The state must hold room for P + max_new_tokens - 1
+tokens; steps with a `capacity(state)` method get that checked before anything runs. All sequences of a batch share
+one prompt length (no padding mask in the cached path).
 """
 
 from __future__ import annotations
@@ -36,13 +39,29 @@ StepFn = Callable[[State, Array], tuple[Array, State]]
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _check(prompt: Array, max_new_tokens: int) -> Array:
+def _check(prompt: Array, max_new_tokens: int, step: StepFn | None = None, state: State = None) -> Array:
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must be integer tokens [B, P] with P >= 1, got {prompt.shape} {prompt.dtype}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    capacity = getattr(step, "capacity", None)
+    if capacity is not None:  # a cache cannot grow: past its end, writes would clamp and logits go wrong silently
+        need, room = prompt.shape[1] + max_new_tokens - 1, capacity(state)
+        if need > room:
+            raise ValueError(
+                f"the state holds {room} positions but prompt ({prompt.shape[1]}) + max_new_tokens "
+                f"({max_new_tokens}) - 1 = {need}; make the cache longer"
+            )
     return prompt
+
+
+def cache_capacity(cache: Any) -> int:
+    """Positions a Transformer KV cache holds (the length axis of its first `cached_key`)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        if getattr(path[-1], "key", None) == "cached_key":
+            return leaf.shape[-3]
+    raise ValueError("cache_capacity: no cached_key in the cache")
 
 
 def _generate(step, state, prompt, max_new_tokens, choose, eos_id, pad_id):
@@ -69,7 +88,7 @@ def greedy(
     step: StepFn, state: State, prompt: Array, max_new_tokens: int, *, eos_id: int | None = None, pad_id: int = 0
 ) -> Array:
     """The most likely token at each step: `[B, max_new_tokens]`."""
-    prompt = _check(prompt, max_new_tokens)
+    prompt = _check(prompt, max_new_tokens, step, state)
     return _generate(step, state, prompt, max_new_tokens, lambda logits, i: jnp.argmax(logits, -1), eos_id, pad_id)
 
 
@@ -85,6 +104,8 @@ def filter_logits(logits: Array, *, top_k: int | None = None, top_p: float | Non
     if top_p is not None:
         if not 0.0 <= top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+        if top_p >= 1.0:  # keep everything (a float32 cumulative sum can reach 1 before the last token)
+            return logits
         order = jnp.argsort(-logits, axis=-1)
         sorted_logits = jnp.take_along_axis(logits, order, -1)
         probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -113,7 +134,7 @@ def sample(
 ) -> Array:
     """Samples from softmax(logits / temperature), optionally restricted to the top k and to the nucleus top_p.
     The key of step i is `fold_in(rng, i)`, so a fixed `rng` gives fixed tokens. `[B, max_new_tokens]`."""
-    prompt = _check(prompt, max_new_tokens)
+    prompt = _check(prompt, max_new_tokens, step, state)
     if temperature <= 0.0:
         raise ValueError(f"temperature must be > 0 (use greedy for the argmax), got {temperature}")
 
@@ -168,64 +189,71 @@ def beam_search(
     pad_id: int = 0,
     batch_axes: Any = None,
 ) -> tuple[Array, Array]:
-    """Keeps the `beam_size` best continuations by log-probability divided by `length_penalty` (a finished beam's
-    length stops at its `eos_id`; it then extends only with `pad_id` at no cost).
+    """Beam search with separate pools, as in Wu et al. 2016 and flax's WMT example: `beam_size` alive beams (no
+    eos yet) and the `beam_size` best finished hypotheses (ended by `eos_id`, padded with `pad_id` after it), ranked
+    by log-probability divided by `length_penalty` (length counted up to and including eos). Every step extends the
+    alive beams, moves new eos hypotheses to the finished pool and keeps the best non-eos ones alive; at the end,
+    unfinished beams compete with the finished ones at full length.
 
     `batch_axes`: a function state -> pytree of batch axes, used to copy the state to every beam and to reorder it
     as beams are chosen; None: the step's own `batch_axes` method if it has one, else `default_batch_axes`.
 
     Returns:
-      tokens `[B, K, max_new_tokens]` and scores `[B, K]`, best first.
+      tokens `[B, K, max_new_tokens]` and scores `[B, K]` (normalised log-probabilities), best first.
     """
-    prompt = _check(prompt, max_new_tokens)
+    prompt = _check(prompt, max_new_tokens, step, state)
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     b, k, n = prompt.shape[0], beam_size, max_new_tokens
     logits, state = step(state, prompt)
+    v = logits.shape[-1]
+    if not 0 <= pad_id < v or (eos_id is not None and not 0 <= eos_id < v):
+        raise ValueError(f"pad_id ({pad_id}) and eos_id ({eos_id}) must be token ids in [0, {v})")
     axes = (batch_axes or getattr(step, "batch_axes", None) or default_batch_axes)(state)
     state = _map_batch(lambda x, a: jnp.repeat(x, k, axis=a), state, axes)  # [B*K] along each batch axis
-    logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32))  # [B, V]
-    v = logp.shape[-1]
+    neg = jnp.float32(-jnp.inf)
+    kk = min(2 * k, k * v)  # candidates per step: enough that k stay alive even if k of them end
 
-    # Beam 0 starts with score 0, the others with -inf, so the first expansion draws K distinct tokens from beam 0.
-    scores = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, 1))  # [B, K] sum of log-probs
-    tokens = jnp.full((b, k, n), pad_id, prompt.dtype)
-    done = jnp.zeros((b, k), bool)
-    lengths = jnp.zeros((b, k), jnp.int32)
-    logp = jnp.repeat(logp[:, None], k, axis=1)  # [B, K, V]
-
-    def expand(i, logp, scores, tokens, done, lengths, state):
-        # A finished beam continues only with pad at no cost.
-        pad_only = jnp.full((v,), -jnp.inf).at[pad_id].set(0.0)
-        logp = jnp.where(done[..., None], pad_only, logp)
-        total = scores[..., None] + logp  # [B, K, V]
-        new_len = jnp.where(done, lengths, i + 1)[..., None]  # [B, K, 1]
-        ranked = total / length_penalty(new_len, alpha)
-        _, flat = lax.top_k(ranked.reshape(b, k * v), k)  # [B, K]
-        beam, token = flat // v, flat % v
-        take = lambda x: jnp.take_along_axis(x, beam, axis=1)
-        scores = jnp.take_along_axis(total.reshape(b, k * v), flat, axis=1)
-        tokens = jnp.take_along_axis(tokens, beam[..., None], axis=1).at[:, :, i].set(token.astype(tokens.dtype))
-        was_done = take(done)
-        lengths = jnp.where(was_done, take(lengths), i + 1)
-        done = was_done | (token == eos_id) if eos_id is not None else was_done
-        rows = (jnp.arange(b)[:, None] * k + beam).reshape(-1)  # [B*K] rows of the chosen parents
+    def expand(i, logp, alive, finished, state):
+        scores, tokens = alive  # [B, K], [B, K, n]
+        total = (scores[..., None] + logp).reshape(b, k * v)  # all alive beams have length i + 1 now
+        top, flat = lax.top_k(total, kk)  # [B, 2K]
+        beam, token = flat // v, (flat % v).astype(tokens.dtype)
+        cand = jnp.take_along_axis(tokens, beam[..., None], axis=1).at[:, :, i].set(token)  # [B, 2K, n]
+        ends = (token == eos_id) if eos_id is not None else jnp.zeros(token.shape, bool)
+        # Alive: the best K candidates that did not end.
+        alive_top, pick = lax.top_k(jnp.where(ends, neg, top), k)
+        alive = (alive_top, jnp.take_along_axis(cand, pick[..., None], axis=1))
+        rows = (jnp.arange(b)[:, None] * k + jnp.take_along_axis(beam, pick, axis=1)).reshape(-1)
         state = _map_batch(lambda x, a: jnp.take(x, rows, axis=a), state, axes)
-        return scores, tokens, done, lengths, state
+        # Finished: the best K of the old pool and the candidates that ended here.
+        fin_scores, fin_tokens = finished
+        new = jnp.where(ends, top / length_penalty(jnp.full(top.shape, i + 1), alpha), neg)
+        pool_scores = jnp.concatenate([fin_scores, new], axis=1)  # [B, 3K]
+        pool_tokens = jnp.concatenate([fin_tokens, cand], axis=1)
+        fin_scores, best = lax.top_k(pool_scores, k)
+        finished = (fin_scores, jnp.take_along_axis(pool_tokens, best[..., None], axis=1))
+        return alive, finished, state
 
-    scores, tokens, done, lengths, state = expand(0, logp, scores, tokens, done, lengths, state)
+    # Beam 0 starts with score 0 and the others with -inf, so the first step draws distinct tokens from beam 0.
+    empty = jnp.full((b, k, n), pad_id, prompt.dtype)
+    alive = (jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg), (b, 1)), empty)
+    finished = (jnp.full((b, k), neg), empty)
+    logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32))  # [B, V]
+    alive, finished, state = expand(0, jnp.repeat(logp[:, None], k, axis=1), alive, finished, state)
 
     def body(carry, i):
-        scores, tokens, done, lengths, state = carry
-        last = tokens[:, :, i - 1].reshape(b * k, 1)
-        logits, state = step(state, last)
+        alive, finished, state = carry
+        logits, state = step(state, alive[1][:, :, i - 1].reshape(b * k, 1))
         logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)).reshape(b, k, v)
-        return expand(i, logp, scores, tokens, done, lengths, state), None
+        return expand(i, logp, alive, finished, state), None
 
-    (scores, tokens, done, lengths, state), _ = lax.scan(body, (scores, tokens, done, lengths, state), jnp.arange(1, n))
-    final = scores / length_penalty(lengths, alpha)
-    order = jnp.argsort(-final, axis=1)
-    return jnp.take_along_axis(tokens, order[..., None], axis=1), jnp.take_along_axis(final, order, axis=1)
+    (alive, finished, state), _ = lax.scan(body, (alive, finished, state), jnp.arange(1, n))
+    # Unfinished beams, at full length, compete with the finished ones.
+    scores = jnp.concatenate([finished[0], alive[0] / length_penalty(jnp.full(alive[0].shape, n), alpha)], axis=1)
+    tokens = jnp.concatenate([finished[1], alive[1]], axis=1)
+    scores, best = lax.top_k(scores, k)
+    return jnp.take_along_axis(tokens, best[..., None], axis=1), scores
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -254,6 +282,9 @@ class lm_step:
         )
         return logits, {"params": state["params"], "cache": new["cache"]}
 
+    def capacity(self, state: State) -> int:
+        return cache_capacity(state["cache"])
+
 
 def lm_state(model: nn.Module, params: Any, batch_size: int, max_decode_len: int) -> State:
     """An empty KV cache for `max_decode_len` positions (prompt + new tokens - 1), with the parameters."""
@@ -280,6 +311,9 @@ class seq2seq_step:
             method="decode",
         )
         return logits, {**state, "cache": new["cache"]}
+
+    def capacity(self, state: State) -> int:
+        return cache_capacity(state["cache"])
 
 
 def seq2seq_state(model: nn.Module, params: Any, inputs: Array, max_decode_len: int) -> State:

@@ -25,9 +25,10 @@ def attention_weights(model: nn.Module, variables: Any, *args, **kwargs) -> dict
 
     Returns:
       `{path: [B, N, Tq, Tk]}`, paths such as "decoder/stack/layers_1/cross_attention" (scanned stacks are unstacked
-      into `layers_i`), in call order.
+      into `layers_i`).
     """
-    _, state = model.apply(variables, *args, mutable=["intermediates"], **kwargs)
+    mutable = ["intermediates", "cache"] if "cache" in variables else ["intermediates"]  # decode=True models
+    _, state = model.apply(variables, *args, mutable=mutable, **kwargs)
     tree = unstack_layers(state.get("intermediates", {}))
     flat = traverse_util.flatten_dict(tree, sep="/")
     out = {}
@@ -107,6 +108,47 @@ def plot_rollout(images: np.ndarray, maps: np.ndarray, path: str, *, titles: Seq
         if titles is not None:
             axes[0][i].set_title(titles[i], fontsize=8)
     axes[1][0].set_ylabel("attention rollout", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_image_grid(
+    rows: Sequence[np.ndarray],
+    path: str,
+    *,
+    row_titles: Sequence[str] | None = None,
+    col_titles: Sequence[str] | None = None,
+    title: str | None = None,
+) -> str:
+    """Rows of images, each `[B, H, W, C]` with values in [0, 1] (C = 1 or 3): e.g. generated images under their
+    captions (one row, `col_titles` = captions), or originals above their VQ-VAE reconstructions (two rows). PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [np.asarray(r) for r in rows]
+    if not rows or any(r.ndim != 4 or r.shape[0] != rows[0].shape[0] for r in rows):
+        raise ValueError(
+            f"plot_image_grid expects rows of images [B, H, W, C] with one B, got {[r.shape for r in rows]}"
+        )
+    n = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.4 * n + 0.6, 1.5 * len(rows) + 0.4), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(n):
+            ax = axes[i][j]
+            img = np.clip(row[j], 0.0, 1.0)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0 and col_titles is not None:
+                ax.set_title(str(col_titles[j]), fontsize=7)
+        if row_titles is not None:
+            axes[i][0].set_ylabel(str(row_titles[i]), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

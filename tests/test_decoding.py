@@ -101,7 +101,11 @@ def test_beam_one_equals_greedy_and_state_is_reordered(rng):
     state = _bigram(rng)
     prompt = jnp.array([[1, 2], [0, 4], [3, 3]])
     greedy = decoding.greedy(bigram_step, state, prompt, 7, eos_id=1)
-    beam, _ = decoding.beam_search(bigram_step, state, prompt, 7, beam_size=1, eos_id=1, batch_axes=bigram_batch_axes)
+    # With eos, beam 1 is greedy under raw log-probabilities (alpha = 0): a length penalty may prefer a longer
+    # unfinished beam over the finished one, which greedy never considers.
+    beam, _ = decoding.beam_search(
+        bigram_step, state, prompt, 7, beam_size=1, eos_id=1, alpha=0.0, batch_axes=bigram_batch_axes
+    )
     np.testing.assert_array_equal(beam[:, 0], greedy)
 
 
@@ -194,3 +198,41 @@ def test_recurrent_lm_through_the_same_functions(rng, cell):
     logp = jax.nn.log_softmax(model.apply({"params": params}, seq)[0], axis=-1)
     ref = jnp.take_along_axis(logp[:, 3:-1], beams[:, 1, :, None], axis=-1).sum(axis=(1, 2))
     np.testing.assert_allclose(scores[:, 1], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_keeps_a_better_finished_hypothesis():
+    # After the prompt: A (0.62), EOS (0.30), B (0.08). A's continuations share 0.5 each and then everything is
+    # uniform, so both beams through A end far below the hypothesis that stopped at once.
+    pad, eos, a, b, c, p = range(6)
+    table = np.full((6, 6), -30.0, np.float32)
+    table[p, [a, eos, b]] = np.log([0.62, 0.30, 0.08])
+    table[a, [b, c]] = np.log([0.5, 0.5])
+    table[b, :] = table[c, :] = np.log(1 / 6)
+    state = {"table": jnp.asarray(table), "seen": jnp.zeros((1,), jnp.int32)}
+    for alpha in (0.0, 0.6):
+        tokens, scores = decoding.beam_search(
+            bigram_step, state, jnp.array([[p]]), 3, beam_size=2, alpha=alpha, eos_id=eos, batch_axes=bigram_batch_axes
+        )
+        np.testing.assert_array_equal(tokens[0, 0], [eos, pad, pad])
+        np.testing.assert_allclose(scores[0, 0], np.log(0.30), rtol=1e-5)  # length 1: penalty 1
+
+
+def test_beam_search_rejects_pad_or_eos_outside_vocabulary(rng):
+    state = _bigram(rng)
+    for kwargs in (dict(pad_id=-1), dict(pad_id=V), dict(eos_id=V)):
+        with pytest.raises(ValueError, match=r"must be token ids in \[0, 5\)"):
+            decoding.beam_search(bigram_step, state, jnp.zeros((3, 1), jnp.int32), 2, beam_size=2, **kwargs)
+
+
+def test_cache_too_short_is_an_error(rng):
+    model, params, prompt = _lm(rng)
+    state = decoding.lm_state(model, params, 3, 8)
+    for fn in (decoding.greedy, lambda *a: decoding.beam_search(*a, beam_size=2)):
+        with pytest.raises(ValueError, match=r"holds 8 positions but prompt \(4\) \+ max_new_tokens \(6\) - 1 = 9"):
+            fn(decoding.lm_step(model), state, prompt, 6)
+    assert decoding.greedy(decoding.lm_step(model), state, prompt, 5).shape == (3, 5)  # exactly fits
+
+
+def test_top_p_one_keeps_everything(rng):
+    logits = jax.random.normal(rng, (2, 50000)) * 3
+    np.testing.assert_array_equal(decoding.filter_logits(logits, top_p=1.0), logits)

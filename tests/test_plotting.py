@@ -43,3 +43,19 @@ def test_plot_attention_writes_a_png(tmp_path):
         plot_attention(weights[0], str(tmp_path / "x.png"))
     with pytest.raises(ValueError, match="key_labels has 2 entries for 6 positions"):
         plot_attention(weights, str(tmp_path / "x.png"), key_labels=["a", "b"])
+
+
+def test_plot_image_grid_writes_a_png(tmp_path):
+    import matplotlib.image
+
+    from seqjax.plotting import plot_image_grid
+
+    originals = np.random.default_rng(0).uniform(size=(4, 8, 8, 1))
+    path = plot_image_grid(
+        [originals, originals * 0.5], str(tmp_path / "grid.png"), row_titles=["original", "reconstruction"],
+        col_titles=["a", "b", "c", "d"],
+    )  # fmt: skip
+    image = matplotlib.image.imread(path)
+    assert image.shape[1] > image.shape[0]  # four columns, two rows
+    with pytest.raises(ValueError, match="one B"):
+        plot_image_grid([originals, originals[:2]], str(tmp_path / "x.png"))

@@ -117,9 +117,9 @@ def _check_ids(ids: Array, vocab: int, name: str, length: int | None = None) -> 
 
 
 class ImageTokenDecoder(nn.Module):
-    """`(text [B, Lt'], image [B, N]) -> (text_logits [B, Lt-1, Vt], image_logits [B, N, K])` with Lt' <= Lt (the
-    caption is padded to Lt); with `config.decode`, `(tokens [B, T]) -> image logits [B, T, K]` at the next T
-    stream positions (see the module docstring)."""
+    """`(text [B, Lt'], image [B, N']) -> (text_logits [B, Lt-1, Vt], image_logits [B, N', K])` with Lt' <= Lt (the
+    caption is padded to Lt) and N' <= N (the first N' image tokens, row-major); with `config.decode`,
+    `(tokens [B, T]) -> image logits [B, T, K]` at the next T stream positions (see the module docstring)."""
 
     config: ImageDecoderConfig
 
@@ -133,7 +133,7 @@ class ImageTokenDecoder(nn.Module):
         self.row_pos = self.param("row_pos", init, (h, cfg.emb_dim), cfg.param_dtype)
         self.col_pos = self.param("col_pos", init, (w, cfg.emb_dim), cfg.param_dtype)
         self.stack = _Stack(cfg.transformer_config(), DecoderBlock, cfg.num_layers)
-        self.ln_final = nn.LayerNorm(dtype=jnp.float32, param_dtype=cfg.param_dtype)
+        self.ln_final = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32)
         self.text_head = nn.Dense(cfg.text_vocab_size, dtype=jnp.float32)
         self.image_head = nn.Dense(cfg.image_vocab_size, dtype=jnp.float32)
         self.dropout = nn.Dropout(cfg.dropout_rate)
@@ -167,8 +167,8 @@ class ImageTokenDecoder(nn.Module):
         text = _check_ids(text, cfg.text_vocab_size, "text (caption)", cfg.text_len)
         text = jnp.pad(text, ((0, 0), (0, cfg.text_len - text.shape[1])))  # [B, Lt]
         image = _check_ids(image, cfg.image_vocab_size, "image tokens", cfg.num_image_tokens)
-        if image.shape[1] != cfg.num_image_tokens:
-            raise ValueError(f"image tokens must be [B, {cfg.num_image_tokens}] (h*w), got {image.shape}")
+        if image.shape[1] < 1:
+            raise ValueError(f"image tokens must be [B, N'] with 1 <= N' <= {cfg.num_image_tokens}, got {image.shape}")
         b = text.shape[0]
         boi = jnp.full((b, 1), cfg.text_vocab_size, text.dtype)
         stream = jnp.concatenate([text, boi, image[:, :-1].astype(text.dtype)], axis=1)  # [B, S-1]
@@ -237,6 +237,11 @@ class image_step:
             cond, uncond = jnp.split(logits, 2, axis=0)
             logits = uncond + scale * (cond - uncond)
         return logits, {**state, "cache": new["cache"]}
+
+    def capacity(self, state: Any) -> int:
+        from seqjax.decoding import cache_capacity
+
+        return cache_capacity(state["cache"])
 
     def batch_axes(self, state: Any) -> Any:
         if state["guidance_scale"] is not None:

@@ -70,7 +70,7 @@ class TransformerConfig:
       share_embeddings: encoder and decoder share one token embedding (needs equal vocabularies).
       activation: the MLP's nonlinearity, "relu" (the paper), "gelu" or "silu".
       dtype: compute dtype; LayerNorm statistics, softmax and logits stay float32.
-      param_dtype: storage dtype of the parameters.
+      param_dtype: storage dtype of the parameters (LayerNorm's scale and bias stay float32).
       scan_layers: run each stack with `nn.scan` over stacked parameters (compile time independent of depth).
       remat_policy: "none" or a key of `REMAT_POLICIES`.
       attention_implementation: see `seqjax.nn.scaled_dot_product_attention`.
@@ -178,7 +178,7 @@ def check_tokens(config: TransformerConfig, tokens: Array, name: str) -> Array:
 
 def _layer_norm(config: TransformerConfig, name: str) -> Callable[[Array], Array]:
     """LayerNorm with float32 statistics whatever the compute dtype (output cast back to it)."""
-    norm = nn.LayerNorm(dtype=jnp.float32, param_dtype=config.param_dtype, name=name)
+    norm = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32, name=name)  # float32 scale and bias too
     return lambda x: norm(x.astype(jnp.float32)).astype(config.dtype)
 
 
@@ -352,8 +352,8 @@ class Embed(nn.Module):
 
     def attend(self, x: Array) -> Array:
         """Logits through the transposed embedding, scaled by 1/sqrt(D): `[B, T, D] -> [B, T, V]` (float32)."""
-        logits = self.table.attend(x.astype(jnp.float32) / jnp.sqrt(jnp.float32(self.config.emb_dim)))
-        return logits.astype(jnp.float32)
+        table = self.table.embedding.astype(jnp.float32)  # nn.Embed.attend would compute in the compute dtype
+        return jnp.dot(x.astype(jnp.float32) / jnp.sqrt(jnp.float32(self.config.emb_dim)), table.T)
 
 
 def _logits(config: TransformerConfig, embed: Embed, x: Array, vocab: int) -> Array:
@@ -449,6 +449,11 @@ class DecoderLM(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, deterministic: bool = True) -> Array:
         cfg = self.config
+        if cfg.num_decoder_layers not in (None, cfg.num_layers):
+            raise ValueError(
+                f"TransformerConfig.num_decoder_layers={cfg.num_decoder_layers} is for the encoder-decoder "
+                f"Transformer; DecoderLM has num_layers={cfg.num_layers} layers"
+            )
         tokens = check_tokens(cfg, tokens, "tokens")
         embed = Embed(cfg, cfg.vocab_size, name="embed")
         x = embed(tokens, deterministic)

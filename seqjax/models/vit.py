@@ -172,7 +172,7 @@ class ViT(nn.Module):
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         tcfg = cfg.transformer_config()
         x = _Stack(tcfg, EncoderBlock, cfg.num_layers, name="stack")(x, None, deterministic=deterministic)
-        x = nn.LayerNorm(dtype=jnp.float32, param_dtype=cfg.param_dtype, name="ln_final")(x.astype(jnp.float32))
+        x = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32, name="ln_final")(x.astype(jnp.float32))
         pooled = x[:, 0] if cfg.pool == "cls" else x.mean(axis=1)  # [B, D]
         if cfg.num_classes == 0:
             return pooled

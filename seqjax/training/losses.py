@@ -20,55 +20,56 @@ from jax import lax
 Array = jax.Array
 
 
-def _chunks(n: int, chunk_size: int) -> int:
-    """The largest divisor of n that is at most chunk_size (so chunks tile the tokens exactly)."""
-    size = max(1, min(chunk_size, n))
-    while n % size:
-        size -= 1
-    return size
-
-
-def _chunk_loss_and_grads(xc, labels_c, kernel, bias, precision):
-    """One chunk: summed loss and d(sum loss)/d(logits) [C, V], in float32."""
+def _chunk_loss_and_grads(xc, labels_c, weight_c, kernel, bias, precision):
+    """One chunk: weighted summed loss and its gradient with respect to the logits `[C, V]`, in float32. The label's
+    logit is read through a one-hot, so a label outside [0, V) picks nothing and loss and gradient stay consistent."""
     logits = jnp.dot(xc, kernel, precision=precision, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
+    onehot = jax.nn.one_hot(labels_c, logits.shape[-1], dtype=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
-    picked = jnp.take_along_axis(logits, labels_c[:, None], axis=-1)[:, 0]
-    probs = jnp.exp(logits - lse[:, None])
-    dlogits = probs - jax.nn.one_hot(labels_c, logits.shape[-1], dtype=jnp.float32)
-    return jnp.sum(lse - picked), dlogits
+    loss = jnp.sum(weight_c * (lse - jnp.sum(onehot * logits, axis=-1)))
+    dlogits = (jnp.exp(logits - lse[:, None]) - onehot) * weight_c[:, None]
+    return loss, dlogits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(x, kernel, bias, labels, chunk_size, precision):
+def _layout(x, labels, weights, chunk_size):
+    """Pads the N rows up to a multiple of the chunk size (padded rows weigh 0); returns the chunk size too."""
     n = x.shape[0]
-    c = _chunks(n, chunk_size)
+    c = max(1, min(chunk_size, n))
+    pad = -n % c
+    if pad:
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        labels = jnp.pad(labels, (0, pad))
+        weights = jnp.pad(weights, (0, pad))
+    return x, labels, weights, c
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused(x, kernel, bias, labels, weights, chunk_size, precision):
+    xp, lp, wp, c = _layout(x, labels, weights, chunk_size)
+    kernel = kernel.astype(x.dtype)
 
     def body(total, i):
-        xc = lax.dynamic_slice_in_dim(x, i * c, c)
-        lc = lax.dynamic_slice_in_dim(labels, i * c, c)
-        logits = jnp.dot(xc, kernel, precision=precision, preferred_element_type=jnp.float32)
-        if bias is not None:
-            logits = logits + bias.astype(jnp.float32)
-        picked = jnp.take_along_axis(logits, lc[:, None], axis=-1)[:, 0]
-        return total + jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked), None
+        take = lambda a: lax.dynamic_slice_in_dim(a, i * c, c)
+        loss, _ = _chunk_loss_and_grads(take(xp), take(lp), take(wp), kernel, bias, precision)
+        return total + loss, None
 
-    total, _ = lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(n // c))
-    return total / n
+    total, _ = lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(xp.shape[0] // c))
+    return total / jnp.maximum(weights.sum(), 1e-12)
 
 
-def _fused_fwd(x, kernel, bias, labels, chunk_size, precision):
+def _fused_fwd(x, kernel, bias, labels, weights, chunk_size, precision):
     n, d = x.shape
-    c = _chunks(n, chunk_size)
-    scale = 1.0 / n
+    xp, lp, wp, c = _layout(x, labels, weights, chunk_size)
+    k = kernel.astype(x.dtype)  # matmuls in the inputs' dtype, accumulated in float32
 
     def body(carry, i):
         total, dkernel, dbias = carry
-        xc = lax.dynamic_slice_in_dim(x, i * c, c)
-        loss, dlogits = _chunk_loss_and_grads(xc, lax.dynamic_slice_in_dim(labels, i * c, c), kernel, bias, precision)
-        dlogits = dlogits * scale
-        dx = jnp.dot(dlogits.astype(x.dtype), kernel.T, precision=precision)  # [C, D]
+        take = lambda a: lax.dynamic_slice_in_dim(a, i * c, c)
+        xc = take(xp)
+        loss, dlogits = _chunk_loss_and_grads(xc, take(lp), take(wp), k, bias, precision)
+        dx = jnp.dot(dlogits.astype(x.dtype), k.T, precision=precision)  # [C, D]
         dkernel = dkernel + jnp.dot(
             xc.T, dlogits.astype(x.dtype), precision=precision, preferred_element_type=jnp.float32
         )
@@ -81,16 +82,20 @@ def _fused_fwd(x, kernel, bias, labels, chunk_size, precision):
         jnp.zeros(kernel.shape, jnp.float32),
         None if bias is None else jnp.zeros(bias.shape, jnp.float32),
     )
-    (total, dkernel, dbias), dx = lax.scan(body, init, jnp.arange(n // c))
-    grads = (dx.reshape(n, d), dkernel.astype(kernel.dtype), None if bias is None else dbias.astype(bias.dtype))
-    return total * scale, (grads, labels)
+    (total, dkernel, dbias), dx = lax.scan(body, init, jnp.arange(xp.shape[0] // c))
+    scale = 1.0 / jnp.maximum(weights.sum(), 1e-12)
+    grads = (
+        (dx.reshape(-1, d)[:n].astype(jnp.float32) * scale).astype(x.dtype),
+        (dkernel * scale).astype(kernel.dtype),
+        None if bias is None else (dbias * scale).astype(bias.dtype),
+    )
+    return total * scale, (grads, labels, weights)
 
 
 def _fused_bwd(chunk_size, precision, res, ct):
-    (dx, dkernel, dbias), labels = res
+    (dx, dkernel, dbias), labels, weights = res
     scale = lambda g: None if g is None else (g * ct.astype(g.dtype))
-    zero_labels = jnp.zeros(labels.shape, jax.dtypes.float0)
-    return scale(dx), scale(dkernel), scale(dbias), zero_labels
+    return scale(dx), scale(dkernel), scale(dbias), jnp.zeros(labels.shape, jax.dtypes.float0), jnp.zeros_like(weights)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -102,26 +107,34 @@ def fused_linear_cross_entropy(
     bias: Array | None,
     labels: Array,
     *,
+    where: Array | None = None,
     chunk_size: int = 512,
     precision: lax.PrecisionLike = None,
 ) -> Array:
     """Mean softmax cross-entropy of `x @ kernel + bias` against integer `labels`, without `[N, V]` logits.
 
     Args:
-      x: `[N..., D]` inputs of the output layer.
+      x: `[N..., D]` inputs of the output layer (float32 or bfloat16; the matmuls run in x's dtype and accumulate
+        in float32, the loss is float32).
       kernel: `[D, V]`; bias: `[V]` or None.
-      labels: integer `[N...]`, each in [0, V).
-      chunk_size: tokens per chunk (a divisor of N is used); chunk logits `[C, V]` should fit in cache.
+      labels: integer `[N...]` in [0, V) (a label outside it picks no logit: the loss is then the log-sum-exp).
+      where: optional bool `[N...]`: tokens to average over (e.g. not padding); the others count for nothing.
+      chunk_size: tokens per chunk (N is padded up to a multiple); chunk logits `[C, V]` should fit in cache.
 
     Returns:
-      The mean loss over all N tokens (float32 scalar). Differentiable in x, kernel and bias.
+      The mean loss over the selected tokens (float32 scalar). Differentiable in x, kernel and bias.
     """
     x, labels = jnp.asarray(x), jnp.asarray(labels)
-    if x.shape[:-1] != labels.shape or kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
+    if x.shape[:-1] != labels.shape or kernel.ndim != 2 or kernel.shape[0] != x.shape[-1] or labels.size == 0:
         raise ValueError(
-            f"fused_linear_cross_entropy: x {x.shape} must be [N..., D] with labels {labels.shape} = [N...] and "
-            f"kernel {kernel.shape} = [D, V]"
+            f"fused_linear_cross_entropy: x {x.shape} must be [N..., D] with labels {labels.shape} = [N...] (N > 0) "
+            f"and kernel {kernel.shape} = [D, V]"
         )
     if bias is not None and bias.shape != kernel.shape[1:]:
         raise ValueError(f"fused_linear_cross_entropy: bias {bias.shape} must be [V] = {kernel.shape[1:]}")
-    return _fused(x.reshape(-1, x.shape[-1]), kernel, bias, labels.reshape(-1), chunk_size, precision)
+    if where is not None and jnp.shape(where) != labels.shape:
+        raise ValueError(f"fused_linear_cross_entropy: where {jnp.shape(where)} must match labels {labels.shape}")
+    weights = jnp.ones(labels.shape, jnp.float32) if where is None else jnp.asarray(where).astype(jnp.float32)
+    return _fused(
+        x.reshape(-1, x.shape[-1]), kernel, bias, labels.reshape(-1), weights.reshape(-1), chunk_size, precision
+    )

@@ -276,3 +276,18 @@ def test_get_model_errors():
     with pytest.raises(TypeError, match="TransformerConfig"):
         get_model("transformer", {"vocab_size": 3})
     assert isinstance(get_model("encoder", _config()), Encoder)
+
+
+def test_bfloat16_parameters_under_strict_promotion(rng):
+    cfg = _config(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    tokens = _tokens(rng, (2, 8))
+    params = _init(DecoderLM(cfg), rng, tokens)
+    assert params["stack"]["layers_0"]["self_attention"]["query"]["kernel"].dtype == jnp.bfloat16
+    assert params["ln_final"]["scale"].dtype == jnp.float32  # LayerNorm parameters stay float32
+    logits = DecoderLM(cfg).apply({"params": params}, tokens)
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+
+
+def test_decoder_lm_rejects_num_decoder_layers(rng):
+    with pytest.raises(ValueError, match="num_decoder_layers=3 is for the encoder-decoder"):
+        DecoderLM(_config(num_decoder_layers=3)).init(rng, _tokens(rng, (1, 4)))

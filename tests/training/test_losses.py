@@ -24,7 +24,7 @@ def _plain(x, kernel, bias, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 16, 60, 512])  # 7 does not divide 60 tokens: 6 is used
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 60, 512])  # 7 does not divide 60 tokens: padded to 63
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_value_and_gradients_match_plain_loss(rng, chunk_size, with_bias):
     x, kernel, bias, labels = _problem(rng)
@@ -55,3 +55,39 @@ def test_bad_shapes_are_named(rng):
         fused_linear_cross_entropy(x, kernel[:15], bias, labels)
     with pytest.raises(ValueError, match=r"bias \(36,\)"):
         fused_linear_cross_entropy(x, kernel, bias[:36], labels)
+
+
+def test_where_averages_over_selected_tokens(rng):
+    x, kernel, bias, labels = _problem(rng)
+    where = jax.random.bernoulli(jax.random.fold_in(rng, 5), 0.6, labels.shape)
+    fused = lambda x, k: fused_linear_cross_entropy(x, k, bias, labels, where=where, chunk_size=8)
+
+    def plain(x, k):
+        nll = optax.softmax_cross_entropy_with_integer_labels(x @ k + bias, labels)
+        return jnp.sum(jnp.where(where, nll, 0.0)) / jnp.sum(where.astype(jnp.float32))
+
+    np.testing.assert_allclose(fused(x, kernel), plain(x, kernel), rtol=1e-6)
+    for g, w in zip(jax.grad(fused, (0, 1))(x, kernel), jax.grad(plain, (0, 1))(x, kernel), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_inputs_keep_their_dtype(rng):
+    x, kernel, bias, labels = _problem(rng, dtype=jnp.bfloat16)
+    loss, grads = jax.value_and_grad(lambda x, k: fused_linear_cross_entropy(x, k, None, labels), (0, 1))(x, kernel)
+    assert loss.dtype == jnp.float32 and grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
+    ref = _plain(x.astype(jnp.float32), kernel.astype(jnp.float32), None, labels)
+    np.testing.assert_allclose(loss, ref, rtol=2e-2)
+    # float32 parameters with bfloat16 activations (mixed precision) also work under strict promotion.
+    fused_linear_cross_entropy(x, kernel.astype(jnp.float32), bias.astype(jnp.float32), labels)
+
+
+def test_label_outside_vocabulary_gives_consistent_loss_and_gradient(rng):
+    x, kernel, bias, _ = _problem(rng, lead=(4,), v=5)
+    labels = jnp.array([0, 7, -1, 4])
+    loss_fn = lambda x: fused_linear_cross_entropy(x, kernel, bias, labels)
+    logits = x @ kernel + bias
+    onehot = jax.nn.one_hot(labels, 5)  # all zeros for 7 and -1
+    ref_fn = lambda x: jnp.mean(jax.nn.logsumexp(x @ kernel + bias, -1) - jnp.sum(onehot * (x @ kernel + bias), -1))
+    np.testing.assert_allclose(loss_fn(x), ref_fn(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(loss_fn)(x), jax.grad(ref_fn)(x), rtol=1e-5, atol=1e-7)
+    assert np.isfinite(loss_fn(x)) and logits.shape == (4, 5)
