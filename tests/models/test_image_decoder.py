@@ -11,6 +11,7 @@ from seqjax import decoding
 from seqjax.models import get_model
 from seqjax.models.image_decoder import ImageDecoderConfig, ImageTokenDecoder, image_prompt, image_state, image_step
 from seqjax.models.vqvae import VQVAEConfig
+from seqjax.plotting import plot_image_grid
 
 
 def _config(**overrides):
@@ -134,7 +135,7 @@ def _train(loss_fn, params, steps, lr, rng, extra=None):
 
 
 @pytest.mark.slow
-def test_tiny_text_to_image_model_draws_what_the_caption_says(rng):
+def test_tiny_text_to_image_model_draws_what_the_caption_says(rng, tmp_path):
     captions, images = _squares(rng, 128)
     vqvae = get_model("vqvae", VQVAEConfig(num_codes=16, code_dim=8, channels=32, num_downsamples=1, image_channels=1))
     v = jax.jit(vqvae.init)(rng, images)
@@ -166,3 +167,13 @@ def test_tiny_text_to_image_model_draws_what_the_caption_says(rng):
     pictures = vqvae.apply(vq_vars, drawn.reshape(32, 4, 4), method="decode")
     accuracy = float(np.mean(_brightest_quadrant(pictures) == np.asarray(test_captions[:, 0])))
     assert accuracy > 0.6, f"pictures match their captions {accuracy:.2f} of the time (chance 0.25)"
+    # The pictures people look at: generated images under their captions, originals above reconstructions.
+    names = ["top left", "top right", "bottom left", "bottom right"]
+    plot_image_grid(
+        [pictures[::4]], str(tmp_path / "generated.png"), col_titles=[names[int(c) - 1] for c in test_captions[::4, 0]]
+    )
+    recon = vqvae.apply(vq_vars, tokens[:8].reshape(8, 4, 4), method="decode")
+    plot_image_grid([images[:8], recon], str(tmp_path / "reconstructions.png"), row_titles=["original", "VQ-VAE"])
+    assert (tmp_path / "generated.png").stat().st_size > 2000 and (
+        tmp_path / "reconstructions.png"
+    ).stat().st_size > 2000
