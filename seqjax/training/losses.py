@@ -138,3 +138,60 @@ def fused_linear_cross_entropy(
     return _fused(
         x.reshape(-1, x.shape[-1]), kernel, bias, labels.reshape(-1), weights.reshape(-1), chunk_size, precision
     )
+
+
+def cross_entropy(
+    logits: Array,
+    labels: Array,
+    *,
+    weights: Array | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> tuple[Array, dict[str, Array]]:
+    """Weighted softmax cross-entropy with label smoothing and z-loss, averaged over the weights.
+
+    Args:
+      logits: `[N..., V]` (computed in float32).
+      labels: integer `[N...]`.
+      weights: `[N...]` (e.g. 0 on padding); None: all 1.
+      label_smoothing: ε: the target is (1 - ε) one-hot + ε / V uniform (Szegedy et al. 2016).
+      z_loss: coefficient of log(Z)² (PaLM), which keeps the softmax normaliser near 1.
+
+    Returns:
+      `(loss, aux)`: the weighted mean of cross-entropy + z-loss; aux "cross_entropy", "z_loss", "accuracy" (all
+      weighted means) and "weight" (the sum of the weights).
+    """
+    logits = jnp.asarray(logits).astype(jnp.float32)
+    labels = jnp.asarray(labels)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"cross_entropy: logits {logits.shape} must be [N..., V] for labels {labels.shape}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
+    v = logits.shape[-1]
+    w = jnp.ones(labels.shape, jnp.float32) if weights is None else jnp.asarray(weights).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jax.nn.one_hot(labels, v, dtype=jnp.float32) * (1.0 - label_smoothing) + label_smoothing / v
+    ce = lse - jnp.sum(target * logits, axis=-1)
+    total = w.sum()
+    denom = jnp.maximum(total, 1e-12)
+    mean = lambda x: jnp.sum(x * w) / denom
+    zl = z_loss * lse**2
+    aux = {
+        "cross_entropy": mean(ce),
+        "z_loss": mean(zl),
+        "accuracy": mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+        "weight": total,
+    }
+    return mean(ce + zl), aux
+
+
+def mean_squared_error(predictions: Array, targets: Array, *, weights: Array | None = None) -> Array:
+    """Weighted mean of the squared error, averaged over all elements (weights broadcast to them)."""
+    err = (jnp.asarray(predictions) - jnp.asarray(targets)).astype(jnp.float32) ** 2
+    if weights is None:
+        return err.mean()
+    w = jnp.broadcast_to(
+        jnp.asarray(weights).astype(jnp.float32).reshape(weights.shape + (1,) * (err.ndim - jnp.ndim(weights))),
+        err.shape,
+    )
+    return jnp.sum(err * w) / jnp.maximum(w.sum(), 1e-12)
