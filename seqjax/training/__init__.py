@@ -1,14 +1,15 @@
-"""Training: losses, optimizers from config, the train state and pure steps, and the parallel modes.
+"""Training: losses, optimizers from config, the train state and pure steps, the parallel modes, Orbax
+checkpoints, and the one loop (`train_and_evaluate`)."""
 
-The loop (`train_and_evaluate`), Orbax checkpointing and metric writers land next (see docs/ARCHITECTURE.md).
-"""
-
+from seqjax.training.checkpoint import Checkpointer
+from seqjax.training.loop import read_metrics, train_and_evaluate, validate_config
 from seqjax.training.losses import cross_entropy, fused_linear_cross_entropy, mean_squared_error
 from seqjax.training.optim import decay_mask, learning_rate, make_optimizer, make_schedule
 from seqjax.training.parallel import Parallel
 from seqjax.training.state import TrainState, make_eval_step, make_train_step
 
 __all__ = [
+    "Checkpointer",
     "Parallel",
     "TrainState",
     "cross_entropy",
@@ -20,4 +21,7 @@ __all__ = [
     "make_schedule",
     "make_train_step",
     "mean_squared_error",
+    "read_metrics",
+    "train_and_evaluate",
+    "validate_config",
 ]

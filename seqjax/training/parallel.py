@@ -56,8 +56,11 @@ class Parallel:
 
     def put_state(self, state: TrainState) -> TrainState:
         if self.mode == "pmap":
-            n = self.num_devices  # a leading device axis; pmap moves each copy to its device on the first call
-            return jax.tree.map(lambda x: jnp.broadcast_to(x[None], (n, *jnp.shape(x))), state)
+            n = self.num_devices  # a leading device axis, one copy on each device (the layout pmap expects)
+            sharding = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), P(AXIS))
+            return jax.tree.map(
+                lambda x: jax.device_put(jnp.broadcast_to(x[None], (n, *jnp.shape(x))), sharding), state
+            )
         # Fresh buffers: the compiled steps donate their input state, which must not consume the caller's arrays.
         state = jax.tree.map(jnp.copy, state)
         if self.mode == "jit":

@@ -1,0 +1,235 @@
+"""`train_and_evaluate(config, workdir, task)`: the one training loop every experiment uses.
+
+The loop knows no model and no dataset; a **task** brings them:
+
+    task.init(rng) -> (params, model_state)
+    task.loss_fn(params, model_state, batch, rng) -> (loss, (metrics, model_state))
+    task.train_batch(index) -> the global batch number `index` (a pure function of the config and the index, so a
+        resumed run reads exactly the batches an uninterrupted one would)
+    task.eval_batches() -> iterable of batches            (optional, with metric_fn)
+    task.metric_fn(params, model_state, batch) -> metrics (optional)
+    task.report(params, model_state, workdir) -> dict     (optional: end-of-run numbers; may draw pictures)
+
+Config fields (the shared contract): seed, batch_size, num_train_steps, log_every_steps, eval_every_steps (0: only
+at the end), checkpoint_every_steps, learning_rate, parallel; the optimizer fields of `seqjax.training.optim`;
+optional max_checkpoints_to_keep (default 2) and keep_best_metric / keep_best_mode (keep-best checkpoints by an
+eval metric).
+
+Reliability: the state (step, parameters, optimizer state, PRNG key, model state) is checkpointed with Orbax every
+`checkpoint_every_steps` and at the end, and the loop resumes from the latest finished checkpoint in `workdir`;
+per-step keys are `fold_in(key, step)` and batches are indexed by step, so a resumed run continues bitwise as an
+uninterrupted one would. SIGTERM saves a checkpoint at the next step boundary and exits with code 0. A non-finite
+loss (checked at every log step and before every save) stops the run with the step number, keeping the last good
+checkpoint.
+
+Outputs: `metrics.jsonl` (one JSON object per logged step: step, train_loss, learning_rate, steps_per_sec, the
+task's metrics, eval_* when evaluated; after a resume the last line for a step wins), `summary.json`, `curves.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+
+from seqjax.training.checkpoint import Checkpointer
+from seqjax.training.optim import learning_rate, make_optimizer
+from seqjax.training.parallel import MODES, Parallel
+from seqjax.training.state import TrainState
+
+REQUIRED = {
+    "seed": int,
+    "batch_size": int,
+    "num_train_steps": int,
+    "log_every_steps": int,
+    "eval_every_steps": int,
+    "checkpoint_every_steps": int,
+    "learning_rate": float,
+    "parallel": str,
+}
+
+
+def validate_config(config: Any) -> None:
+    """The shared fields exist, have the right types and possible values; errors name the key."""
+    for key, kind in REQUIRED.items():
+        if key not in config:
+            raise ValueError(f"config.{key} is missing (every experiment config has {sorted(REQUIRED)})")
+        value = config[key]
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind is float
+            else isinstance(value, kind)
+        )
+        if not ok or isinstance(value, bool):
+            raise ValueError(f"config.{key} must be {kind.__name__}, got {value!r}")
+    for key in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps"):
+        if config[key] < 1:
+            raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+    if config.eval_every_steps < 0 or config.learning_rate < 0:
+        raise ValueError("config.eval_every_steps and config.learning_rate must be >= 0")
+    if config.parallel not in MODES:
+        raise ValueError(f"config.parallel={config.parallel!r} is unknown; use one of {MODES}")
+
+
+class _Stop:
+    """Turns SIGTERM into a flag the loop reads at step boundaries."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, no graceful stop
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _finite(value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"train_loss is {value} at step {step}; stopped, the last good checkpoint is kept")
+
+
+def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
+    """Trains `task` as `config` says, resuming from `workdir`; returns the summary (also in summary.json)."""
+    validate_config(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    par = Parallel(config.parallel)
+    par.check_batch_size(config.batch_size)
+    tx = make_optimizer(config)
+    root = jax.random.key(config.seed)
+    params, model_state = task.init(jax.random.fold_in(root, 0))
+    state = TrainState.create(params, tx, jax.random.fold_in(root, 1), model_state)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.get("max_checkpoints_to_keep", 2),
+        best_metric=config.get("keep_best_metric"),
+        best_mode=config.get("keep_best_mode", "min"),
+    )
+    restored = ckpt.restore(state)
+    if restored is not None:
+        state = restored[0]
+        print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+    train_step = par.train_step(task.loss_fn, tx)
+    eval_step = par.eval_step(task.metric_fn) if hasattr(task, "metric_fn") else None
+    meta = {"config": json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)}
+
+    def evaluate(dev_state) -> dict[str, float]:
+        if eval_step is None:
+            return {}
+        sums, count = {}, 0
+        for batch in task.eval_batches():
+            m = jax.device_get(eval_step(dev_state, par.put_batch(batch)))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+        return {f"eval_{k}": v / max(count, 1) for k, v in sums.items()}
+
+    step, total = int(state.step), config.num_train_steps
+    dev_state = par.put_state(state)
+    last_eval: dict[str, float] = {}
+    try:
+        with _Stop() as stop, open(os.path.join(workdir, "metrics.jsonl"), "a") as log:
+            t_last, s_last = time.perf_counter(), step
+            while step < total:
+                dev_state, metrics = train_step(dev_state, par.put_batch(task.train_batch(step)))
+                step += 1
+                final = step == total
+                row = None
+                if step % config.log_every_steps == 0 or final:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    _finite(m["train_loss"], step)
+                    now = time.perf_counter()
+                    lr = float(learning_rate(par.get_state(dev_state).opt_state))
+                    row = {"step": step, **m, "learning_rate": lr, "steps_per_sec": (step - s_last) / (now - t_last)}
+                    t_last, s_last = now, step
+                if (config.eval_every_steps and step % config.eval_every_steps == 0) or final:
+                    last_eval = evaluate(dev_state)
+                    row = {**(row or {"step": step}), **last_eval}
+                if row is not None:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    _progress(row, total)
+                if step % config.checkpoint_every_steps == 0 or final or stop.requested:
+                    host = par.get_state(dev_state)
+                    loss = float(jax.device_get(metrics["train_loss"]))
+                    _finite(loss, step)
+                    ckpt.save(step, host, {**meta, "step": step}, metrics={"train_loss": loss, **last_eval})
+                if stop.requested and not final:
+                    ckpt.wait()
+                    print(f"SIGTERM: saved step {step}; exiting", flush=True)
+                    sys.exit(0)
+    finally:  # a save in flight finishes (or a stop/NaN leaves the last good checkpoint complete)
+        ckpt.close()
+    state = par.get_state(dev_state)
+    summary = {"step": step, **last_eval}
+    if hasattr(task, "report"):
+        summary.update(task.report(state.params, state.model_state, workdir))
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot_curves(workdir)
+    return summary
+
+
+def _progress(row: dict[str, Any], total: int) -> None:
+    parts = [f"step {row['step']:>6d}/{total}"]
+    parts += [f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "learning_rate") and isinstance(v, float)]
+    print("  ".join(parts), flush=True)
+
+
+def read_metrics(workdir: str) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl as {step: row}; after a resume the last line for a step wins."""
+    rows: dict[int, dict[str, Any]] = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        for line in open(path):
+            if line.strip():
+                row = json.loads(line)
+                rows[row["step"]] = {**rows.get(row["step"], {}), **row}
+    return dict(sorted(rows.items()))
+
+
+def plot_curves(workdir: str) -> str | None:
+    """Train (and eval) loss against step from metrics.jsonl, to WORKDIR/curves.png."""
+    rows = read_metrics(workdir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    steps = [s for s, r in rows.items() if "train_loss" in r]
+    ax.plot(steps, [rows[s]["train_loss"] for s in steps], label="train loss")
+    eval_steps = [s for s, r in rows.items() if "eval_loss" in r]
+    if eval_steps:
+        ax.plot(eval_steps, [rows[s]["eval_loss"] for s in eval_steps], marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if all(rows[s]["train_loss"] > 0 for s in steps):
+        ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, "curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["plot_curves", "read_metrics", "train_and_evaluate", "validate_config"]

@@ -1,0 +1,128 @@
+"""The loop: exact resume after SIGKILL, SIGTERM saves and exits 0, NaN stops, checkpoints kept, bad configs, and
+checkpoints that move between parallel modes and device counts."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from seqjax.training.loop import read_metrics, train_and_evaluate
+from tests.training.toy_task import ToyTask, toy_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(workdir, *args, wait=True, **env):
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "training", "toy_task.py"), str(workdir), *args]
+    environ = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **env}
+    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=300)
+        return proc.returncode, out
+    return proc
+
+
+def _wait_for_step(workdir, step, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        rows = read_metrics(workdir)
+        if rows and max(rows) >= step:
+            return max(rows)
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} in {workdir}")
+
+
+def _losses(workdir):
+    return {s: r["train_loss"] for s, r in read_metrics(workdir).items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    rc, out = _run(workdir)
+    assert rc == 0, out
+    return _losses(workdir)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, uninterrupted):
+    proc = _run(tmp_path, "sleep=0.03", wait=False)
+    _wait_for_step(tmp_path, 27, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # A save killed while writing leaves a temporary directory; it must never be restored.
+    os.makedirs(tmp_path / "checkpoints" / "50.orbax-checkpoint-tmp-1234567890" / "state")
+    rc, out = _run(tmp_path)
+    assert rc == 0, out
+    assert "resumed from step" in out and "resumed from step 50" not in out
+    assert _losses(tmp_path) == uninterrupted  # every step, bitwise
+    assert sorted(uninterrupted) == list(range(1, 61))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(tmp_path, uninterrupted):
+    proc = _run(tmp_path, "sleep=0.03", wait=False)
+    seen = _wait_for_step(tmp_path, 13, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved step" in out
+    stopped = int(out.split("SIGTERM: saved step ")[1].split(";")[0])
+    assert stopped >= seen and stopped in [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+    rc, out = _run(tmp_path)
+    assert rc == 0 and f"resumed from step {stopped}" in out, out
+    assert _losses(tmp_path) == uninterrupted
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = toy_config(nan_at_step=25)
+    with jax.numpy_dtype_promotion("standard"), pytest.raises(FloatingPointError, match="at step 25"):
+        train_and_evaluate(config, str(tmp_path), ToyTask(config))
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [10, 20]
+
+
+def test_max_to_keep_and_outputs(tmp_path):
+    config = toy_config(num_train_steps=40, max_checkpoints_to_keep=2)
+    with jax.numpy_dtype_promotion("standard"):
+        summary = train_and_evaluate(config, str(tmp_path), ToyTask(config))
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [30, 40]
+    rows = read_metrics(str(tmp_path))
+    assert sorted(rows) == list(range(1, 41)) and "eval_loss" in rows[20] and "learning_rate" in rows[1]
+    assert summary["step"] == 40 and "w1_norm" in summary and (tmp_path / "curves.png").exists()
+    assert rows[40]["eval_loss"] < rows[1]["train_loss"]  # it learns
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [(dict(batch_size=0), "batch_size"), (dict(parallel="tpu"), "parallel"), (dict(seed="0"), "seed")],
+)
+def test_bad_configs_fail_before_compiling(tmp_path, overrides, key):
+    config = toy_config(**overrides) if "seed" not in overrides else toy_config()
+    if "seed" in overrides:
+        config.unlock()
+        config.seed = None
+        key = "seed"
+    with pytest.raises(ValueError, match=rf"config\.{key}"):
+        train_and_evaluate(config, str(tmp_path), ToyTask(config))
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_checkpoint_moves_between_modes_and_device_counts(tmp_path):
+    """20 steps on one device, 20 under pmap on 8 devices, 20 under jit on 8: the same losses as one device
+    throughout (no dropout here: under pmap each device draws its own masks)."""
+    # A constant schedule: the cosine one depends on num_train_steps, which the three legs change.
+    base = toy_config(batch_size=16, num_train_steps=60, eval_every_steps=0, dropout=0.0, schedule="constant")
+    with jax.numpy_dtype_promotion("standard"):
+        train_and_evaluate(base, str(tmp_path / "ref"), ToyTask(base))
+        for steps, mode in ((20, "none"), (40, "pmap"), (60, "jit")):
+            config = toy_config(**{**base.to_dict(), "num_train_steps": steps, "parallel": mode})
+            train_and_evaluate(config, str(tmp_path / "moved"), ToyTask(config))
+    ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "moved")
+    assert sorted(got) == sorted(ref) == list(range(1, 61))
+    np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-4)
