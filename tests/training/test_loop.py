@@ -126,3 +126,18 @@ def test_checkpoint_moves_between_modes_and_device_counts(tmp_path):
     ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "moved")
     assert sorted(got) == sorted(ref) == list(range(1, 61))
     np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["none", "pmap", "jit"])
+def test_train_step_compiles_once(tmp_path, mode):
+    traces = []
+
+    class Counting(ToyTask):
+        def loss_fn(self, params, model_state, batch, rng):
+            traces.append(1)  # runs only while JAX traces the step
+            return super().loss_fn(params, model_state, batch, rng)
+
+    config = toy_config(num_train_steps=25, parallel=mode, eval_every_steps=10)
+    with jax.numpy_dtype_promotion("standard"):
+        train_and_evaluate(config, str(tmp_path), Counting(config))
+    assert len(traces) == 1
