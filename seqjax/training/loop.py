@@ -146,8 +146,11 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     try:
         with _Stop() as stop, open(os.path.join(workdir, "metrics.jsonl"), "a") as log:
             t_last, s_last = time.perf_counter(), step
+            batch = par.put_batch(task.train_batch(step)) if step < total else None
             while step < total:
-                dev_state, metrics = train_step(dev_state, par.put_batch(task.train_batch(step)))
+                dev_state, metrics = train_step(dev_state, batch)  # dispatched asynchronously
+                if step + 1 < total:  # the next batch is drawn while this step runs
+                    batch = par.put_batch(task.train_batch(step + 1))
                 step += 1
                 final = step == total
                 row = None
