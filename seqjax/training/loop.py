@@ -12,8 +12,8 @@ The loop knows no model and no dataset; a **task** brings them:
 
 Config fields (the shared contract): seed, batch_size, num_train_steps, log_every_steps, eval_every_steps (0: only
 at the end), checkpoint_every_steps, learning_rate, parallel; the optimizer fields of `seqjax.training.optim`;
-optional max_checkpoints_to_keep (default 2) and keep_best_metric / keep_best_mode (keep-best checkpoints by an
-eval metric).
+optional max_checkpoints_to_keep (default 2), keep_best_metric / keep_best_mode (keep-best checkpoints by an
+eval metric), profile_steps ("A,B": a jax.profiler trace of steps A+1..B in WORKDIR/profile).
 
 Reliability: the state (step, parameters, optimizer state, PRNG key, model state) is checkpointed with Orbax every
 `checkpoint_every_steps` and at the end, and the loop resumes from the latest finished checkpoint in `workdir`;
@@ -75,6 +75,7 @@ def validate_config(config: Any) -> None:
         raise ValueError("config.eval_every_steps and config.learning_rate must be >= 0")
     if config.parallel not in MODES:
         raise ValueError(f"config.parallel={config.parallel!r} is unknown; use one of {MODES}")
+    _profile_window(config)
 
 
 class _Stop:
@@ -118,7 +119,7 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         max_to_keep=config.get("max_checkpoints_to_keep", 2),
-        best_metric=config.get("keep_best_metric"),
+        best_metric=config.get("keep_best_metric") or None,
         best_mode=config.get("keep_best_mode", "min"),
     )
     restored = ckpt.restore(state)
@@ -141,6 +142,7 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
         return {f"eval_{k}": v / max(count, 1) for k, v in sums.items()}
 
     step, total = int(state.step), config.num_train_steps
+    profile = _profile_window(config)
     dev_state = par.put_state(state)
     last_eval: dict[str, float] = {}
     try:
@@ -148,10 +150,16 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
             t_last, s_last = time.perf_counter(), step
             batch = par.put_batch(task.train_batch(step)) if step < total else None
             while step < total:
+                if profile is not None and step == profile[0]:
+                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 dev_state, metrics = train_step(dev_state, batch)  # dispatched asynchronously
                 if step + 1 < total:  # the next batch is drawn while this step runs
                     batch = par.put_batch(task.train_batch(step + 1))
                 step += 1
+                if profile is not None and step == profile[1]:
+                    jax.block_until_ready(dev_state)
+                    jax.profiler.stop_trace()
+                    print(f"profile of steps {profile[0] + 1}..{step} in {workdir}/profile", flush=True)
                 final = step == total
                 row = None
                 if step % config.log_every_steps == 0 or final:
@@ -187,6 +195,20 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
         json.dump(summary, f, indent=2)
     plot_curves(workdir)
     return summary
+
+
+def _profile_window(config: Any) -> tuple[int, int] | None:
+    """`config.profile_steps = "A,B"`: a `jax.profiler` trace of steps A+1..B, written to WORKDIR/profile."""
+    spec = config.get("profile_steps")
+    if not spec:
+        return None
+    try:
+        start, end = (int(x) for x in str(spec).split(","))
+    except ValueError:
+        raise ValueError(f"config.profile_steps must be 'START,END', got {spec!r}") from None
+    if not 0 <= start < end:
+        raise ValueError(f"config.profile_steps needs 0 <= START < END, got {spec!r}")
+    return start, end
 
 
 def _progress(row: dict[str, Any], total: int) -> None:

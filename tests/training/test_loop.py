@@ -141,3 +141,27 @@ def test_train_step_compiles_once(tmp_path, mode):
     with jax.numpy_dtype_promotion("standard"):
         train_and_evaluate(config, str(tmp_path), Counting(config))
     assert len(traces) == 1
+
+
+def test_keep_best_keeps_the_lowest_eval_loss(tmp_path):
+    config = toy_config(
+        num_train_steps=60, eval_every_steps=10, checkpoint_every_steps=10, max_checkpoints_to_keep=2,
+        keep_best_metric="eval_loss", keep_best_mode="min",
+    )  # fmt: skip
+    with jax.numpy_dtype_promotion("standard"):
+        train_and_evaluate(config, str(tmp_path), ToyTask(config))
+    rows = read_metrics(str(tmp_path))
+    best = sorted(range(10, 61, 10), key=lambda s: rows[s]["eval_loss"])[:2]
+    kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert kept == sorted(best), (kept, {s: rows[s]["eval_loss"] for s in range(10, 61, 10)})
+
+
+def test_profile_window_writes_a_trace(tmp_path):
+    config = toy_config(num_train_steps=12, profile_steps="3,6")
+    with jax.numpy_dtype_promotion("standard"):
+        train_and_evaluate(config, str(tmp_path), ToyTask(config))
+    traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+    assert any(f.endswith((".xplane.pb", ".trace.json.gz")) for f in traces), traces
+    bad = toy_config(profile_steps="6,3")
+    with pytest.raises(ValueError, match=r"config\.profile_steps"):
+        train_and_evaluate(bad, str(tmp_path / "bad"), ToyTask(bad))

@@ -17,7 +17,8 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
         dict(
             seed=0, batch_size=16, num_train_steps=60, log_every_steps=1, eval_every_steps=20,
             checkpoint_every_steps=10, learning_rate=3e-3, parallel="none", optimizer="adam", schedule="cosine",
-            warmup_steps=5, max_checkpoints_to_keep=3, nan_at_step=-1, sleep=0.0, dropout=0.1,
+            warmup_steps=5, max_checkpoints_to_keep=3, nan_at_step=-1, sleep=0.0, dropout=0.1, keep_best_metric="",
+            keep_best_mode="min", profile_steps="",
         )
     )  # fmt: skip
     config.update(overrides)
