@@ -212,9 +212,16 @@ def _profile_window(config: Any) -> tuple[int, int] | None:
 
 
 def _progress(row: dict[str, Any], total: int) -> None:
+    """On a terminal: one line redrawn in place, with a bar; otherwise (logs, pipes) a plain line per logged step."""
     parts = [f"step {row['step']:>6d}/{total}"]
     parts += [f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "learning_rate") and isinstance(v, float)]
-    print("  ".join(parts), flush=True)
+    line = "  ".join(parts)
+    if sys.stdout.isatty():
+        done = int(20 * row["step"] / total)
+        end = "\n" if row["step"] == total or any(k.startswith("eval_") for k in row) else ""
+        print(f"\r[{'#' * done}{'.' * (20 - done)}] {line}\033[K", end=end, flush=True)
+    else:
+        print(line, flush=True)
 
 
 def read_metrics(workdir: str) -> dict[int, dict[str, Any]]:
