@@ -27,3 +27,14 @@ def interleaved_medians(steps: dict, repeats: int) -> dict:
             step()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def matmul_peak_step(n: int):
+    """A jit-compiled float32 n x n x n `jnp.dot` as a step to time, and its FLOPs (2 n^3): the peer that gives
+    "fraction of the machine's matmul peak" (time it in the same run as the contender)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a: jnp.dot(a, a))
+    return (lambda: jax.block_until_ready(mm(a))), 2 * n**3

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import interleaved_medians, torch_available
+from _timing import interleaved_medians, matmul_peak_step, torch_available
 
 from seqjax import decoding
 from seqjax.models import DecoderLM, Encoder, TransformerConfig
@@ -149,11 +149,8 @@ def torch_train(args, tokens, targets):
 
 
 def measure_peak(args) -> float:
-    n = args.peak_n
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda a: jnp.dot(a, a))
-    t = interleaved_medians({"mm": lambda: jax.block_until_ready(mm(a))}, args.repeats)["mm"]
-    return 2 * n**3 / t / 1e9
+    step, flops = matmul_peak_step(args.peak_n)
+    return flops / interleaved_medians({"mm": step}, args.repeats)["mm"] / 1e9
 
 
 def part_train(args, have_torch: bool) -> None:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import interleaved_medians
+from _timing import interleaved_medians, matmul_peak_step
 
 from seqjax import decoding
 from seqjax.models import ImageDecoderConfig, ImageTokenDecoder, ViT, vit_config
@@ -54,10 +54,9 @@ def part_train(args) -> None:
         jax.block_until_ready(state)
 
     n = args.peak_n
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda a: jnp.dot(a, a))
-    times = interleaved_medians({"vit": run, "peak": lambda: jax.block_until_ready(mm(a))}, args.repeats)
-    peak = 2 * n**3 / times["peak"] / 1e9
+    peak_step, peak_flops = matmul_peak_step(n)
+    times = interleaved_medians({"vit": run, "peak": peak_step}, args.repeats)
+    peak = peak_flops / times["peak"] / 1e9
     d, m, layers, p = cfg.emb_dim, cfg.mlp_dim, cfg.num_layers, cfg.patch_size
     t = (s // p) ** 2 + 1
     p_matmul = layers * (4 * d * d + 2 * d * m) + p * p * c * d + d * 1000

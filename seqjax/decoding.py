@@ -261,12 +261,14 @@ def beam_search(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _empty_cache(model: nn.Module, *args) -> Any:
+def empty_cache(model: nn.Module, *args) -> Any:
+    """The "cache" collection `model.init(key, *args)` would create, as zeros, without running the model."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args)["cache"])
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _decode_model(model: nn.Module) -> nn.Module:
+def with_decode(model: nn.Module) -> nn.Module:
+    """The model with `config.decode=True` (itself if it already has it)."""
     return model if model.config.decode else model.clone(config=model.config.replace(decode=True))
 
 
@@ -277,7 +279,7 @@ class lm_step:
     model: nn.Module
 
     def __call__(self, state: State, tokens: Array) -> tuple[Array, State]:
-        logits, new = _decode_model(self.model).apply(
+        logits, new = with_decode(self.model).apply(
             {"params": state["params"], "cache": state["cache"]}, tokens, mutable=["cache"]
         )
         return logits, {"params": state["params"], "cache": new["cache"]}
@@ -290,7 +292,7 @@ def lm_state(model: nn.Module, params: Any, batch_size: int, max_decode_len: int
     """An empty KV cache for `max_decode_len` positions (prompt + new tokens - 1), with the parameters."""
     if max_decode_len > model.config.max_len:
         raise ValueError(f"max_decode_len={max_decode_len} exceeds TransformerConfig.max_len={model.config.max_len}")
-    cache = _empty_cache(_decode_model(model), jnp.zeros((batch_size, max_decode_len), jnp.int32))
+    cache = empty_cache(with_decode(model), jnp.zeros((batch_size, max_decode_len), jnp.int32))
     return {"params": params, "cache": cache}
 
 
@@ -302,7 +304,7 @@ class seq2seq_step:
     model: nn.Module
 
     def __call__(self, state: State, tokens: Array) -> tuple[Array, State]:
-        logits, new = _decode_model(self.model).apply(
+        logits, new = with_decode(self.model).apply(
             {"params": state["params"], "cache": state["cache"]},
             state["encoded"],
             state["inputs"],
@@ -320,8 +322,8 @@ def seq2seq_state(model: nn.Module, params: Any, inputs: Array, max_decode_len: 
     """Encodes `inputs [B, S]` and makes an empty decoder cache for `max_decode_len` target positions."""
     if max_decode_len > model.config.max_len:
         raise ValueError(f"max_decode_len={max_decode_len} exceeds TransformerConfig.max_len={model.config.max_len}")
-    decoder = _decode_model(model)
+    decoder = with_decode(model)
     encoded = decoder.apply({"params": params}, inputs, method="encode")
     targets = jnp.zeros((inputs.shape[0], max_decode_len), jnp.int32)
-    cache = _empty_cache(decoder, inputs, targets)
+    cache = empty_cache(decoder, inputs, targets)
     return {"params": params, "cache": cache, "encoded": encoded, "inputs": jnp.asarray(inputs)}

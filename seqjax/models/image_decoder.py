@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.models.transformer import DecoderBlock, TransformerConfig, _Stack
+from seqjax.decoding import cache_capacity, default_batch_axes, empty_cache, with_decode
+from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
+from seqjax.models.transformer import DecoderBlock, TransformerConfig, _Stack, stack_config
 from seqjax.nn.attention import causal_mask
 
 Array = jax.Array
@@ -35,7 +37,7 @@ Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageDecoderConfig:
+class ImageDecoderConfig(ConfigBase):
     """Attributes:
     text_vocab_size: Vt (id 0 is padding; the begin-of-image token gets id Vt in the text table).
     image_vocab_size: K.
@@ -67,15 +69,10 @@ class ImageDecoderConfig:
     decode: bool = False
 
     def __post_init__(self):
-        for name in ("text_vocab_size", "image_vocab_size", "text_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ImageDecoderConfig.{name} must be a positive int, got {name}={value!r}")
+        check_positive_ints(self, ("text_vocab_size", "image_vocab_size", "text_len"))
         if len(self.image_grid) != 2 or min(self.image_grid) < 1:
             raise ValueError(f"ImageDecoderConfig.image_grid must be (h, w) >= 1, got {self.image_grid!r}")
-        for name in ("image_loss_weight", "caption_dropout"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"ImageDecoderConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        check_rates(self, ("image_loss_weight", "caption_dropout"), include_one=True)
         self.transformer_config()
 
     @property
@@ -87,19 +84,8 @@ class ImageDecoderConfig:
         return self.text_len + 1 + self.num_image_tokens
 
     def transformer_config(self) -> TransformerConfig:
-        try:
-            return TransformerConfig(
-                vocab_size=1, emb_dim=self.emb_dim, num_heads=self.num_heads, num_layers=self.num_layers,
-                mlp_dim=self.mlp_dim, max_len=self.stream_len, dropout_rate=self.dropout_rate,
-                attention_dropout_rate=self.attention_dropout_rate, position="none", dtype=self.dtype,
-                param_dtype=self.param_dtype, scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-                attention_implementation=self.attention_implementation, decode=self.decode,
-            )  # fmt: skip
-        except ValueError as e:
-            raise ValueError(str(e).replace("TransformerConfig.", "ImageDecoderConfig.")) from None
-
-    def replace(self, **changes) -> ImageDecoderConfig:
-        return dataclasses.replace(self, **changes)
+        """The block stack's config."""
+        return stack_config(self, max_len=self.stream_len, decode=self.decode)
 
 
 def _check_ids(ids: Array, vocab: int, name: str, length: int | None = None) -> Array:
@@ -214,10 +200,6 @@ def _nll(logits: Array, labels: Array) -> Array:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _decode_model(model: ImageTokenDecoder) -> ImageTokenDecoder:
-    return model if model.config.decode else model.clone(config=model.config.replace(decode=True))
-
-
 @dataclasses.dataclass(frozen=True)
 class image_step:
     """Step function over `image_state(...)`: prefill with `image_prompt(text)`, then image tokens."""
@@ -225,7 +207,7 @@ class image_step:
     model: ImageTokenDecoder
 
     def __call__(self, state: Any, tokens: Array) -> tuple[Array, Any]:
-        model, scale = _decode_model(self.model), state["guidance_scale"]
+        model, scale = with_decode(self.model), state["guidance_scale"]
         guided = scale is not None
         if guided:  # the unconditional copy reads an empty caption and the same image tokens
             text_len = self.model.config.text_len
@@ -239,15 +221,11 @@ class image_step:
         return logits, {**state, "cache": new["cache"]}
 
     def capacity(self, state: Any) -> int:
-        from seqjax.decoding import cache_capacity
-
         return cache_capacity(state["cache"])
 
     def batch_axes(self, state: Any) -> Any:
         if state["guidance_scale"] is not None:
             raise ValueError("beam search with classifier-free guidance is not supported; use greedy or sample")
-        from seqjax.decoding import default_batch_axes
-
         return default_batch_axes(state)
 
 
@@ -261,11 +239,7 @@ def image_prompt(model: ImageTokenDecoder, text: Array) -> Array:
 
 def image_state(model: ImageTokenDecoder, params: Any, batch_size: int, guidance_scale: float | None = None) -> dict:
     """An empty cache for a whole stream (twice the batch with guidance), with the parameters."""
-    decoder = _decode_model(model)
     rows = batch_size * (1 if guidance_scale is None else 2)
-    shapes = jax.eval_shape(
-        lambda: decoder.init(jax.random.key(0), jnp.zeros((rows, model.config.stream_len), jnp.int32))["cache"]
-    )
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    cache = empty_cache(with_decode(model), jnp.zeros((rows, model.config.stream_len), jnp.int32))
     cache["stream_index"] = jnp.array(-1, jnp.int32)
     return {"params": params, "cache": cache, "guidance_scale": guidance_scale}

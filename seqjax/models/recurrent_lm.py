@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
 from seqjax.nn.recurrent import GRU, LSTM, SimpleRNN
 
 Array = jax.Array
@@ -22,7 +23,7 @@ CELLS = {"lstm": LSTM, "gru": GRU, "rnn": SimpleRNN}
 
 
 @dataclasses.dataclass(frozen=True)
-class RecurrentLMConfig:
+class RecurrentLMConfig(ConfigBase):
     """Attributes:
     vocab_size: V.
     emb_dim: E.
@@ -40,17 +41,10 @@ class RecurrentLMConfig:
     dropout_rate: float = 0.0
 
     def __post_init__(self):
-        for name in ("vocab_size", "emb_dim", "hidden_size", "num_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"RecurrentLMConfig.{name} must be a positive int, got {name}={value!r}")
+        check_positive_ints(self, ("vocab_size", "emb_dim", "hidden_size", "num_layers"))
         if self.cell not in CELLS:
             raise ValueError(f"RecurrentLMConfig.cell={self.cell!r} is unknown; use one of {sorted(CELLS)}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"RecurrentLMConfig.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
-
-    def replace(self, **changes) -> RecurrentLMConfig:
-        return dataclasses.replace(self, **changes)
+        check_rates(self, ("dropout_rate",))
 
 
 class RecurrentLM(nn.Module):

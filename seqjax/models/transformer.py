@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict, unfreeze
 
+from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
 from seqjax.nn.attention import MultiHeadAttention, causal_mask, padding_mask
 from seqjax.nn.mlp import MlpBlock
 from seqjax.nn.position import AddSinusoidalPositions, LearnedPositionEmbedding
@@ -49,7 +50,7 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "reference", "jax", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(ConfigBase):
     """Every hyperparameter of the Transformer models; derive variants with `config.replace(...)`.
 
     Attributes:
@@ -101,24 +102,17 @@ class TransformerConfig:
     decode: bool = False
 
     def __post_init__(self):
-        def positive(name):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {name}={value!r}")
-
-        for name in ("vocab_size", "emb_dim", "num_heads", "num_layers", "mlp_dim", "max_len"):
-            positive(name)
-        for name in ("output_vocab_size", "num_decoder_layers", "qkv_dim"):
-            if getattr(self, name) is not None:
-                positive(name)
+        check_positive_ints(
+            self,
+            ("vocab_size", "emb_dim", "num_heads", "num_layers", "mlp_dim", "max_len"),
+            optional=("output_vocab_size", "num_decoder_layers", "qkv_dim"),
+        )
         if self.attention_dim % self.num_heads:
             raise ValueError(
                 f"TransformerConfig.num_heads={self.num_heads} must divide the attention width "
                 f"(qkv_dim or emb_dim) = {self.attention_dim}"
             )
-        for name in ("dropout_rate", "attention_dropout_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {name}={getattr(self, name)!r}")
+        check_rates(self, ("dropout_rate", "attention_dropout_rate"))
         if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"TransformerConfig.remat_policy={self.remat_policy!r} is unknown; use 'none' or one of "
@@ -155,8 +149,22 @@ class TransformerConfig:
     def decoder_layers(self) -> int:
         return self.num_decoder_layers or self.num_layers
 
-    def replace(self, **changes) -> TransformerConfig:
-        return dataclasses.replace(self, **changes)
+
+# The fields a model that reuses the Transformer's blocks (ViT, the image decoder) passes on to them.
+STACK_FIELDS = (
+    "emb_dim", "num_heads", "num_layers", "mlp_dim", "dropout_rate", "attention_dropout_rate", "dtype",
+    "param_dtype", "scan_layers", "remat_policy", "attention_implementation",
+)  # fmt: skip
+
+
+def stack_config(owner: Any, **extra) -> TransformerConfig:
+    """The `TransformerConfig` for the block stack of another model's config `owner`: its `STACK_FIELDS` plus
+    `extra`; token fields unused. Validation errors name the owner's class and field."""
+    fields = {name: getattr(owner, name) for name in STACK_FIELDS}
+    try:
+        return TransformerConfig(**{"vocab_size": 1, "max_len": 1, "position": "none", **fields, **extra})
+    except ValueError as e:
+        raise ValueError(str(e).replace("TransformerConfig.", f"{type(owner).__name__}.")) from None
 
 
 def check_tokens(config: TransformerConfig, tokens: Array, name: str) -> Array:

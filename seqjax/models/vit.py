@@ -21,7 +21,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.models.transformer import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, EncoderBlock, TransformerConfig, _Stack
+from seqjax.models._config import ConfigBase, check_positive_ints
+from seqjax.models.transformer import (
+    ATTENTION_IMPLEMENTATIONS,
+    REMAT_POLICIES,
+    EncoderBlock,
+    TransformerConfig,
+    _Stack,
+    stack_config,
+)
 from seqjax.nn.position import sinusoidal_positions_2d
 
 Array = jax.Array
@@ -40,7 +48,7 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ConfigBase):
     """Attributes:
     num_classes: K (0: no head; the model returns the pooled representation `[B, D]`).
     image_size: (H, W) (or one int) the position table is made for.
@@ -78,8 +86,7 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.position={self.position!r} is unknown; use 'learned', 'sinusoidal', 'none'")
         if self.position == "sinusoidal" and self.emb_dim % 4:
             raise ValueError(f"ViTConfig.emb_dim={self.emb_dim} must be divisible by 4 for 2D sinusoidal positions")
-        if not isinstance(self.patch_size, int) or self.patch_size < 1:
-            raise ValueError(f"ViTConfig.patch_size must be a positive int, got {self.patch_size!r}")
+        check_positive_ints(self, ("patch_size",))
         h, w = self.image_hw
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(
@@ -98,20 +105,8 @@ class ViTConfig:
         return h // self.patch_size, w // self.patch_size
 
     def transformer_config(self) -> TransformerConfig:
-        """The encoder stack's config (token fields unused)."""
-        try:
-            return TransformerConfig(
-                vocab_size=1, emb_dim=self.emb_dim, num_heads=self.num_heads, num_layers=self.num_layers,
-                mlp_dim=self.mlp_dim, max_len=1, dropout_rate=self.dropout_rate,
-                attention_dropout_rate=self.attention_dropout_rate, position="none", activation="gelu",
-                dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                remat_policy=self.remat_policy, attention_implementation=self.attention_implementation,
-            )  # fmt: skip
-        except ValueError as e:
-            raise ValueError(str(e).replace("TransformerConfig.", "ViTConfig.")) from None
-
-    def replace(self, **changes) -> ViTConfig:
-        return dataclasses.replace(self, **changes)
+        """The encoder stack's config."""
+        return stack_config(self, activation="gelu")
 
 
 def vit_config(variant: str, **overrides) -> ViTConfig:

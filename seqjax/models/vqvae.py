@@ -20,11 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
+
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class VQVAEConfig:
+class VQVAEConfig(ConfigBase):
     """Attributes:
     num_codes: K.
     code_dim: D.
@@ -46,15 +48,8 @@ class VQVAEConfig:
     restart_threshold: float = 0.01
 
     def __post_init__(self):
-        for name in ("num_codes", "code_dim", "channels", "num_downsamples", "image_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"VQVAEConfig.{name} must be a positive int, got {name}={value!r}")
-        if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"VQVAEConfig.decay must be in [0, 1), got {self.decay!r}")
-
-    def replace(self, **changes) -> VQVAEConfig:
-        return dataclasses.replace(self, **changes)
+        check_positive_ints(self, ("num_codes", "code_dim", "channels", "num_downsamples", "image_channels"))
+        check_rates(self, ("decay",))
 
 
 class VectorQuantizer(nn.Module):

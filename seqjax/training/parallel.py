@@ -67,8 +67,8 @@ class Parallel:
             return jax.device_put(state, NamedSharding(self.mesh, P()))
         return jax.device_put(state, self.devices[0])
 
-    def get_state(self, state: TrainState) -> TrainState:
-        """The state as one copy (host-side view of device 0 under pmap)."""
+    def get_state(self, state: Any) -> Any:
+        """The state (or any part of it) as one copy: device 0's under pmap."""
         return jax.tree.map(lambda x: x[0], state) if self.mode == "pmap" else state
 
     def put_batch(self, batch: Any) -> Any:

@@ -12,6 +12,7 @@ from seqjax.models import get_model
 from seqjax.models.image_decoder import ImageDecoderConfig, ImageTokenDecoder, image_prompt, image_state, image_step
 from seqjax.models.vqvae import VQVAEConfig
 from seqjax.plotting import plot_image_grid
+from tests.models.squares import quadrant_squares
 
 
 def _config(**overrides):
@@ -105,12 +106,8 @@ def test_bad_inputs_name_the_sizes(rng):
 
 def _squares(key, n):
     """Captions 1..4 and 8x8 grey images with a bright 4x4 square in the captioned quadrant."""
-    labels = jax.random.randint(key, (n,), 0, 4)
-    ys, xs = (labels // 2) * 4, (labels % 2) * 4
-    gy, gx = jnp.arange(8)[None, :, None], jnp.arange(8)[None, None, :]
-    inside = (gy >= ys[:, None, None]) & (gy < ys[:, None, None] + 4)
-    inside &= (gx >= xs[:, None, None]) & (gx < xs[:, None, None] + 4)
-    return (labels + 1)[:, None], (inside.astype(jnp.float32) * 0.8 + 0.1)[..., None]
+    labels, inside = quadrant_squares(key, n)
+    return (labels + 1)[:, None], (inside * 0.8 + 0.1)[..., None]
 
 
 def _brightest_quadrant(images):

@@ -17,6 +17,7 @@ from seqjax.models.vit import (
     vit_config,
 )
 from seqjax.plotting import attention_weights, plot_rollout
+from tests.models.squares import quadrant_squares
 
 
 def _config(**overrides):
@@ -131,12 +132,8 @@ def test_scanned_stack_and_rollout(rng, tmp_path):
 def _shapes_dataset(key, n):
     """8x8 grey images, 4 classes: a bright 4x4 square in one of the four quadrants, plus noise."""
     k1, k2 = jax.random.split(key)
-    labels = jax.random.randint(k1, (n,), 0, 4)
-    ys, xs = (labels // 2) * 4, (labels % 2) * 4
-    grid_y, grid_x = jnp.arange(8)[None, :, None], jnp.arange(8)[None, None, :]
-    inside = (grid_y >= ys[:, None, None]) & (grid_y < ys[:, None, None] + 4)
-    inside &= (grid_x >= xs[:, None, None]) & (grid_x < xs[:, None, None] + 4)
-    images = inside.astype(jnp.float32) * 0.8 + 0.3 * jax.random.uniform(k2, (n, 8, 8))
+    labels, inside = quadrant_squares(k1, n)
+    images = inside * 0.8 + 0.3 * jax.random.uniform(k2, (n, 8, 8))
     return images[..., None], labels
 
 

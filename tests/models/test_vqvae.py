@@ -8,6 +8,7 @@ import pytest
 
 from seqjax.models import get_model
 from seqjax.models.vqvae import VQVAE, VectorQuantizer, VQVAEConfig, nearest_code
+from tests.models.squares import quadrant_squares
 
 
 def _vq_variables(codebook, count=None):
@@ -67,12 +68,7 @@ def test_dead_codes_restart_at_batch_vectors(rng):
 
 def _squares(key, n):
     """8x8 grey images: a bright 4x4 square in one of the four quadrants."""
-    labels = jax.random.randint(key, (n,), 0, 4)
-    ys, xs = (labels // 2) * 4, (labels % 2) * 4
-    gy, gx = jnp.arange(8)[None, :, None], jnp.arange(8)[None, None, :]
-    inside = (gy >= ys[:, None, None]) & (gy < ys[:, None, None] + 4)
-    inside &= (gx >= xs[:, None, None]) & (gx < xs[:, None, None] + 4)
-    return (inside.astype(jnp.float32) * 0.8 + 0.1)[..., None]
+    return (quadrant_squares(key, n)[1] * 0.8 + 0.1)[..., None]
 
 
 def test_trained_tiny_vqvae_reconstructs_its_images(rng):
