@@ -23,7 +23,8 @@ loss (checked at every log step and before every save) stops the run with the st
 checkpoint.
 
 Outputs: `metrics.jsonl` (one JSON object per logged step: step, train_loss, learning_rate, steps_per_sec, the
-task's metrics, eval_* when evaluated; after a resume the last line for a step wins), `summary.json`, `curves.png`.
+task's metrics, eval_* when evaluated; after a resume the last line for a step wins), the same rows as TensorBoard
+scalars in `tensorboard/` (`tensorboard --logdir WORKDIR`), `summary.json`, `curves.png`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from seqjax.training.checkpoint import Checkpointer
 from seqjax.training.optim import learning_rate, make_optimizer
 from seqjax.training.parallel import MODES, Parallel
 from seqjax.training.state import TrainState
+from seqjax.training.summary import SummaryWriter
 
 REQUIRED = {
     "seed": int,
@@ -146,7 +148,11 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     dev_state = par.put_state(state)
     last_eval: dict[str, float] = {}
     try:
-        with _Stop() as stop, open(os.path.join(workdir, "metrics.jsonl"), "a") as log:
+        with (
+            _Stop() as stop,
+            open(os.path.join(workdir, "metrics.jsonl"), "a") as log,
+            SummaryWriter(os.path.join(workdir, "tensorboard")) as tb,
+        ):
             t_last, s_last = time.perf_counter(), step
             batch = par.put_batch(task.train_batch(step)) if step < total else None
             while step < total:
@@ -175,6 +181,8 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
                 if row is not None:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+                    tb.scalars(step, {k: v for k, v in row.items() if k != "step"})
+                    tb.flush()
                     _progress(row, total)
                 if step % config.checkpoint_every_steps == 0 or final or stop.requested:
                     host = par.get_state(dev_state)

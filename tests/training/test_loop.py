@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from seqjax.training.loop import read_metrics, train_and_evaluate
+from seqjax.training.summary import read_scalars
 from tests.training.toy_task import ToyTask, toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,6 +97,12 @@ def test_max_to_keep_and_outputs(tmp_path):
     assert sorted(rows) == list(range(1, 41)) and "eval_loss" in rows[20] and "learning_rate" in rows[1]
     assert summary["step"] == 40 and "w1_norm" in summary and (tmp_path / "curves.png").exists()
     assert rows[40]["eval_loss"] < rows[1]["train_loss"]  # it learns
+    (events,) = (tmp_path / "tensorboard").iterdir()  # the same rows as TensorBoard scalars
+    scalars = dict(read_scalars(str(events)))
+    assert sorted(scalars) == list(range(1, 41))
+    for step in (1, 20, 40):
+        keys = [k for k in ("train_loss", "eval_loss", "learning_rate") if k in rows[step]]
+        np.testing.assert_allclose([scalars[step][k] for k in keys], [rows[step][k] for k in keys], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
