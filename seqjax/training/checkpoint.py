@@ -53,13 +53,19 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(_to_disk(state)), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, metrics=metrics if self.best_metric is not None else None)
 
-    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]] | None:
-        """The checkpoint at `step` (default: the latest finished one), shaped like `template`; None if there is
-        none."""
+    def restore(
+        self, template: TrainState, step: int | None = None, shardings: Any = None
+    ) -> tuple[TrainState, dict[str, Any]] | None:
+        """The checkpoint at `step` (default: the latest finished one), shaped like `template` and placed like it
+        or as `shardings` says (a tree of shardings like `template`'s: then each process reads only its shards);
+        None if there is none."""
         step = self.latest_step() if step is None else step
         if step is None:
             return None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_disk(template))
+        if shardings is not None:
+            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                    shardings)  # fmt: skip
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )

@@ -8,7 +8,8 @@ The loop knows no model and no dataset; a **task** brings them:
         resumed run reads exactly the batches an uninterrupted one would)
     task.eval_batches() -> iterable of batches            (optional, with metric_fn)
     task.metric_fn(params, model_state, batch) -> metrics (optional)
-    task.report(params, model_state, workdir) -> dict     (optional: end-of-run numbers; may draw pictures)
+    task.report(params, model_state, workdir) -> dict     (optional: end-of-run numbers; may draw pictures;
+        workdir is None on every process but the first)
 
 Config fields (the shared contract): seed, batch_size, num_train_steps, log_every_steps, eval_every_steps (0: only
 at the end), checkpoint_every_steps, learning_rate, parallel; the optimizer fields of `seqjax.training.optim`;
@@ -41,7 +42,7 @@ import jax
 
 from seqjax.training.checkpoint import Checkpointer
 from seqjax.training.optim import learning_rate, make_optimizer
-from seqjax.training.parallel import MODES, Parallel
+from seqjax.training.parallel import MODES, Parallel, initialize_distributed
 from seqjax.training.state import TrainState
 from seqjax.training.summary import SummaryWriter
 
@@ -77,17 +78,25 @@ def validate_config(config: Any) -> None:
         raise ValueError("config.eval_every_steps and config.learning_rate must be >= 0")
     if config.parallel not in MODES:
         raise ValueError(f"config.parallel={config.parallel!r} is unknown; use one of {MODES}")
+    for key, kind in (("fsdp", int), ("fsdp_min_size", int), ("distributed", bool)):
+        if key in config and (not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool))):
+            raise ValueError(f"config.{key} must be {kind.__name__}, got {config[key]!r}")
+    if config.get("fsdp", 1) < 1 or (config.get("fsdp", 1) > 1 and config.parallel != "jit"):
+        raise ValueError(f"config.fsdp={config.fsdp} must be >= 1, and above 1 only with parallel='jit'")
     _profile_window(config)
 
 
 class _Stop:
     """Turns SIGTERM into a flag the loop reads at step boundaries."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.requested = False
         self.previous = None
+        self.enabled = enabled
 
     def __enter__(self):
+        if not self.enabled:
+            return self
         try:
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no handler, no graceful stop
@@ -102,6 +111,24 @@ class _Stop:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+class _NoSummaries:
+    def scalars(self, step, values):
+        pass
+
+    def flush(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _summary_writer(logdir: str, primary: bool):
+    return SummaryWriter(logdir) if primary else _NoSummaries()
+
+
 def _finite(value: float, step: int) -> None:
     if not math.isfinite(value):
         raise FloatingPointError(f"train_loss is {value} at step {step}; stopped, the last good checkpoint is kept")
@@ -110,10 +137,12 @@ def _finite(value: float, step: int) -> None:
 def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     """Trains `task` as `config` says, resuming from `workdir`; returns the summary (also in summary.json)."""
     validate_config(config)
+    initialize_distributed(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    par = Parallel(config.parallel)
+    par = Parallel.from_config(config)
     par.check_batch_size(config.batch_size)
+    primary = jax.process_index() == 0  # writes the logs, summaries and pictures; every process trains and saves
     tx = make_optimizer(config)
     root = jax.random.key(config.seed)
     params, model_state = task.init(jax.random.fold_in(root, 0))
@@ -124,11 +153,15 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
         best_metric=config.get("keep_best_metric") or None,
         best_mode=config.get("keep_best_mode", "min"),
     )
-    restored = ckpt.restore(state)
-    if restored is not None:
-        state = restored[0]
-        print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
-    train_step = par.train_step(task.loss_fn, tx)
+    # Under "jit" the checkpoint is read straight into the mesh's shardings (each process its own shards).
+    restored = ckpt.restore(state, shardings=par.state_shardings(state))
+    if restored is None:
+        dev_state = par.put_state(state)
+    else:
+        dev_state = restored[0] if par.mode == "jit" else par.put_state(restored[0])
+        if primary:
+            print(f"resumed from step {int(restored[0].step)} in {workdir}", flush=True)
+    train_step = par.train_step(task.loss_fn, tx, state)
     eval_step = par.eval_step(task.metric_fn) if hasattr(task, "metric_fn") else None
     meta = {"config": json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)}
 
@@ -143,15 +176,15 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
             count += 1
         return {f"eval_{k}": v / max(count, 1) for k, v in sums.items()}
 
-    step, total = int(state.step), config.num_train_steps
+    step, total = int(par.get_state(dev_state).step), config.num_train_steps
     profile = _profile_window(config)
-    dev_state = par.put_state(state)
+    multiprocess = jax.process_count() > 1
     last_eval: dict[str, float] = {}
     try:
         with (
-            _Stop() as stop,
-            open(os.path.join(workdir, "metrics.jsonl"), "a") as log,
-            SummaryWriter(os.path.join(workdir, "tensorboard")) as tb,
+            _Stop(enabled=not multiprocess) as stop,  # several processes: Orbax's preemption sync point instead
+            open(os.path.join(workdir, "metrics.jsonl") if primary else os.devnull, "a") as log,
+            _summary_writer(os.path.join(workdir, "tensorboard"), primary) as tb,
         ):
             t_last, s_last = time.perf_counter(), step
             batch = par.put_batch(task.train_batch(step)) if step < total else None
@@ -178,7 +211,9 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
                 if (config.eval_every_steps and step % config.eval_every_steps == 0) or final:
                     last_eval = evaluate(dev_state)
                     row = {**(row or {"step": step}), **last_eval}
-                if row is not None:
+                if multiprocess:  # every process stops at the same step when any of them is told to
+                    stop.requested = stop.requested or ckpt.manager.reached_preemption(step)
+                if row is not None and primary:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     tb.scalars(step, {k: v for k, v in row.items() if k != "step"})
@@ -195,13 +230,15 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
                     sys.exit(0)
     finally:  # a save in flight finishes (or a stop/NaN leaves the last good checkpoint complete)
         ckpt.close()
-    state = par.get_state(dev_state)
     summary = {"step": step, **last_eval}
     if hasattr(task, "report"):
-        summary.update(task.report(state.params, state.model_state, workdir))
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    plot_curves(workdir)
+        params, model_state = par.to_host((dev_state.params, dev_state.model_state))
+        report = task.report(params, model_state, workdir if primary else None)
+        summary.update(report or {})
+    if primary:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        plot_curves(workdir)
     return summary
 
 

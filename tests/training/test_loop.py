@@ -121,14 +121,14 @@ def test_bad_configs_fail_before_compiling(tmp_path, overrides, key):
 
 
 def test_checkpoint_moves_between_modes_and_device_counts(tmp_path):
-    """20 steps on one device, 20 under pmap on 8 devices, 20 under jit on 8: the same losses as one device
-    throughout (no dropout here: under pmap each device draws its own masks)."""
+    """20 steps on one device, 20 under pmap on 8 devices, 20 under jit on 8 with the weights split 4 ways (FSDP):
+    the same losses as one device throughout (no dropout here: under pmap each device draws its own masks)."""
     # A constant schedule: the cosine one depends on num_train_steps, which the three legs change.
     base = toy_config(batch_size=16, num_train_steps=60, eval_every_steps=0, dropout=0.0, schedule="constant")
     with jax.numpy_dtype_promotion("standard"):
         train_and_evaluate(base, str(tmp_path / "ref"), ToyTask(base))
-        for steps, mode in ((20, "none"), (40, "pmap"), (60, "jit")):
-            config = toy_config(**{**base.to_dict(), "num_train_steps": steps, "parallel": mode})
+        for steps, mode, fsdp in ((20, "none", 1), (40, "pmap", 1), (60, "jit", 4)):
+            config = toy_config(**{**base.to_dict(), "num_train_steps": steps, "parallel": mode, "fsdp": fsdp})
             train_and_evaluate(config, str(tmp_path / "moved"), ToyTask(config))
     ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "moved")
     assert sorted(got) == sorted(ref) == list(range(1, 61))
@@ -186,3 +186,35 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise(monkeypatch, capsys
     assert out.startswith("\r[##########..........] step      5/10") and not out.endswith("\n")
     loop._progress({**row, "step": 10}, 10)
     assert capsys.readouterr().out.endswith("\n")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_one_process_and_their_checkpoint_moves(tmp_path):
+    """Two processes on 127.0.0.1 (jax.distributed, 2 CPU devices each, "jit" with the weights split over all 4,
+    across the processes) train 40 steps; one process on one device resumes from their checkpoint to 60. Every
+    loss equals a single-process 4-device run's (dropout on: the masks come from the global key, whatever the
+    layout)."""
+    common = ["parallel=jit", "fsdp=4", "schedule=constant", "eval_every_steps=0"]
+    rc, out = _run(tmp_path / "ref", *common, "num_train_steps=60", TOY_DEVICES="4")
+    assert rc == 0, out
+    env = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2", TOY_DEVICES="2")
+    procs = [
+        _run(tmp_path / "multi", *common, "num_train_steps=40", wait=False, JAX_PROCESS_ID=str(i), **env)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "step     40/40" in outs[0] and "step" not in outs[1]  # the first process alone reports
+    rc, out = _run(tmp_path / "multi", "parallel=none", "schedule=constant", "eval_every_steps=0", "num_train_steps=60")
+    assert rc == 0 and "resumed from step 40" in out, out
+    ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "multi")
+    assert sorted(got) == sorted(ref) == list(range(1, 61))
+    np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-5)

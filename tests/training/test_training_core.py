@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from seqjax.models import DecoderLM, TransformerConfig
 from seqjax.training.losses import cross_entropy, mean_squared_error
@@ -123,16 +124,22 @@ def test_parallel_modes_agree_on_8_devices():
     loss_fn, data, params = _lm_task()
     tx = make_optimizer(_opt_config(optimizer="adamw", learning_rate=1e-2, weight_decay=0.1, grad_clip_norm=1.0))
     results = {}
-    for mode in ("none", "pmap", "jit"):
-        par = Parallel(mode)
-        state = par.put_state(TrainState.create(params, tx, jax.random.key(1)))
-        step = par.train_step(loss_fn, tx)
+    for mode, fsdp in (("none", 1), ("pmap", 1), ("jit", 1), ("jit", 4)):
+        par = Parallel(mode, fsdp=fsdp, fsdp_min_size=64)
+        host = TrainState.create(params, tx, jax.random.key(1))
+        state = par.put_state(host)
+        step = par.train_step(loss_fn, tx, host)
         losses = []
         for batch in data:
             state, metrics = step(state, par.put_batch(batch))
             losses.append(float(metrics["train_loss"]))
-        results[mode] = (losses, par.get_state(state).params)
-    for mode in ("pmap", "jit"):
+        if fsdp > 1:  # FSDP truly splits the parameters and Adam's moments, and keeps them split
+            specs = [x.sharding.spec for x in jax.tree.leaves((state.params, state.opt_state))]
+            assert sum("fsdp" in spec for spec in specs) >= 4, specs
+            embed = state.params["embed"]["table"]["embedding"]
+            assert embed.addressable_shards[0].data.size == embed.size // 4
+        results[mode if fsdp == 1 else "fsdp"] = (losses, par.to_host(state.params))
+    for mode in ("pmap", "jit", "fsdp"):
         np.testing.assert_allclose(results[mode][0], results["none"][0], rtol=1e-5)
         # Parameters agree to a fraction of one step (lr 1e-2): Adam divides reassociation noise in near-zero
         # gradients by their own tiny scale.
@@ -144,3 +151,16 @@ def test_parallel_errors():
         Parallel("dp")
     with pytest.raises(ValueError, match=r"config\.batch_size=12 must be divisible by the 8 devices"):
         Parallel("jit").check_batch_size(12)
+    with pytest.raises(ValueError, match=r"config\.fsdp=3 must be >= 1 and divide the 8 devices"):
+        Parallel("jit", fsdp=3)
+    with pytest.raises(ValueError, match=r"config\.fsdp=2 needs parallel='jit'"):
+        Parallel("pmap", fsdp=2)
+
+
+def test_fsdp_split_rule():
+    par = Parallel("jit", fsdp=4, fsdp_min_size=16)
+    specs = par.state_shardings({"a": np.zeros((6, 8)), "b": np.zeros((12, 8)), "c": np.zeros(5), "d": np.zeros(8)})
+    # the largest dimension that 4 divides; nothing that divides, or too small: replicated
+    assert specs["a"].spec == P(None, "fsdp") and specs["b"].spec == P("fsdp")
+    assert specs["c"].spec == P() and specs["d"].spec == P()
+    assert par.mesh.shape == {"data": 2, "fsdp": 4}

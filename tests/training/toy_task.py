@@ -18,7 +18,7 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
             seed=0, batch_size=16, num_train_steps=60, log_every_steps=1, eval_every_steps=20,
             checkpoint_every_steps=10, learning_rate=3e-3, parallel="none", optimizer="adam", schedule="cosine",
             warmup_steps=5, max_checkpoints_to_keep=3, nan_at_step=-1, sleep=0.0, dropout=0.1, keep_best_metric="",
-            keep_best_mode="min", profile_steps="",
+            keep_best_mode="min", profile_steps="", fsdp=1, fsdp_min_size=64,
         )
     )  # fmt: skip
     config.update(overrides)
@@ -82,11 +82,13 @@ if __name__ == "__main__":
     devices = int(os.environ.get("TOY_DEVICES", "1"))
     jax.config.update("jax_num_cpu_devices", devices)
     from seqjax.training.loop import train_and_evaluate
+    from seqjax.training.parallel import initialize_distributed
 
     overrides = {}
     for arg in sys.argv[2:]:
         key, value = arg.split("=", 1)
         overrides[key] = type(toy_config()[key])(value)
     config = toy_config(**overrides)
+    initialize_distributed(config)  # before the task makes its first array (JAX_* variables: one of several)
     with jax.numpy_dtype_promotion("standard"):
         train_and_evaluate(config, sys.argv[1], ToyTask(config))
