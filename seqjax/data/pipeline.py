@@ -86,8 +86,7 @@ class Pipeline:
         return step * self.batch_size / self.num_examples
 
     def _read(self, indices: np.ndarray) -> list[dict]:
-        many = getattr(self.source, "__getitems__", None)  # ArrayRecord sources read a list in one call
-        return list(many(indices.tolist())) if many is not None else [self.source[int(i)] for i in indices]
+        return read_many(self.source, indices.tolist())
 
     def batch(self, step: int) -> Batch:
         """The global batch `step`."""
@@ -169,9 +168,18 @@ class Mapped:
         return self.fn(self.source[i])
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        many = getattr(self.source, "__getitems__", None)
-        examples = many(indices) if many is not None else [self.source[i] for i in indices]
-        return [self.fn(e) for e in examples]
+        return [self.fn(e) for e in read_many(self.source, indices)]
+
+
+def read_many(source: Sequence, indices: list[int]) -> list:
+    """`source[i]` for each index, in one call where the source reads a list at once (ArrayRecord sources)."""
+    many = getattr(source, "__getitems__", None)
+    if many is not None:
+        try:
+            return list(many(indices))
+        except TypeError:  # tfds.testing.mock_data's sources advertise batched reads that fail
+            pass
+    return [source[i] for i in indices]
 
 
 # -- collate functions ---------------------------------------------------------------------------------------------
@@ -233,4 +241,4 @@ class Seq2SeqCollate:
         }
 
 
-__all__ = ["Mapped", "Pipeline", "Seq2SeqCollate", "Windows", "pack", "pad", "stack"]
+__all__ = ["Mapped", "Pipeline", "Seq2SeqCollate", "Windows", "pack", "pad", "read_many", "stack"]
