@@ -6,6 +6,8 @@ The loop knows no model and no dataset; a **task** brings them:
     task.loss_fn(params, model_state, batch, rng) -> (loss, (metrics, model_state))
     task.train_batch(index) -> the global batch number `index` (a pure function of the config and the index, so a
         resumed run reads exactly the batches an uninterrupted one would)
+    task.process_batch(index) -> this process's rows of batch `index` (optional; used instead when there are several
+        processes, so each reads only its own examples: `seqjax.data.Pipeline.process_batch`)
     task.eval_batches() -> iterable of batches            (optional, with metric_fn)
     task.metric_fn(params, model_state, batch) -> metrics (optional)
     task.report(params, model_state, workdir) -> dict     (optional: end-of-run numbers; may draw pictures;
@@ -187,13 +189,17 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
             _summary_writer(os.path.join(workdir, "tensorboard"), primary) as tb,
         ):
             t_last, s_last = time.perf_counter(), step
-            batch = par.put_batch(task.train_batch(step)) if step < total else None
+            if multiprocess and hasattr(task, "process_batch"):  # each process reads only its own rows
+                next_batch = lambda i: par.put_batch(task.process_batch(i), local=True)
+            else:
+                next_batch = lambda i: par.put_batch(task.train_batch(i))
+            batch = next_batch(step) if step < total else None
             while step < total:
                 if profile is not None and step == profile[0]:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 dev_state, metrics = train_step(dev_state, batch)  # dispatched asynchronously
                 if step + 1 < total:  # the next batch is drawn while this step runs
-                    batch = par.put_batch(task.train_batch(step + 1))
+                    batch = next_batch(step + 1)
                 step += 1
                 if profile is not None and step == profile[1]:
                     jax.block_until_ready(dev_state)

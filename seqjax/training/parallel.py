@@ -148,7 +148,9 @@ class Parallel:
             return multihost_utils.process_allgather(raw, tiled=True)
         return jax.device_get(tree)
 
-    def put_batch(self, batch: Any) -> Any:
+    def put_batch(self, batch: Any, *, local: bool = False) -> Any:
+        """The global batch placed for this mode. Several processes: each hands over the global batch, from which
+        its rows are cut, or (`local=True`) only its own rows (`Pipeline.process_batch`)."""
         if self.mode == "pmap":
             n = self.num_devices
             return jax.tree.map(lambda x: np.asarray(x).reshape(n, -1, *np.shape(x)[1:]), batch)
@@ -156,13 +158,14 @@ class Parallel:
             sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
             if jax.process_count() == 1:
                 return jax.device_put(batch, sharding)
-            i, n = jax.process_index(), jax.process_count()  # this process's rows of the global batch
-            return jax.tree.map(
-                lambda x: jax.make_array_from_process_local_data(
-                    sharding, np.asarray(x)[i * len(x) // n : (i + 1) * len(x) // n], np.shape(x)
-                ),
-                batch,
-            )
+            i, n = jax.process_index(), jax.process_count()
+
+            def put(x):
+                x = np.asarray(x)
+                rows = x if local else x[i * len(x) // n : (i + 1) * len(x) // n]
+                return jax.make_array_from_process_local_data(sharding, rows, (len(rows) * n, *x.shape[1:]))
+
+            return jax.tree.map(put, batch)
         return batch
 
     # -- compiled steps ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@
     source = builder.as_data_source()["train"]      # or tfds.data_source("seq_tasks/sort", data_dir=...)
 """
 
-from seqjax.data.builders import seq_tasks
+from seqjax.data.builders import captioned_shapes, seq_tasks, synthetic_text, time_series
 from seqjax.data.builders._base import SeededBuilder, SeededConfig, build
 
-__all__ = ["SeededBuilder", "SeededConfig", "build", "seq_tasks"]
+__all__ = ["SeededBuilder", "SeededConfig", "build", "captioned_shapes", "seq_tasks", "synthetic_text", "time_series"]
