@@ -76,7 +76,7 @@ def plot_attention(
     axes[0][0].set_ylabel("query", fontsize=8)
     fig.colorbar(image, ax=list(axes[0]), fraction=0.02)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1.04)  # above the heads' titles
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -121,9 +121,11 @@ def plot_image_grid(
     row_titles: Sequence[str] | None = None,
     col_titles: Sequence[str] | None = None,
     title: str | None = None,
+    captions: Sequence[str] | None = None,
 ) -> str:
-    """Rows of images, each `[B, H, W, C]` with values in [0, 1] (C = 1 or 3): e.g. generated images under their
-    captions (one row, `col_titles` = captions), or originals above their VQ-VAE reconstructions (two rows). PNG."""
+    """Rows of images, each `[B, H, W, C]` with values in [0, 1] (C = 1 or 3): e.g. generated images with their
+    captions under each column (`captions`, written below the last row), or originals above their VQ-VAE
+    reconstructions (two rows, `row_titles`). PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,6 +147,8 @@ def plot_image_grid(
             ax.set_yticks([])
             if i == 0 and col_titles is not None:
                 ax.set_title(str(col_titles[j]), fontsize=7)
+            if i == len(rows) - 1 and captions is not None:
+                ax.set_xlabel(str(captions[j]), fontsize=7)
         if row_titles is not None:
             axes[i][0].set_ylabel(str(row_titles[i]), fontsize=8)
     if title:

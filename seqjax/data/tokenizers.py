@@ -2,6 +2,8 @@
 
 - `ByteTokenizer`: UTF-8 bytes, ids 4..259; no training, nothing unknown.
 - `CharTokenizer`: the characters of a corpus (`CharTokenizer.fit(texts)`), saved as JSON beside the data.
+- `WordTokenizer`: whitespace-separated words of a closed vocabulary (`WordTokenizer.fit(texts)`), for
+  synthetic languages such as the `synthetic_text` grammar.
 - `SubwordTokenizer`: SentencePiece (unigram or BPE) trained on the data and cached in the data directory
   (`SubwordTokenizer.load_or_train(path, texts, vocab_size)`).
 
@@ -101,6 +103,31 @@ class CharTokenizer(_Base):
         return tok
 
 
+class WordTokenizer(_Base):
+    """One id per whitespace-separated word seen when fitted (sorted); others map to UNK. Decoding joins with
+    single spaces."""
+
+    def __init__(self, words: Sequence[str]):
+        if len(set(words)) != len(words) or any(not w or any(c.isspace() for c in w) for w in words):
+            raise ValueError("WordTokenizer needs distinct non-empty words without whitespace")
+        self.words = list(words)
+        self._index = {w: i + NUM_RESERVED for i, w in enumerate(self.words)}
+        self.vocab_size = len(self.words) + NUM_RESERVED
+
+    @classmethod
+    def fit(cls, texts: Iterable[str | bytes]) -> WordTokenizer:
+        seen: set[str] = set()
+        for t in texts:
+            seen.update((t.decode("utf-8") if isinstance(t, bytes) else t).split())
+        return cls(sorted(seen))
+
+    def _ids(self, text: str) -> list[int]:
+        return [self._index.get(w, UNK) for w in text.split()]
+
+    def _text(self, ids: Sequence[int]) -> str:
+        return " ".join("<unk>" if i == UNK else self.words[i - NUM_RESERVED] for i in ids)
+
+
 class SubwordTokenizer(_Base):
     """SentencePiece with our reserved ids (pad 0, bos 1, eos 2, unk 3 are SentencePiece's own ids here)."""
 
@@ -167,4 +194,14 @@ def _atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["BOS", "EOS", "NUM_RESERVED", "PAD", "UNK", "ByteTokenizer", "CharTokenizer", "SubwordTokenizer"]
+__all__ = [
+    "BOS",
+    "EOS",
+    "NUM_RESERVED",
+    "PAD",
+    "UNK",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "SubwordTokenizer",
+    "WordTokenizer",
+]

@@ -12,7 +12,7 @@ Config fields read (all but `learning_rate` and `num_train_steps` optional):
   end_learning_rate_factor: default 0.0.
   weight_decay: decoupled weight decay (adamw, lion; sgd adds it to the gradient); default 0.0. Applied only to
     parameters with two or more dimensions (kernels, embedding tables), never to biases or LayerNorm scales.
-  grad_clip_norm: clip the global gradient norm to this (default None: no clipping).
+  grad_clip_norm: clip the global gradient norm to this (default None, or 0: no clipping).
   b1, b2: the moments' decay rates (adam, adamw, lion); momentum: sgd's (default 0.9; 0 disables).
 """
 
@@ -74,6 +74,8 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
     wd = float(_get(config, "weight_decay", 0.0))
     b1, b2 = float(_get(config, "b1", 0.9)), float(_get(config, "b2", 0.999))
     clip = _get(config, "grad_clip_norm", None)
+    if clip is not None and (not isinstance(clip, (int, float)) or clip < 0):
+        raise ValueError(f"config.grad_clip_norm must be a number >= 0 (0 or None: no clipping), got {clip!r}")
 
     def build(learning_rate):
         if name == "adam":
@@ -89,7 +91,8 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
             core = optax.sgd(learning_rate, momentum=momentum)
             if wd:
                 core = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask), core)
-        return core if clip is None else optax.chain(optax.clip_by_global_norm(float(clip)), core)
+        # 0 means no clipping (clipping to norm 0 would zero every update).
+        return optax.chain(optax.clip_by_global_norm(float(clip)), core) if clip else core
 
     return optax.inject_hyperparams(build)(learning_rate=make_schedule(config))
 

@@ -3,7 +3,17 @@
 import numpy as np
 import pytest
 
-from seqjax.data.tokenizers import BOS, EOS, NUM_RESERVED, PAD, UNK, ByteTokenizer, CharTokenizer, SubwordTokenizer
+from seqjax.data.tokenizers import (
+    BOS,
+    EOS,
+    NUM_RESERVED,
+    PAD,
+    UNK,
+    ByteTokenizer,
+    CharTokenizer,
+    SubwordTokenizer,
+    WordTokenizer,
+)
 
 TEXT = "To be, or not to be: that is the question. Ünïcödé ✓"
 
@@ -46,3 +56,14 @@ def test_subword_tokenizer_trained_on_the_data(tmp_path):
     assert len(ids) - 2 < len(corpus[0]) / 2
     again = SubwordTokenizer.load_or_train(path, ["x"], vocab_size=40)  # the cached model
     assert again.encode(corpus[1]).tolist() == tok.encode(corpus[1]).tolist()
+
+
+def test_word_tokenizer():
+    tok = WordTokenizer.fit(["the cat sees a dog .", b"a dog runs ."])
+    assert tok.words == sorted({"the", "cat", "sees", "a", "dog", ".", "runs"})
+    ids = tok.encode("a cat runs .", bos=True, eos=True)
+    assert ids[0] == BOS and ids[-1] == EOS and len(ids) == 6 and ids[1:-1].min() >= NUM_RESERVED
+    assert tok.decode(ids) == "a cat runs ."
+    assert tok.encode("a unicorn").tolist() == [tok.encode("a")[0], UNK] and tok.decode([UNK]) == "<unk>"
+    with pytest.raises(ValueError, match="distinct"):
+        WordTokenizer(["a", "a b"])

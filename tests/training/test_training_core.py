@@ -85,6 +85,12 @@ def test_weight_decay_mask_and_clipping():
     tx = make_optimizer(_opt_config(optimizer="sgd", momentum=0.0, grad_clip_norm=1.0))
     updates, _ = tx.update({"kernel": jnp.full((2, 3), 10.0), "bias": jnp.zeros(3)}, tx.init(params), params)
     np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-6)
+    # 0 turns clipping off (clipping to norm 0 would zero every update, silently freezing the model).
+    tx = make_optimizer(_opt_config(optimizer="sgd", momentum=0.0, grad_clip_norm=0.0))
+    updates, _ = tx.update({"kernel": jnp.full((2, 3), 10.0), "bias": jnp.zeros(3)}, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -10.0 * _opt_config().learning_rate, rtol=1e-6)
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        make_optimizer(_opt_config(grad_clip_norm=-1.0))
 
 
 def _lm_task():

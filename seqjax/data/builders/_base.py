@@ -60,6 +60,7 @@ def build(name: str, data_dir: str, config: tfds.core.BuilderConfig | str | None
     from seqjax.data import hide_accelerators_from_tensorflow
 
     hide_accelerators_from_tensorflow()
+    tfds.disable_progress_bar()  # one line per build instead of redrawn bars in logs
     kwargs = {} if config is None else {"config": config}
     builder = tfds.builder(name, data_dir=os.fspath(data_dir), file_format="array_record", **kwargs)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=True))

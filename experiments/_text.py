@@ -1,0 +1,151 @@
+"""Language-model data and evaluation shared by `lm` (Transformer) and `rnn_lm` (recurrent): character-level
+`synthetic_text` (sentences of a probabilistic grammar, so samples can be parsed) or `tiny_shakespeare`, and
+SentencePiece subwords on `lm1b`; synthetic_text also as words (`config.tokens="word"`).
+
+Batches: `inputs` = ids[:-1], `targets` = ids[1:], `weights` 1 on real target tokens. A sentence is
+[bos] + tokens + [eos], padded; tiny_shakespeare is cut into windows. Evaluation: perplexity = exp(mean token
+cross-entropy) on the test split; at the end, samples from [bos] until eos, written to samples.txt, and for
+synthetic_text the grammaticality rate (the share of samples the grammar's parser accepts).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments._common import PipelineTask, data_dir
+from seqjax import decoding
+from seqjax.data import datasets
+from seqjax.data.builders import build, synthetic_text
+from seqjax.data.pipeline import Mapped, Pipeline, read_many, stack
+from seqjax.data.tokenizers import BOS, EOS, PAD, CharTokenizer, WordTokenizer
+from seqjax.training import cross_entropy
+
+DATASETS = ("synthetic_text", "tiny_shakespeare", "lm1b")
+
+
+def text_config(c) -> None:
+    """The data fields of both LM experiments."""
+    c.dataset = "synthetic_text"  # synthetic_text | tiny_shakespeare | lm1b
+    c.tokens = "char"  # synthetic_text: "char" or "word" (tiny_shakespeare is characters, lm1b subwords)
+    c.seq_len = 80  # tokens per example (sentences longer than this are cut)
+    c.max_depth = 3  # synthetic_text: the grammar's recursion depth
+    c.num_train_examples = 20_000  # synthetic_text
+    c.num_eval_examples = 512
+    c.data_seed = 0
+    c.vocab_size = 8000  # lm1b's SentencePiece vocabulary
+    c.eval_batch_size = 256
+    c.num_samples = 256  # sampled at the end
+    c.sample_temperature = 1.0
+
+
+class TextLMTask(PipelineTask):
+    """Data, loss, metrics and report; subclasses set `self.model` and define `_logits` and `_sample`."""
+
+    def __init__(self, config):
+        self.config = config
+        if config.dataset not in DATASETS:
+            raise ValueError(f"config.dataset={config.dataset!r} is unknown; use one of {DATASETS}")
+        n, d = config.seq_len, data_dir(config)
+        if config.dataset == "synthetic_text":
+            data = synthetic_text.SyntheticTextConfig(
+                name=f"depth{config.max_depth}-n{config.num_train_examples}-s{config.data_seed}",
+                max_depth=config.max_depth,
+                num_train=config.num_train_examples,
+                num_test=config.num_eval_examples,
+                seed=config.data_seed,
+            )
+            sources = build("synthetic_text", d, data).as_data_source()
+            train_texts = [ex["text"] for ex in read_many(sources["train"], list(range(len(sources["train"]))))]
+            if config.tokens not in ("char", "word"):
+                raise ValueError(f"config.tokens={config.tokens!r} is unknown; use 'char' or 'word'")
+            self.tokenizer = (CharTokenizer if config.tokens == "char" else WordTokenizer).fit(train_texts)
+            encode = lambda ex: _shift(self.tokenizer.encode(ex["text"], bos=True, eos=True), n)
+            train, test = Mapped(sources["train"], encode), Mapped(sources["test"], encode)
+        elif config.dataset == "tiny_shakespeare":
+            windows, self.tokenizer = datasets.char_lm("tiny_shakespeare", "train", n, data_dir=d)
+            test_windows, _ = datasets.char_lm("tiny_shakespeare", "test", n, data_dir=d)
+            train, test = windows, _Weighted(test_windows)
+            train = _Weighted(windows)
+        else:
+            source, self.tokenizer = datasets.subword_lm("lm1b", "train", config.vocab_size, n + 1, data_dir=d)
+            test_source, _ = datasets.subword_lm("lm1b", "test", config.vocab_size, n + 1, data_dir=d)
+            split = lambda ex: _shift(ex["tokens"], n)
+            train, test = Mapped(source, split), Mapped(test_source, split)
+        self.pipeline = Pipeline(train, config.batch_size, seed=config.seed, collate=stack, prefetch=2)
+        self.test = stack(read_many(test, list(range(min(len(test), config.num_eval_examples)))))
+
+    # -- subclasses ----------------------------------------------------------------------------------------------
+    def _logits(self, params, tokens, rng=None):
+        raise NotImplementedError
+
+    def _sample(self, params, num, rng) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- the task ------------------------------------------------------------------------------------------------
+    def _loss(self, params, batch, rng=None):
+        logits = self._logits(params, batch["inputs"], rng)
+        return cross_entropy(logits, batch["targets"], weights=batch["weights"])
+
+    def loss_fn(self, params, model_state, batch, rng):
+        loss, aux = self._loss(params, batch, rng)
+        return loss, ({"accuracy": aux["accuracy"]}, model_state)
+
+    def eval_batches(self):
+        n = self.config.eval_batch_size
+        count = len(self.test["inputs"])
+        return [{k: v[i : i + n] for k, v in self.test.items()} for i in range(0, count - n + 1, n)]
+
+    def metric_fn(self, params, model_state, batch):
+        loss, aux = self._loss(params, batch)
+        return {"loss": loss, "perplexity": jnp.exp(loss), "accuracy": aux["accuracy"]}
+
+    def report(self, params, model_state, workdir):
+        tokens = self._sample(params, self.config.num_samples, jax.random.key(self.config.seed + 1))
+        texts = [self.tokenizer.decode(t) for t in np.asarray(tokens)]
+        out = {}
+        if self.config.dataset == "synthetic_text":
+            ok = [synthetic_text.parses(t) for t in texts]
+            out["grammaticality"] = float(np.mean(ok))
+            out["distinct_samples"] = len(set(texts)) / len(texts)
+        if workdir is not None:
+            with open(os.path.join(workdir, "samples.txt"), "w") as f:
+                for i, t in enumerate(texts[:50]):
+                    mark = "" if "grammaticality" not in out else ("ok   " if ok[i] else "BAD  ")
+                    f.write(f"{mark}{t}\n")
+        return out
+
+
+def _shift(ids: np.ndarray, n: int) -> dict:
+    ids = np.asarray(ids)[: n + 1]
+    full = np.full(n + 1, PAD, np.int32)
+    full[: len(ids)] = ids
+    return {"inputs": full[:-1], "targets": full[1:], "weights": (full[1:] != PAD).astype(np.float32)}
+
+
+class _Weighted:
+    """Windows with all-ones weights."""
+
+    def __init__(self, windows):
+        self.windows = windows
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        ex = self.windows[i]
+        return {**ex, "weights": np.ones(len(ex["targets"]), np.float32)}
+
+
+def sample_prompt(num: int) -> jax.Array:
+    return jnp.full((num, 1), BOS, jnp.int32)
+
+
+def sample(step, state, num, rng, config) -> np.ndarray:
+    out = decoding.sample(
+        step, state, sample_prompt(num), rng, config.seq_len, temperature=config.sample_temperature, eos_id=EOS
+    )
+    return np.asarray(out)

@@ -1,0 +1,41 @@
+"""rnn_lm, CPU default: a one-layer LSTM of 256 units on synthetic_text characters.
+
+Variants: `:tiny_shakespeare` (prepared beforehand; see seqjax.data.datasets), `:accelerator` (a 2-layer LSTM of
+1024 units on tiny_shakespeare, for a GPU/TPU).
+"""
+
+from experiments._common import base_config
+from experiments._text import text_config
+
+
+def get_config(variant: str = "cpu"):
+    c = base_config(
+        batch_size=64,
+        num_train_steps=1500,
+        learning_rate=3e-3,
+        warmup_steps=100,
+        eval_every_steps=500,
+        checkpoint_every_steps=500,
+    )
+    text_config(c)
+    c.cell = "lstm"  # lstm | gru | rnn
+    c.emb_dim, c.hidden_size, c.num_layers = 64, 256, 1
+    c.dropout_rate = 0.0
+    if variant == "tiny_shakespeare":
+        c.update(dict(dataset="tiny_shakespeare", seq_len=128, num_train_steps=5000))
+    elif variant == "accelerator":
+        c.update(
+            dict(
+                dataset="tiny_shakespeare",
+                seq_len=256,
+                hidden_size=1024,
+                num_layers=2,
+                batch_size=256,
+                num_train_steps=20_000,
+                dropout_rate=0.2,
+                parallel="jit",
+            )
+        )
+    elif variant != "cpu":
+        raise ValueError(f"unknown rnn_lm config variant {variant!r}; use cpu, tiny_shakespeare or accelerator")
+    return c

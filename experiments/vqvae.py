@@ -1,0 +1,84 @@
+"""vqvae: the discrete image tokenizer (a vector-quantised autoencoder, EMA codebook) on `captioned_shapes`
+(default), mnist, fashion_mnist or cifar10. Its codes are the image tokens of the `dalle` experiment.
+
+    python -m experiments.vqvae --workdir runs/vqvae
+
+summary.json: test reconstruction MSE, codebook perplexity (effective number of codes used) and usage.
+reconstructions.png: test images above their reconstructions through the codes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments._common import PipelineTask, run
+from experiments.vit import image_sources, images_to_float
+from seqjax.data.pipeline import Mapped, Pipeline, read_many, stack
+from seqjax.models.vqvae import VQVAE, VQVAEConfig
+from seqjax.plotting import plot_image_grid
+
+
+def vqvae_model(config, image_shape) -> VQVAE:
+    return VQVAE(
+        VQVAEConfig(
+            num_codes=config.num_codes,
+            code_dim=config.code_dim,
+            channels=config.channels,
+            num_downsamples=config.num_downsamples,
+            image_channels=image_shape[-1],
+        )
+    )
+
+
+class VQVAETask(PipelineTask):
+    def __init__(self, config):
+        self.config = config
+        train, test, _, self.shape = image_sources(config)
+        keep = lambda ex: {"image": ex["image"]}
+        self.pipeline = Pipeline(Mapped(train, keep), config.batch_size, seed=config.seed, collate=stack, prefetch=2)
+        self.test = stack([keep(e) for e in read_many(test, list(range(min(len(test), config.num_eval_examples))))])
+        self.model = vqvae_model(config, self.shape)
+
+    def init(self, rng):
+        variables = jax.jit(self.model.init)(rng, jnp.zeros((1, *self.shape)))
+        return variables["params"], {"vq": variables["vq"]}
+
+    def loss_fn(self, params, model_state, batch, rng):
+        (_, aux), new = self.model.apply(
+            {"params": params, **model_state}, images_to_float(batch["image"]), True, mutable=["vq"], rngs={"vq": rng}
+        )
+        metrics = {k: aux[k] for k in ("reconstruction_loss", "perplexity", "usage")}
+        return aux["loss"], (metrics, {"vq": new["vq"]})
+
+    def eval_batches(self):
+        n, count = self.config.eval_batch_size, len(self.test["image"])
+        return [{"image": self.test["image"][i : i + n]} for i in range(0, count - n + 1, n)]
+
+    def metric_fn(self, params, model_state, batch):
+        _, aux = self.model.apply({"params": params, **model_state}, images_to_float(batch["image"]))
+        return {"loss": aux["reconstruction_loss"], "perplexity": aux["perplexity"], "usage": aux["usage"]}
+
+    def report(self, params, model_state, workdir):
+        if workdir is not None:
+            images = images_to_float(self.test["image"][:10])
+            recon, _ = self.model.apply({"params": params, **model_state}, images)
+            plot_image_grid(
+                [np.asarray(images), np.clip(np.asarray(recon), 0, 1)],
+                os.path.join(workdir, "reconstructions.png"),
+                row_titles=["original", "reconstruction"],
+                title=f"VQ-VAE: {self.config.num_codes} codes, {self.shape[0] // 2**self.config.num_downsamples}² "
+                f"tokens per image",
+            )
+        return {}
+
+
+def main():
+    run(VQVAETask, "vqvae.py")
+
+
+if __name__ == "__main__":
+    main()
