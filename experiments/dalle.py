@@ -6,14 +6,15 @@ Three stages, each its own resumable run under WORKDIR (or reused from `--config
 `--config.classifier_workdir`):
 1. the image tokenizer: the `vqvae` experiment (32x32 images -> 8x8 codes), in WORKDIR/vqvae;
 2. the judge: the `vit` experiment's classifier, in WORKDIR/classifier;
-3. the decoder: captions (characters) then image codes as one stream, trained with cross-entropy (the image tokens
+3. the decoder: captions (words) then image codes as one stream, trained with cross-entropy (the image tokens
    weighted 7/8, captions dropped 10% of the time for classifier-free guidance).
 
 The training images are tokenized once and cached in WORKDIR/tokens.npz. At the end, one image is sampled for each
 of 256 held-out captions (KV cache, guidance), decoded by the tokenizer and read by the classifier: caption fidelity
 is the share whose shape (digit, circle, square, triangle) is the one the caption asks for; `digit_fidelity` counts
 the digit captions only. generated.png: samples for eight captions (captions under the images);
-summary.json: the fidelities.
+summary.json: the fidelities, and `reconstruction_fidelity`, the share the classifier reads correctly in the
+tokenizer's reconstructions of the real test images (the ceiling any decoder can reach through this tokenizer).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import numpy as np
 
 from experiments import vit as vit_experiment
 from experiments import vqvae as vqvae_experiment
-from experiments._common import PipelineTask, data_dir, run
+from experiments._common import PipelineTask, run
 from experiments.configs import vit as vit_configs
 from experiments.configs import vqvae as vqvae_configs
 from seqjax import decoding
-from seqjax.data.builders import build, captioned_shapes
+from seqjax.data.builders import captioned_shapes
 from seqjax.data.pipeline import Pipeline, pad, read_many, stack
-from seqjax.data.tokenizers import CharTokenizer
+from seqjax.data.tokenizers import WordTokenizer
 from seqjax.models.image_decoder import ImageDecoderConfig, ImageTokenDecoder, image_prompt, image_state, image_step
 from seqjax.plotting import plot_image_grid
 from seqjax.training import Checkpointer, TrainState, make_optimizer, train_and_evaluate
@@ -69,15 +70,9 @@ class DalleTask(PipelineTask):
             self.judge_task, self.judge = train_stage(
                 _stage_config(vit_configs, config.classifier, config), judge_dir, vit_experiment.ViTTask
             )
-        data = captioned_shapes.CaptionedShapesConfig(
-            name=f"n{config.num_train_examples}-s{config.data_seed}",
-            num_train=config.num_train_examples,
-            num_test=1000,
-            seed=config.data_seed,
-        )
-        sources = build("captioned_shapes", data_dir(config), data).as_data_source()
+        sources = vit_experiment.captioned_shapes_sources(config)
         train = read_many(sources["train"], list(range(len(sources["train"]))))
-        self.tokenizer = CharTokenizer.fit([ex["caption"] for ex in train])
+        self.tokenizer = WordTokenizer.fit([ex["caption"] for ex in train])
         self.tokens = self._tokenize(train, os.path.join(workdir, "tokens.npz"))
         grid = self.vq_task.shape[0] // 2**self.vq_task.model.config.num_downsamples
         self.model = ImageTokenDecoder(
@@ -99,6 +94,7 @@ class DalleTask(PipelineTask):
         test = read_many(sources["test"], list(range(config.num_eval_examples)))
         self.test_captions = [_text(ex["caption"]) for ex in test]
         self.test_shapes = np.array([int(ex["shape"]) for ex in test])
+        self.test_images = vit_experiment.images_to_float(np.stack([ex["image"] for ex in test]))
 
     def _encode_text(self, captions) -> np.ndarray:
         return pad([self.tokenizer.encode(c) for c in captions], self.config.text_len)
@@ -175,10 +171,17 @@ class DalleTask(PipelineTask):
         seen = np.asarray(read(jnp.asarray(images, jnp.float32)))
         right = seen == self.test_shapes
         digits = self.test_shapes < 10
+        # The ceiling: the judge reading the tokenizer's reconstructions of the real images of these captions.
+        vq_params, vq_state = self.vq
+        recon, _ = self.vq_task.model.apply(
+            {"params": vq_params, **vq_state}, jnp.asarray(self.test_images, jnp.float32)
+        )
+        ceiling = np.asarray(read(jnp.clip(recon, 0.0, 1.0))) == self.test_shapes
         out = {
             "caption_fidelity": float(right.mean()),
             "digit_fidelity": float(right[digits].mean()),
             "fidelity_samples": len(right),
+            "reconstruction_fidelity": float(ceiling.mean()),
         }
         if workdir is not None:
             captions = self.test_captions[:8]

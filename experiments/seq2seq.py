@@ -1,17 +1,21 @@
 """seq2seq: the encoder-decoder Transformer on `seq_tasks` (default: reverse; also copy, sort, trim, omit, permute,
-addition).
+addition) or on translation (`--config experiments/configs/seq2seq.py:translation`: TED talks Portuguese ->
+English, `ted_hrlr_translate/pt_to_en`, with a SentencePiece vocabulary trained on both languages).
 
     python -m experiments.seq2seq --workdir runs/seq2seq [--config.task=sort] [--config.num_train_steps=...]
 
 Trains with teacher forcing (cross-entropy on the target tokens), then decodes the held-out split greedily and
 with beam search: summary.json holds the exact-match accuracy of both (a sequence counts only if every token and
-the end-of-sequence are right). Pictures: curves.png (losses), attention.png (the last decoder layer's
-cross-attention for one held-out example, one panel per head: reversal draws an anti-diagonal), examples.txt.
+the end-of-sequence are right); for translation also corpus BLEU (4-gram, brevity penalty). Pictures: curves.png
+(losses), attention.png (the last decoder layer's cross-attention for one held-out example, one panel per head:
+reversal draws an anti-diagonal), examples.txt.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -19,33 +23,42 @@ import numpy as np
 
 from experiments._common import PipelineTask, data_dir, run
 from seqjax import decoding
+from seqjax.data import datasets
 from seqjax.data.builders import build, seq_tasks
 from seqjax.data.pipeline import Pipeline, Seq2SeqCollate, read_many
+from seqjax.data.tokenizers import BOS, EOS
 from seqjax.models import Transformer, TransformerConfig
 from seqjax.plotting import attention_weights, plot_attention
 from seqjax.training import cross_entropy
 
 
+def corpus_bleu(hypotheses: list[list[str]], references: list[list[str]], max_n: int = 4) -> float:
+    """Corpus BLEU (Papineni et al. 2002) with one reference per sentence, in percent: the geometric mean of the
+    clipped n-gram precisions for n = 1..max_n, times the brevity penalty."""
+    matches, totals = [0] * max_n, [0] * max_n
+    hyp_len = ref_len = 0
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
+        for n in range(1, max_n + 1):
+            h = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
+            r = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
+            matches[n - 1] += sum(min(c, r[g]) for g, c in h.items())
+            totals[n - 1] += max(len(hyp) - n + 1, 0)
+    if min(matches) == 0 or hyp_len == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / max_n
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1.0 - ref_len / hyp_len)
+    return 100.0 * brevity * math.exp(log_precision)
+
+
 class Seq2SeqTask(PipelineTask):
     def __init__(self, config):
         self.config = config
-        data = seq_tasks.config(
-            config.task,
-            num_train=config.num_train_examples,
-            num_test=config.num_eval_examples,
-            seed=config.data_seed,
-            vocab_size=config.vocab_size,
-            min_len=config.min_len,
-            max_len=config.max_len,
-            max_digits=config.max_digits,
-        )
-        sources = build("seq_tasks", data_dir(config), data).as_data_source()
-        vocab = seq_tasks.vocabulary(data)
-        self.eos = vocab["eos"]
-        if config.task == "addition":
-            self.input_len, self.target_len = 2 * config.max_digits + 1, config.max_digits + 2
+        if config.dataset == "seq_tasks":
+            sources, vocab = self._seq_task_sources(config)
         else:
-            self.input_len, self.target_len = config.max_len, config.max_len + 1  # + eos
+            sources, vocab = self._translation_sources(config)
+        self.eos = vocab["eos"]
         self.model = Transformer(
             TransformerConfig(
                 vocab_size=vocab["size"],
@@ -61,7 +74,34 @@ class Seq2SeqTask(PipelineTask):
         )
         collate = Seq2SeqCollate(vocab["bos"], self.eos, self.input_len, self.target_len)
         self.pipeline = Pipeline(sources["train"], config.batch_size, seed=config.seed, collate=collate, prefetch=2)
-        self.test = collate(read_many(sources["test"], list(range(len(sources["test"])))))
+        count = min(len(sources["test"]), config.num_eval_examples)
+        self.test = collate(read_many(sources["test"], list(range(count))))
+
+    def _translation_sources(self, config):
+        d = data_dir(config)
+        train, self.tokenizer, _ = datasets.translation(config.dataset, "train", config.subword_vocab_size, data_dir=d)
+        test, _, _ = datasets.translation(config.dataset, config.eval_split, config.subword_vocab_size, data_dir=d)
+        self.input_len, self.target_len = config.max_len, config.max_len + 1
+        return {"train": train, "test": test}, {"bos": BOS, "eos": EOS, "size": self.tokenizer.vocab_size}
+
+    def _seq_task_sources(self, config):
+        self.tokenizer = None
+        data = seq_tasks.config(
+            config.task,
+            num_train=config.num_train_examples,
+            num_test=config.num_eval_examples,
+            seed=config.data_seed,
+            vocab_size=config.vocab_size,
+            min_len=config.min_len,
+            max_len=config.max_len,
+            max_digits=config.max_digits,
+        )
+        sources = build("seq_tasks", data_dir(config), data).as_data_source()
+        if config.task == "addition":
+            self.input_len, self.target_len = 2 * config.max_digits + 1, config.max_digits + 2
+        else:
+            self.input_len, self.target_len = config.max_len, config.max_len + 1  # + eos
+        return sources, seq_tasks.vocabulary(data)
 
     def init(self, rng):
         x = jnp.zeros((1, self.input_len), jnp.int32)
@@ -106,6 +146,12 @@ class Seq2SeqTask(PipelineTask):
             "exact_match_greedy": float(np.mean(np.all(greedy == labels, axis=1))),
             f"exact_match_beam{self.config.beam_size}": float(np.mean(np.all(best == labels, axis=1))),
         }
+        if self.tokenizer is not None:  # translation: BLEU on words of the decoded text
+            refs = [self.tokenizer.decode(t).split() for t in labels]
+            out["bleu_greedy"] = corpus_bleu([self.tokenizer.decode(t).split() for t in greedy], refs)
+            out[f"bleu_beam{self.config.beam_size}"] = corpus_bleu(
+                [self.tokenizer.decode(t).split() for t in best], refs
+            )
         if workdir is not None:
             self._pictures(params, greedy, workdir)
         return out
@@ -115,21 +161,27 @@ class Seq2SeqTask(PipelineTask):
         weights = attention_weights(self.model, {"params": params}, jnp.asarray(x), jnp.asarray(y))
         last = sorted(k for k in weights if "cross_attention" in k)[-1]
         n_in, n_out = int((x[0] != 0).sum()), int((y[0] != 0).sum())
-        name = lambda t: "eos" if t == self.eos else str(int(t))
+        what = self.config.task if self.tokenizer is None else self.config.dataset
+
+        def name(t):
+            if t == self.eos:
+                return "eos"
+            return str(int(t)) if self.tokenizer is None else (self.tokenizer.decode([int(t)]) or "·")
+
         plot_attention(
             weights[last][0][:, :n_out, :n_in],
             os.path.join(workdir, "attention.png"),
             query_labels=[name(t) for t in y[0, :n_out]],
             key_labels=[name(t) for t in x[0, :n_in]],
-            title=f"{self.config.task}: cross-attention of the last decoder layer ({last.split('/')[-2]})",
+            title=f"{what}: cross-attention of the last decoder layer ({last.split('/')[-2]})",
         )
         with open(os.path.join(workdir, "examples.txt"), "w") as f:
             for i in range(min(10, len(greedy))):
-                src = self.test["inputs"][i][self.test["inputs"][i] != 0]
-                f.write(
-                    f"input {src.tolist()} -> greedy {_until_eos(greedy[i], self.eos)} "
-                    f"(target {_until_eos(self.test['labels'][i], self.eos)})\n"
-                )
+                src = self.test["inputs"][i][self.test["inputs"][i] != 0].tolist()
+                hyp, ref = _until_eos(greedy[i], self.eos), _until_eos(self.test["labels"][i], self.eos)
+                if self.tokenizer is not None:
+                    src, hyp, ref = (self.tokenizer.decode(t) for t in (src, hyp, ref))
+                f.write(f"input {src} -> greedy {hyp} (target {ref})\n")
 
 
 def _until_eos(tokens, eos):

@@ -25,6 +25,7 @@ from seqjax.plotting import attention_weights, plot_rollout
 from seqjax.training import cross_entropy
 
 DATASETS = ("captioned_shapes", *datasets.IMAGE_DATASETS)
+CAPTIONED_SHAPES_TEST = 2000
 
 
 def image_sources(config):
@@ -32,13 +33,7 @@ def image_sources(config):
     if config.dataset not in DATASETS:
         raise ValueError(f"config.dataset={config.dataset!r} is unknown; use one of {DATASETS}")
     if config.dataset == "captioned_shapes":
-        data = captioned_shapes.CaptionedShapesConfig(
-            name=f"n{config.num_train_examples}-s{config.data_seed}",
-            num_train=config.num_train_examples,
-            num_test=config.num_eval_examples,
-            seed=config.data_seed,
-        )
-        sources = build("captioned_shapes", data_dir(config), data).as_data_source()
+        sources = captioned_shapes_sources(config)
         pick = lambda ex: {"image": ex["image"], "label": np.int32(ex["shape"])}
         train, test = Mapped(sources["train"], pick), Mapped(sources["test"], pick)
         names, shape = list(captioned_shapes.SHAPES), (32, 32, 3)
@@ -47,6 +42,18 @@ def image_sources(config):
         test, _ = datasets.image_classes(config.dataset, "test", data_dir=data_dir(config))
         shape = (32, 32, 3) if config.dataset == "cifar10" else (28, 28, 1)
     return train, test, names, shape
+
+
+def captioned_shapes_sources(config) -> dict:
+    """The captioned_shapes splits every image experiment shares: `num_train_examples` training images and a fixed
+    test split of 2000 (experiments evaluate on its first `num_eval_examples`), from `data_seed`."""
+    data = captioned_shapes.CaptionedShapesConfig(
+        name=f"n{config.num_train_examples}-s{config.data_seed}",
+        num_train=config.num_train_examples,
+        num_test=CAPTIONED_SHAPES_TEST,
+        seed=config.data_seed,
+    )
+    return build("captioned_shapes", data_dir(config), data).as_data_source()
 
 
 def images_to_float(images) -> jax.Array:

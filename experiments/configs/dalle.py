@@ -1,4 +1,4 @@
-"""dalle, CPU default: a 4-layer decoder of width 128 over 32 caption characters and 8x8 VQ codes.
+"""dalle, CPU default: a 3-layer decoder of width 128 over 12 caption words and 8x8 VQ codes.
 
 The tokenizer and the judge train first with their own configs (`config.vqvae`, `config.classifier`: overrides
 of experiments/configs/vqvae.py and vit.py). Variant `:accelerator`: a wider, deeper decoder and more data.
@@ -12,7 +12,7 @@ from experiments._common import base_config
 def get_config(variant: str = "cpu"):
     c = base_config(
         batch_size=64,
-        num_train_steps=2000,
+        num_train_steps=1500,
         learning_rate=2e-3,
         warmup_steps=100,
         eval_every_steps=500,
@@ -23,16 +23,16 @@ def get_config(variant: str = "cpu"):
     c.num_eval_examples = 256  # held-out captions generated for the fidelity
     c.eval_batch_size = 256
     c.data_seed = 0
-    c.text_len = 32
-    c.emb_dim, c.num_heads, c.num_layers, c.mlp_dim = 128, 4, 4, 512
+    c.text_len = 12  # caption words (the longest caption has 10)
+    c.emb_dim, c.num_heads, c.num_layers, c.mlp_dim = 128, 4, 3, 512
     c.caption_dropout = 0.1
     c.guidance_scale = 3.0
     c.temperature = 1.0
     c.top_k = 0  # 0: no top-k filter
     c.vqvae_workdir = ""  # "": train the tokenizer in WORKDIR/vqvae
     c.classifier_workdir = ""  # "": train the judge in WORKDIR/classifier
-    c.vqvae = ml_collections.ConfigDict(dict(num_train_steps=1000))
-    c.classifier = ml_collections.ConfigDict(dict(num_train_steps=600))
+    c.vqvae = ml_collections.ConfigDict(dict(num_train_steps=1000, num_codes=128))
+    c.classifier = ml_collections.ConfigDict(dict(num_train_steps=1500))
     if variant == "accelerator":
         c.update(
             dict(

@@ -1,7 +1,8 @@
 """seq2seq on seq_tasks, CPU default: a 2+2-layer Transformer of width 64 learns to reverse sequences of 4-12 symbols
 in a few minutes on two cores.
 
-Variants: `--config experiments/configs/seq2seq.py:accelerator` (a base-size model on long sequences, for a GPU/TPU).
+Variants: `--config experiments/configs/seq2seq.py:translation` (TED Portuguese -> English with subwords),
+`:accelerator` (a base-size model on long sequences, for a GPU/TPU).
 """
 
 from experiments._common import base_config
@@ -17,7 +18,10 @@ def get_config(variant: str = "cpu"):
         checkpoint_every_steps=400,
         log_every_steps=50,
     )
-    c.task = "reverse"  # copy | reverse | sort | trim | omit | permute | addition
+    c.dataset = "seq_tasks"  # or a TFDS translation dataset, e.g. "ted_hrlr_translate/pt_to_en"
+    c.task = "reverse"  # seq_tasks: copy | reverse | sort | trim | omit | permute | addition
+    c.subword_vocab_size = 8000  # translation: the shared SentencePiece vocabulary
+    c.eval_split = "validation"  # translation
     c.vocab_size = 10  # symbols 1..vocab_size
     c.min_len, c.max_len = 4, 12
     c.max_digits = 3  # addition
@@ -30,7 +34,25 @@ def get_config(variant: str = "cpu"):
     c.label_smoothing = 0.0
     c.scan_layers = True
     c.beam_size = 4
-    if variant == "accelerator":
+    if variant == "translation":  # prepared beforehand (see seqjax.data.datasets)
+        c.update(
+            dict(
+                dataset="ted_hrlr_translate/pt_to_en",
+                max_len=64,
+                emb_dim=256,
+                num_heads=4,
+                num_layers=4,
+                mlp_dim=1024,
+                dropout_rate=0.1,
+                label_smoothing=0.1,
+                num_train_steps=20_000,
+                learning_rate=1e-3,
+                warmup_steps=1000,
+                num_eval_examples=512,
+                eval_batch_size=128,
+            )
+        )
+    elif variant == "accelerator":
         c.update(
             dict(
                 batch_size=512,
@@ -47,5 +69,5 @@ def get_config(variant: str = "cpu"):
             )
         )
     elif variant != "cpu":
-        raise ValueError(f"unknown seq2seq config variant {variant!r}; use cpu or accelerator")
+        raise ValueError(f"unknown seq2seq config variant {variant!r}; use cpu, translation or accelerator")
     return c

@@ -30,6 +30,7 @@ def get_config(variant: str = "cpu"):
     if variant in ("mnist", "cifar10"):
         c.dataset = variant
         c.num_eval_examples = 10_000
+        c.variant = "Mu/7" if variant == "mnist" else "Mu/8"  # 28x28 images: 7x7 patches
     elif variant == "accelerator":
         c.update(
             dict(

@@ -3,6 +3,8 @@
 - `char_lm("tiny_shakespeare", split, seq_len)`: characters, windows over the split's one long text.
 - `image_classes("mnist" | "fashion_mnist" | "cifar10", split)`: images, labels and class-name captions.
 - `subword_lm("lm1b", split, vocab_size)`: sentences as SentencePiece ids, the model trained on the data.
+- `translation("ted_hrlr_translate/pt_to_en", split, vocab_size)`: sentence pairs as ids of one SentencePiece
+  model trained on both languages.
 
 Each returns a random-access source for `seqjax.data.pipeline.Pipeline` and the tokenizer (cached in
 `DATA_DIR/seqjax/`, written atomically). Data is read with `tfds.data_source` (ArrayRecord files), never downloaded
@@ -64,8 +66,14 @@ def _cache(data_dir: str | None, filename: str) -> str:
     return os.path.join(_data_dir(data_dir), "seqjax", filename)
 
 
-def char_lm(name: str = "tiny_shakespeare", split: str = "train", seq_len: int = 128, *,
-            data_dir: str | None = None, stride: int | None = None) -> tuple[Windows, CharTokenizer]:  # fmt: skip
+def char_lm(
+    name: str = "tiny_shakespeare",
+    split: str = "train",
+    seq_len: int = 128,
+    *,
+    data_dir: str | None = None,
+    stride: int | None = None,
+) -> tuple[Windows, CharTokenizer]:
     """Windows of `seq_len + 1` character ids over the split's text (all its examples joined by newlines); the
     character set is fitted on the train split and cached."""
     texts = [_text(ex["text"]) for ex in _all(open_split(name, split, data_dir))]
@@ -76,8 +84,9 @@ def char_lm(name: str = "tiny_shakespeare", split: str = "train", seq_len: int =
     return Windows(tok.encode("\n".join(texts)), seq_len, stride), tok
 
 
-def image_classes(name: str, split: str = "train", *, data_dir: str | None = None,
-                  caption_length: int = 32) -> tuple[Mapped, list[str]]:  # fmt: skip
+def image_classes(
+    name: str, split: str = "train", *, data_dir: str | None = None, caption_length: int = 32
+) -> tuple[Mapped, list[str]]:
     """Examples {image uint8 [H, W, C], label int32, caption [caption_length] byte ids ("a photo of a cat"; for
     mnist "a handwritten 7")} and the class names."""
     import tensorflow_datasets as tfds
@@ -124,6 +133,38 @@ def subword_lm(
     return Mapped(source, lambda ex: {"tokens": _pad(tok.encode(_text(ex["text"]), bos=True, eos=True), seq_len)}), tok
 
 
+def translation(
+    name: str = "ted_hrlr_translate/pt_to_en",
+    split: str = "train",
+    vocab_size: int = 8000,
+    *,
+    data_dir: str | None = None,
+    max_train_sentences: int = 200_000,
+) -> tuple[Mapped, SubwordTokenizer, tuple[str, str]]:
+    """Pairs {"inputs": source ids, "targets": target ids} (no bos / eos: the collate function adds them), the shared
+    SentencePiece model (trained on both sides of the train split, cached), and the (source, target) keys."""
+    import tensorflow_datasets as tfds
+
+    keys = tuple(tfds.builder(name, data_dir=_data_dir(data_dir)).info.supervised_keys)
+    train = open_split(name, "train", data_dir)
+
+    def texts():
+        for i in range(min(len(train), max_train_sentences // 2)):
+            ex = train[i]
+            yield _text(ex[keys[0]])
+            yield _text(ex[keys[1]])
+
+    tok = SubwordTokenizer.load_or_train(
+        _cache(data_dir, f"{name.replace('/', '_')}.sp{vocab_size}.model"), texts(), vocab_size
+    )
+    source = train if split == "train" else open_split(name, split, data_dir)
+
+    def pair(ex):
+        return {"inputs": tok.encode(_text(ex[keys[0]])), "targets": tok.encode(_text(ex[keys[1]]))}
+
+    return Mapped(source, pair), tok, keys
+
+
 def _pad(ids: np.ndarray, length: int) -> np.ndarray:
     out = np.zeros(length, np.int32)
     out[: min(length, len(ids))] = ids[:length]
@@ -143,4 +184,5 @@ __all__ = [
     "image_classes",
     "open_split",
     "subword_lm",
+    "translation",
 ]

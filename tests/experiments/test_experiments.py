@@ -13,8 +13,16 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMMON = dict(log_every_steps=1, checkpoint_every_steps=2, eval_every_steps=2, batch_size=8, eval_batch_size=8, warmup_steps=1,
-              num_eval_examples=16, num_train_examples=64)  # fmt: skip
+COMMON = dict(
+    log_every_steps=1,
+    checkpoint_every_steps=2,
+    eval_every_steps=2,
+    batch_size=8,
+    eval_batch_size=8,
+    warmup_steps=1,
+    num_eval_examples=16,
+    num_train_examples=64,
+)
 TINY = {
     "seq2seq": dict(emb_dim=16, num_heads=2, mlp_dim=32, max_len=6, beam_size=2),
     "lm": dict(emb_dim=16, num_heads=2, mlp_dim=32, seq_len=24, max_depth=1, num_samples=8),
@@ -22,12 +30,31 @@ TINY = {
     "vit": dict(variant="Mu/8"),
     "vqvae": dict(num_codes=8, code_dim=4, channels=8),
     "sequence_models": dict(hidden=4, length=24, score_from=4, forecast_from=16, horizon=3),
-    "dalle": dict(emb_dim=16, num_heads=2, num_layers=1, mlp_dim=32, num_eval_examples=8, eval_batch_size=8,
-                  **{"vqvae.num_codes": 8, "vqvae.code_dim": 4, "vqvae.channels": 8, "vqvae.num_train_steps": 2,
-                     "vqvae.batch_size": 8, "vqvae.warmup_steps": 1, "classifier.warmup_steps": 1, "vqvae.eval_batch_size": 8, "vqvae.num_eval_examples": 8,
-                     "classifier.variant": "Mu/8", "classifier.num_train_steps": 2, "classifier.batch_size": 8,
-                     "classifier.eval_batch_size": 8, "classifier.num_eval_examples": 8}),
-}  # fmt: skip
+    "dalle": dict(
+        emb_dim=16,
+        num_heads=2,
+        num_layers=1,
+        mlp_dim=32,
+        num_eval_examples=8,
+        eval_batch_size=8,
+        **{
+            "vqvae.num_codes": 8,
+            "vqvae.code_dim": 4,
+            "vqvae.channels": 8,
+            "vqvae.num_train_steps": 2,
+            "vqvae.batch_size": 8,
+            "vqvae.warmup_steps": 1,
+            "classifier.warmup_steps": 1,
+            "vqvae.eval_batch_size": 8,
+            "vqvae.num_eval_examples": 8,
+            "classifier.variant": "Mu/8",
+            "classifier.num_train_steps": 2,
+            "classifier.batch_size": 8,
+            "classifier.eval_batch_size": 8,
+            "classifier.num_eval_examples": 8,
+        },
+    ),
+}
 PICTURES = {
     "seq2seq": ["attention.png", "examples.txt"],
     "lm": ["samples.txt"],
@@ -103,7 +130,14 @@ def test_sigkill_then_the_same_command_gives_the_same_loss_curve(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "dataset"), [("vit", "mnist"), ("lm", "tiny_shakespeare"), ("lm", "lm1b"), ("rnn_lm", "tiny_shakespeare")]
+    ("name", "dataset"),
+    [
+        ("vit", "mnist"),
+        ("lm", "tiny_shakespeare"),
+        ("lm", "lm1b"),
+        ("rnn_lm", "tiny_shakespeare"),
+        ("seq2seq", "ted_hrlr_translate/pt_to_en"),
+    ],
 )
 def test_real_dataset_variants_on_mocked_data(tmp_path, name, dataset):
     import importlib
@@ -118,7 +152,11 @@ def test_real_dataset_variants_on_mocked_data(tmp_path, name, dataset):
     config.update({**COMMON, **TINY[name], "num_train_steps": 2, "dataset": dataset, "data_dir": str(tmp_path)})
     if dataset == "lm1b":
         config.vocab_size = 40
-    task_cls = {"vit": "ViTTask", "lm": "LMTask", "rnn_lm": "RNNLMTask"}[name]
+    if dataset == "mnist":
+        config.variant = "Mu/7"  # 28x28 images
+    if name == "seq2seq":
+        config.update(dict(subword_vocab_size=40, max_len=12))
+    task_cls = {"vit": "ViTTask", "lm": "LMTask", "rnn_lm": "RNNLMTask", "seq2seq": "Seq2SeqTask"}[name]
     with tfds.testing.mock_data(num_examples=64), jax.numpy_dtype_promotion("standard"):
         task = getattr(module, task_cls)(config)
         summary = train_and_evaluate(config, str(tmp_path / "run"), task)
@@ -136,3 +174,21 @@ def test_configs_have_the_shared_fields_and_variants(name):
     validate_config(configs.get_config("accelerator"))
     with pytest.raises(ValueError, match="unknown"):
         configs.get_config("nonsense")
+
+
+def test_corpus_bleu_against_hand_computed_values():
+    from experiments.seq2seq import corpus_bleu
+
+    ref = "the cat is on the mat".split()
+    assert corpus_bleu([ref], [ref]) == pytest.approx(100.0)
+    # hyp "the cat the cat on the mat" (7 words): clipped 1-grams 5/7 (the x2, cat, on, mat), 2-grams 3/6 (the cat,
+    # on the, the mat), 3-grams 1/5 (on the mat), no 4-gram in common; longer than ref: no brevity penalty.
+    hyp = "the cat the cat on the mat".split()
+    import math
+
+    p = [5 / 7, 3 / 6, 1 / 5]
+    assert corpus_bleu([hyp], [ref], max_n=3) == pytest.approx(100 * math.exp(sum(map(math.log, p)) / 3), rel=1e-9)
+    assert corpus_bleu([hyp], [ref]) == 0.0
+    short = "the cat".split()  # 1- and 2-grams match fully, no 3-gram at all: BLEU-4 is 0
+    assert corpus_bleu([short], [ref]) == 0.0
+    assert corpus_bleu([short], [ref], max_n=2) == pytest.approx(100 * math.exp(1 - 6 / 2))
