@@ -187,13 +187,15 @@ class DalleTask(PipelineTask):
             captions = self.test_captions[:8]
             rows = [self.generate(params, captions, jax.random.fold_in(rng, 10_000 + r)) for r in range(3)]
             names = captioned_shapes.SHAPES
+            readings = [[f"read: {names[s]}" for s in np.asarray(read(jnp.asarray(row)))] for row in rows]
             plot_image_grid(
                 rows,
                 os.path.join(workdir, "generated.png"),
                 captions=[c.replace(" in the ", "\nin the ") for c in captions],
+                labels=readings,
                 row_titles=[f"sample {r + 1}" for r in range(3)],
-                title=f"Generated from held-out captions (guidance {self.config.guidance_scale}); the classifier read "
-                f"{', '.join(names[s] for s in seen[:8])} for the first row's prompts' first samples",
+                title=f"Generated from held-out captions (guidance {self.config.guidance_scale}); under each image, "
+                "the shape the ViT judge reads",
             )
         return out
 

@@ -122,10 +122,12 @@ def plot_image_grid(
     col_titles: Sequence[str] | None = None,
     title: str | None = None,
     captions: Sequence[str] | None = None,
+    labels: Sequence[Sequence[str]] | None = None,
 ) -> str:
     """Rows of images, each `[B, H, W, C]` with values in [0, 1] (C = 1 or 3): e.g. generated images with their
     captions under each column (`captions`, written below the last row), or originals above their VQ-VAE
-    reconstructions (two rows, `row_titles`). PNG."""
+    reconstructions (two rows, `row_titles`). `labels[i][j]`: a short note under image j of row i (above the
+    caption on the last row). PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,8 +149,11 @@ def plot_image_grid(
             ax.set_yticks([])
             if i == 0 and col_titles is not None:
                 ax.set_title(str(col_titles[j]), fontsize=7)
+            under = [str(labels[i][j])] if labels is not None else []
             if i == len(rows) - 1 and captions is not None:
-                ax.set_xlabel(str(captions[j]), fontsize=7)
+                under.append(str(captions[j]))
+            if under:
+                ax.set_xlabel("\n".join(under), fontsize=7)
         if row_titles is not None:
             axes[i][0].set_ylabel(str(row_titles[i]), fontsize=8)
     if title:
