@@ -31,8 +31,29 @@ def get_config(variant: str = "cpu"):
     c.top_k = 0  # 0: no top-k filter
     c.vqvae_workdir = ""  # "": train the tokenizer in WORKDIR/vqvae
     c.classifier_workdir = ""  # "": train the judge in WORKDIR/classifier
-    c.vqvae = ml_collections.ConfigDict(dict(num_train_steps=1000, num_codes=128))
-    c.classifier = ml_collections.ConfigDict(dict(num_train_steps=1500))
+    # The stages' fields that differ from their own defaults, or that one may want to change from here.
+    c.vqvae = ml_collections.ConfigDict(
+        dict(
+            num_train_steps=1000,
+            num_codes=128,
+            code_dim=16,
+            channels=64,
+            batch_size=64,
+            warmup_steps=50,
+            eval_batch_size=256,
+            num_eval_examples=512,
+        )
+    )
+    c.classifier = ml_collections.ConfigDict(
+        dict(
+            num_train_steps=1500,
+            variant="Mu/8",
+            batch_size=128,
+            warmup_steps=100,
+            eval_batch_size=256,
+            num_eval_examples=1024,
+        )
+    )
     if variant == "accelerator":
         c.update(
             dict(
@@ -46,8 +67,8 @@ def get_config(variant: str = "cpu"):
                 parallel="jit",
             )
         )
-        c.vqvae = ml_collections.ConfigDict(dict(num_train_steps=20_000, num_codes=512))
-        c.classifier = ml_collections.ConfigDict(dict(num_train_steps=10_000))
+        c.vqvae.update(dict(num_train_steps=20_000, num_codes=512, batch_size=256))
+        c.classifier.update(dict(num_train_steps=10_000, batch_size=512))
     elif variant != "cpu":
         raise ValueError(f"unknown dalle config variant {variant!r}; use cpu or accelerator")
     return c
