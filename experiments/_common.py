@@ -46,10 +46,34 @@ def data_dir(config: Any) -> str:
     return os.path.expanduser(config.get("data_dir") or tfds.core.constants.DATA_DIR)
 
 
+def head(source: Any, n: int | None = None) -> list:
+    """The first `n` examples of a random-access source (all of them when None), in one read."""
+    from seqjax.data.pipeline import read_many
+
+    return read_many(source, list(range(len(source) if n is None else min(n, len(source)))))
+
+
+def eval_chunks(test: dict, n: int) -> list[dict]:
+    """A held-out batch dict cut into whole batches of `n` rows (a remainder is left out)."""
+    count = len(next(iter(test.values())))
+    return [{k: v[i : i + n] for k, v in test.items()} for i in range(0, count - n + 1, n)]
+
+
+def dropout_kwargs(rng: Any) -> dict:
+    """`apply` keywords: training with dropout from `rng`, or deterministic evaluation when `rng` is None."""
+    return {"deterministic": rng is None, "rngs": None if rng is None else {"dropout": rng}}
+
+
 class PipelineTask:
-    """A task whose training batches come from `self.pipeline` (a `seqjax.data.Pipeline`, prefetching)."""
+    """A task whose training batches come from `self.pipeline` (a `seqjax.data.Pipeline`, prefetching) and whose
+    held-out examples are `self.test` (a batch dict), evaluated in batches of `config.eval_batch_size`."""
 
     pipeline: Any
+    test: dict
+    config: Any
+
+    def eval_batches(self) -> list[dict]:
+        return eval_chunks(self.test, self.config.eval_batch_size)
 
     def train_batch(self, index: int) -> dict:
         if self.pipeline.process_count == 1:

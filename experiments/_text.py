@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, data_dir
+from experiments._common import PipelineTask, data_dir, head
 from seqjax import decoding
 from seqjax.data import datasets
 from seqjax.data.builders import build, synthetic_text
-from seqjax.data.pipeline import Mapped, Pipeline, read_many, stack
+from seqjax.data.pipeline import Mapped, Pipeline, pad, stack
 from seqjax.data.tokenizers import BOS, EOS, PAD, CharTokenizer, WordTokenizer
 from seqjax.training import cross_entropy
 
@@ -59,7 +59,7 @@ class TextLMTask(PipelineTask):
                 seed=config.data_seed,
             )
             sources = build("synthetic_text", d, data).as_data_source()
-            train_texts = [ex["text"] for ex in read_many(sources["train"], list(range(len(sources["train"]))))]
+            train_texts = [ex["text"] for ex in head(sources["train"])]
             if config.tokens not in ("char", "word"):
                 raise ValueError(f"config.tokens={config.tokens!r} is unknown; use 'char' or 'word'")
             self.tokenizer = (CharTokenizer if config.tokens == "char" else WordTokenizer).fit(train_texts)
@@ -76,7 +76,10 @@ class TextLMTask(PipelineTask):
             split = lambda ex: _shift(ex["tokens"], n)
             train, test = Mapped(source, split), Mapped(test_source, split)
         self.pipeline = Pipeline(train, config.batch_size, seed=config.seed, collate=stack, prefetch=2)
-        self.test = stack(read_many(test, list(range(min(len(test), config.num_eval_examples)))))
+        self.test = stack(head(test, config.num_eval_examples))
+
+    def init(self, rng):
+        return jax.jit(self.model.init)(rng, jnp.zeros((1, self.config.seq_len), jnp.int32))["params"], {}
 
     # -- subclasses ----------------------------------------------------------------------------------------------
     def _logits(self, params, tokens, rng=None):
@@ -93,11 +96,6 @@ class TextLMTask(PipelineTask):
     def loss_fn(self, params, model_state, batch, rng):
         loss, aux = self._loss(params, batch, rng)
         return loss, ({"accuracy": aux["accuracy"]}, model_state)
-
-    def eval_batches(self):
-        n = self.config.eval_batch_size
-        count = len(self.test["inputs"])
-        return [{k: v[i : i + n] for k, v in self.test.items()} for i in range(0, count - n + 1, n)]
 
     def metric_fn(self, params, model_state, batch):
         loss, aux = self._loss(params, batch)
@@ -120,9 +118,7 @@ class TextLMTask(PipelineTask):
 
 
 def _shift(ids: np.ndarray, n: int) -> dict:
-    ids = np.asarray(ids)[: n + 1]
-    full = np.full(n + 1, PAD, np.int32)
-    full[: len(ids)] = ids
+    full = pad([ids], n + 1)[0]
     return {"inputs": full[:-1], "targets": full[1:], "weights": (full[1:] != PAD).astype(np.float32)}
 
 

@@ -27,12 +27,12 @@ import numpy as np
 
 from experiments import vit as vit_experiment
 from experiments import vqvae as vqvae_experiment
-from experiments._common import PipelineTask, run
+from experiments._common import PipelineTask, head, run
 from experiments.configs import vit as vit_configs
 from experiments.configs import vqvae as vqvae_configs
 from seqjax import decoding
 from seqjax.data.builders import captioned_shapes
-from seqjax.data.pipeline import Pipeline, pad, read_many, stack
+from seqjax.data.pipeline import Pipeline, pad, stack
 from seqjax.data.tokenizers import WordTokenizer
 from seqjax.models.image_decoder import ImageDecoderConfig, ImageTokenDecoder, image_prompt, image_state, image_step
 from seqjax.plotting import plot_image_grid
@@ -71,7 +71,7 @@ class DalleTask(PipelineTask):
                 _stage_config(vit_configs, config.classifier, config), judge_dir, vit_experiment.ViTTask
             )
         sources = vit_experiment.captioned_shapes_sources(config)
-        train = read_many(sources["train"], list(range(len(sources["train"]))))
+        train = head(sources["train"])
         self.tokenizer = WordTokenizer.fit([ex["caption"] for ex in train])
         self.tokens = self._tokenize(train, os.path.join(workdir, "tokens.npz"))
         grid = self.vq_task.shape[0] // 2**self.vq_task.model.config.num_downsamples
@@ -91,7 +91,7 @@ class DalleTask(PipelineTask):
         )
         source = [{"text": t, "image": c} for t, c in zip(self.tokens["text"], self.tokens["image"], strict=True)]
         self.pipeline = Pipeline(source, config.batch_size, seed=config.seed, collate=stack, prefetch=2)
-        test = read_many(sources["test"], list(range(config.num_eval_examples)))
+        test = head(sources["test"], config.num_eval_examples)
         self.test_captions = [_text(ex["caption"]) for ex in test]
         self.test_shapes = np.array([int(ex["shape"]) for ex in test])
         self.test_images = vit_experiment.images_to_float(np.stack([ex["image"] for ex in test]))

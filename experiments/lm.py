@@ -10,10 +10,7 @@ them (marked ok / BAD on synthetic_text); curves.png the losses.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-from experiments._common import run
+from experiments._common import dropout_kwargs, run
 from experiments._text import TextLMTask, sample
 from seqjax import decoding
 from seqjax.models import DecoderLM, TransformerConfig
@@ -37,14 +34,8 @@ class LMTask(TextLMTask):
             )
         )
 
-    def init(self, rng):
-        return jax.jit(self.model.init)(rng, jnp.zeros((1, self.config.seq_len), jnp.int32))["params"], {}
-
     def _logits(self, params, tokens, rng=None):
-        train = rng is not None
-        return self.model.apply(
-            {"params": params}, tokens, deterministic=not train, rngs={"dropout": rng} if train else None
-        )
+        return self.model.apply({"params": params}, tokens, **dropout_kwargs(rng))
 
     def _sample(self, params, num, rng):
         state = decoding.lm_state(self.model, params, num, self.config.seq_len + 1)

@@ -9,10 +9,7 @@ distinct ones. samples.txt, curves.png.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-from experiments._common import run
+from experiments._common import dropout_kwargs, run
 from experiments._text import TextLMTask, sample
 from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig, rnn_state, rnn_step
 
@@ -31,14 +28,8 @@ class RNNLMTask(TextLMTask):
             )
         )
 
-    def init(self, rng):
-        return jax.jit(self.model.init)(rng, jnp.zeros((1, self.config.seq_len), jnp.int32))["params"], {}
-
     def _logits(self, params, tokens, rng=None):
-        train = rng is not None
-        logits, _ = self.model.apply(
-            {"params": params}, tokens, deterministic=not train, rngs={"dropout": rng} if train else None
-        )
+        logits, _ = self.model.apply({"params": params}, tokens, **dropout_kwargs(rng))
         return logits
 
     def _sample(self, params, num, rng):

@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, data_dir, run
+from experiments._common import PipelineTask, data_dir, dropout_kwargs, head, run
 from seqjax import decoding
 from seqjax.data import datasets
 from seqjax.data.builders import build, seq_tasks
-from seqjax.data.pipeline import Pipeline, Seq2SeqCollate, read_many
+from seqjax.data.pipeline import Pipeline, Seq2SeqCollate
 from seqjax.data.tokenizers import BOS, EOS
 from seqjax.models import Transformer, TransformerConfig
 from seqjax.plotting import attention_weights, plot_attention
@@ -74,8 +74,7 @@ class Seq2SeqTask(PipelineTask):
         )
         collate = Seq2SeqCollate(vocab["bos"], self.eos, self.input_len, self.target_len)
         self.pipeline = Pipeline(sources["train"], config.batch_size, seed=config.seed, collate=collate, prefetch=2)
-        count = min(len(sources["test"]), config.num_eval_examples)
-        self.test = collate(read_many(sources["test"], list(range(count))))
+        self.test = collate(head(sources["test"], config.num_eval_examples))
 
     def _translation_sources(self, config):
         d = data_dir(config)
@@ -109,24 +108,13 @@ class Seq2SeqTask(PipelineTask):
         return jax.jit(self.model.init)(rng, x, y)["params"], {}
 
     def _loss(self, params, batch, rng=None):
-        train = rng is not None
-        logits = self.model.apply(
-            {"params": params},
-            batch["inputs"],
-            batch["labels"],
-            deterministic=not train,
-            rngs={"dropout": rng} if train else None,
-        )
-        smoothing = self.config.label_smoothing if train else 0.0
+        logits = self.model.apply({"params": params}, batch["inputs"], batch["labels"], **dropout_kwargs(rng))
+        smoothing = self.config.label_smoothing if rng is not None else 0.0
         return cross_entropy(logits, batch["labels"], weights=batch["weights"], label_smoothing=smoothing)
 
     def loss_fn(self, params, model_state, batch, rng):
         loss, aux = self._loss(params, batch, rng)
         return loss, ({"token_accuracy": aux["accuracy"]}, model_state)
-
-    def eval_batches(self):
-        n = self.config.eval_batch_size
-        return [{k: v[i : i + n] for k, v in self.test.items()} for i in range(0, len(self.test["inputs"]) - n + 1, n)]
 
     def metric_fn(self, params, model_state, batch):
         loss, aux = self._loss(params, batch)

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, data_dir, run
+from experiments._common import PipelineTask, data_dir, eval_chunks, head, run
 from seqjax.data.builders import build, time_series
-from seqjax.data.pipeline import Pipeline, read_many, stack
+from seqjax.data.pipeline import Pipeline, stack
 from seqjax.nn import GRU, LSTM, SimpleRNN
 from seqjax.nn.sequence import (
     AutoregressiveModel,
@@ -83,7 +83,7 @@ class SequenceModelsTask(PipelineTask):
         )
         sources = build("time_series", data_dir(config), data).as_data_source()
         self.pipeline = Pipeline(sources["train"], config.batch_size, seed=config.seed, collate=stack, prefetch=2)
-        self.test = stack(read_many(sources["test"], list(range(len(sources["test"])))))["series"]
+        self.test = stack(head(sources["test"]))["series"]
         self.models = make_models(config)
 
     def init(self, rng):
@@ -104,8 +104,7 @@ class SequenceModelsTask(PipelineTask):
         return sum(errors.values()), ({f"mse_{n}": e for n, e in errors.items()}, model_state)
 
     def eval_batches(self):
-        n = self.config.eval_batch_size
-        return [{"series": self.test[i : i + n]} for i in range(0, len(self.test) - n + 1, n)]
+        return eval_chunks({"series": self.test}, self.config.eval_batch_size)
 
     def metric_fn(self, params, model_state, batch):
         errors = self._errors(params, batch["series"])

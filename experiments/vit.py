@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, data_dir, run
+from experiments._common import PipelineTask, data_dir, dropout_kwargs, head, run
 from seqjax.data import datasets
 from seqjax.data.builders import build, captioned_shapes
-from seqjax.data.pipeline import Mapped, Pipeline, read_many, stack
+from seqjax.data.pipeline import Mapped, Pipeline, stack
 from seqjax.models.vit import ViT, attention_rollout, vit_config
 from seqjax.plotting import attention_weights, plot_rollout
 from seqjax.training import cross_entropy
@@ -66,7 +66,7 @@ class ViTTask(PipelineTask):
         train, test, self.names, self.shape = image_sources(config)
         keep = lambda ex: {"image": ex["image"], "label": ex["label"]}
         self.pipeline = Pipeline(Mapped(train, keep), config.batch_size, seed=config.seed, collate=stack, prefetch=2)
-        self.test = stack([keep(e) for e in read_many(test, list(range(min(len(test), config.num_eval_examples))))])
+        self.test = stack([keep(e) for e in head(test, config.num_eval_examples)])
         self.model = ViT(
             vit_config(
                 config.variant,
@@ -82,22 +82,13 @@ class ViTTask(PipelineTask):
         return jax.jit(self.model.init)(rng, jnp.zeros((1, *self.shape)))["params"], {}
 
     def _loss(self, params, batch, rng=None):
-        train = rng is not None
-        logits = self.model.apply(
-            {"params": params},
-            images_to_float(batch["image"]),
-            deterministic=not train,
-            rngs={"dropout": rng} if train else None,
-        )
-        return cross_entropy(logits, batch["label"], label_smoothing=self.config.label_smoothing if train else 0.0)
+        logits = self.model.apply({"params": params}, images_to_float(batch["image"]), **dropout_kwargs(rng))
+        smoothing = self.config.label_smoothing if rng is not None else 0.0
+        return cross_entropy(logits, batch["label"], label_smoothing=smoothing)
 
     def loss_fn(self, params, model_state, batch, rng):
         loss, aux = self._loss(params, batch, rng)
         return loss, ({"accuracy": aux["accuracy"]}, model_state)
-
-    def eval_batches(self):
-        n, count = self.config.eval_batch_size, len(self.test["label"])
-        return [{k: v[i : i + n] for k, v in self.test.items()} for i in range(0, count - n + 1, n)]
 
     def metric_fn(self, params, model_state, batch):
         loss, aux = self._loss(params, batch)
@@ -105,8 +96,9 @@ class ViTTask(PipelineTask):
 
     def report(self, params, model_state, workdir):
         predict = jax.jit(lambda p, x: jnp.argmax(self.model.apply({"params": p}, images_to_float(x)), -1))
-        predictions = np.concatenate([np.asarray(predict(params, b["image"])) for b in self.eval_batches()])
-        labels = np.concatenate([b["label"] for b in self.eval_batches()])
+        batches = self.eval_batches()
+        predictions = np.concatenate([np.asarray(predict(params, b["image"])) for b in batches])
+        labels = np.concatenate([b["label"] for b in batches])
         if workdir is not None:
             self._rollout(params, predictions[:8], workdir)
         return {"test_accuracy": float(np.mean(predictions == labels)), "test_examples": len(labels)}

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, run
+from experiments._common import PipelineTask, head, run
 from experiments.vit import image_sources, images_to_float
-from seqjax.data.pipeline import Mapped, Pipeline, read_many, stack
+from seqjax.data.pipeline import Mapped, Pipeline, stack
 from seqjax.models.vqvae import VQVAE, VQVAEConfig
 from seqjax.plotting import plot_image_grid
 
@@ -40,7 +40,7 @@ class VQVAETask(PipelineTask):
         train, test, _, self.shape = image_sources(config)
         keep = lambda ex: {"image": ex["image"]}
         self.pipeline = Pipeline(Mapped(train, keep), config.batch_size, seed=config.seed, collate=stack, prefetch=2)
-        self.test = stack([keep(e) for e in read_many(test, list(range(min(len(test), config.num_eval_examples))))])
+        self.test = stack([keep(e) for e in head(test, config.num_eval_examples)])
         self.model = vqvae_model(config, self.shape)
 
     def init(self, rng):
@@ -53,10 +53,6 @@ class VQVAETask(PipelineTask):
         )
         metrics = {k: aux[k] for k in ("reconstruction_loss", "perplexity", "usage")}
         return aux["loss"], (metrics, {"vq": new["vq"]})
-
-    def eval_batches(self):
-        n, count = self.config.eval_batch_size, len(self.test["image"])
-        return [{"image": self.test["image"][i : i + n]} for i in range(0, count - n + 1, n)]
 
     def metric_fn(self, params, model_state, batch):
         _, aux = self.model.apply({"params": params, **model_state}, images_to_float(batch["image"]))

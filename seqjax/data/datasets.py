@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from seqjax.data import hide_accelerators_from_tensorflow
-from seqjax.data.pipeline import Mapped, Windows, read_many
+from seqjax.data.pipeline import Mapped, Windows, pad, read_many
 from seqjax.data.tokenizers import ByteTokenizer, CharTokenizer, SubwordTokenizer
 
 IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
@@ -96,7 +96,7 @@ def image_classes(
     source = open_split(name, split, data_dir)
     names = list(tfds.builder(name, data_dir=_data_dir(data_dir)).info.features["label"].names)
     byte = ByteTokenizer()
-    captions = [_pad(byte.encode(caption_for(name, n), eos=True), caption_length) for n in names]
+    captions = list(pad([byte.encode(caption_for(name, n), eos=True) for n in names], caption_length))
 
     def example(ex):
         label = int(ex["label"])
@@ -130,7 +130,9 @@ def subword_lm(
         vocab_size,
     )
     source = train if split == "train" else open_split(name, split, data_dir)
-    return Mapped(source, lambda ex: {"tokens": _pad(tok.encode(_text(ex["text"]), bos=True, eos=True), seq_len)}), tok
+    return Mapped(
+        source, lambda ex: {"tokens": pad([tok.encode(_text(ex["text"]), bos=True, eos=True)], seq_len)[0]}
+    ), tok
 
 
 def translation(
@@ -163,12 +165,6 @@ def translation(
         return {"inputs": tok.encode(_text(ex[keys[0]])), "targets": tok.encode(_text(ex[keys[1]]))}
 
     return Mapped(source, pair), tok, keys
-
-
-def _pad(ids: np.ndarray, length: int) -> np.ndarray:
-    out = np.zeros(length, np.int32)
-    out[: min(length, len(ids))] = ids[:length]
-    return out
 
 
 def _all(source: Sequence) -> list:
