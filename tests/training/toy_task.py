@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from seqjax.training.vectorized import hparam
+
 
 def toy_config(**overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(
@@ -27,6 +29,10 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
 
 class ToyTask:
     """Regression y = tanh(x W1) W2 with dropout (so the PRNG matters) on batches indexed by step."""
+
+    # May differ between trials stacked by a vectorised sweep: the dropout rate is read through `hparam`, and
+    # nan_at_step changes only the data.
+    vectorizable = ("dropout", "nan_at_step")
 
     def __init__(self, config):
         self.config = config
@@ -67,9 +73,9 @@ class ToyTask:
 
     def _predict(self, params, x, rng=None):
         h = jnp.tanh(x @ params["w1"] + params["b1"])
-        if rng is not None and self.config.dropout > 0:
-            keep = 1.0 - self.config.dropout
-            h = h * jax.random.bernoulli(rng, keep, h.shape) / keep
+        if rng is not None:
+            keep = 1.0 - hparam(self.config, "dropout")  # a traced scalar in a vectorised sweep
+            h = jnp.where(jax.random.bernoulli(rng, keep, h.shape), h / keep, 0.0)
         return h @ params["w2"]
 
     def loss_fn(self, params, model_state, batch, rng):

@@ -1,0 +1,307 @@
+"""K configurations trained inside one compiled program: `jax.vmap` over K stacked train states.
+
+    summaries = train_and_evaluate_many(configs, workdirs, tasks)
+
+On one accelerator, a small model leaves most of it idle; stacking K trials of a sweep fills it. The K configs may
+differ only in what does not change the program:
+
+  - the optimizer's numbers (`seqjax.training.optim.HYPERPARAMETERS` but `num_train_steps`: learning rate, schedule
+    kind, warm-up, end factor, weight decay, b1, b2, momentum, clipping norm). They live in each trial's optimizer
+    state (`optax.inject_hyperparams`), so one update function serves all K;
+  - `seed` (initial parameters, dropout keys, data order: each trial has its own task, so its own batches);
+  - the keys a task lists in its class attribute `vectorizable`: numbers its `loss_fn` / `metric_fn` read with
+    `hparam(self.config, key)` (e.g. label smoothing), which under this trainer returns the trial's value as a
+    traced scalar, or data-only keys (e.g. `data_seed`) that change the batches but not their shapes.
+
+Each trial is logged and checkpointed as if it were its own run: WORKDIR_k/metrics.jsonl, tensorboard/,
+checkpoints/ (restorable by `train_and_evaluate` with the same config), summary.json, curves.png. Per trial, the
+losses equal those of a separate `train_and_evaluate` run (tests/training/test_vectorized.py). A trial whose loss
+turns non-finite stops being logged and saved (its summary says why) while the others go on. Resuming restarts every
+trial from the latest step all of them have a checkpoint of. One device (config.parallel = "none").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqjax.training.checkpoint import Checkpointer
+from seqjax.training.loop import _progress, _Stop, plot_curves, validate_config
+from seqjax.training.optim import HYPERPARAMETERS, learning_rate, make_optimizer, optimizer_structure
+from seqjax.training.state import TrainState, make_eval_step, make_train_step
+from seqjax.training.summary import SummaryWriter
+
+# Config keys any task may vary between stacked trials.
+VECTORIZABLE = (*(k for k in HYPERPARAMETERS if k != "num_train_steps"), "seed")
+
+_TRACED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("seqjax_traced_hparams", default=None)
+
+
+def hparam(config: Any, key: str) -> Any:
+    """`config[key]`; inside a vectorised sweep's step, this trial's value of it as a traced scalar (for the keys
+    the task lists in `vectorizable`). Tasks read such keys through this in `loss_fn` / `metric_fn`."""
+    traced = _TRACED.get() or {}
+    return traced[key] if key in traced else config[key]
+
+
+@contextlib.contextmanager
+def traced_hparams(values: dict[str, Any]):
+    """Within the block, `hparam(config, key)` returns `values[key]` for the keys in `values`."""
+    token = _TRACED.set({**(_TRACED.get() or {}), **values})
+    try:
+        yield
+    finally:
+        _TRACED.reset(token)
+
+
+def _flat(config: Any) -> dict[str, Any]:
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value
+
+    walk("", d)
+    return out
+
+
+def varying_keys(configs: list[Any]) -> list[str]:
+    """The (dotted) config keys whose values are not the same in every config."""
+    flats = [_flat(c) for c in configs]
+    keys = sorted(set().union(*flats))
+    return [k for k in keys if any(f.get(k, "<missing>") != flats[0].get(k, "<missing>") for f in flats)]
+
+
+def check_vectorizable(configs: list[Any], task_cls: type) -> list[str]:
+    """Raises ValueError naming the keys that stop `configs` from training as one program; returns those that
+    vary."""
+    if not configs:
+        raise ValueError("a vectorised sweep needs at least one config")
+    allowed = set(VECTORIZABLE) | set(getattr(task_cls, "vectorizable", ()))
+    varying = varying_keys(configs)
+    bad = [k for k in varying if k not in allowed]
+    if bad:
+        raise ValueError(
+            f"--vectorize: the trials differ in {bad}, which change the compiled program (shapes, structure, number "
+            f"of steps); vectorisable keys for {task_cls.__name__}: {sorted(allowed)}. Sweep those keys as separate "
+            "trials (without --vectorize), or nest: one vectorised sweep per value."
+        )
+    structures = {optimizer_structure(c) for c in configs}
+    if len(structures) > 1:
+        raise ValueError(
+            "--vectorize: the trials' optimizers differ in structure (optimizer, clipping on/off, sgd momentum or "
+            f"weight decay on/off): {sorted(structures)}; keep grad_clip_norm all 0 or all > 0"
+        )
+    if any(c.parallel != "none" for c in configs):
+        raise ValueError("--vectorize trains the stacked trials on one device: set config.parallel='none'")
+    return varying
+
+
+def _stack(trees: list[Any]) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _stack_host(trees: list[Any]) -> Any:
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list[Any]) -> list[dict[str, Any]]:
+    """Trains trial k (`configs[k]`, `tasks[k]`, logging to `workdirs[k]`) for every k in one vmapped program;
+    returns the summaries (also in each WORKDIR_k/summary.json). See the module docstring."""
+    if not (len(configs) == len(workdirs) == len(tasks)):
+        raise ValueError("configs, workdirs and tasks must have the same length")
+    for c in configs:
+        validate_config(c)
+    check_vectorizable(configs, type(tasks[0]))
+    K, cfg, task0 = len(configs), configs[0], tasks[0]
+    workdirs = [os.path.abspath(w) for w in workdirs]
+    for w in workdirs:
+        os.makedirs(w, exist_ok=True)
+    txs = [make_optimizer(c) for c in configs]
+    tx = txs[0]  # the same chain for all: their numbers are in the states
+    states = []
+    for c, task, tx_k in zip(configs, tasks, txs, strict=True):
+        root = jax.random.key(c.seed)
+        params, model_state = task.init(jax.random.fold_in(root, 0))
+        states.append(TrainState.create(params, tx_k, jax.random.fold_in(root, 1), model_state))
+    ckpts = [
+        Checkpointer(os.path.join(w, "checkpoints"), max_to_keep=cfg.get("max_checkpoints_to_keep", 2))
+        for w in workdirs
+    ]
+    start = _common_step(ckpts)
+    if start is not None:
+        states = [ck.restore(s, step=start)[0] for ck, s in zip(ckpts, states, strict=True)]
+        print(f"resumed {K} stacked trials from step {start}", flush=True)
+    stacked = jax.device_put(_stack(states))
+    task_keys = tuple(getattr(type(task0), "vectorizable", ()))
+    hps = {k: jnp.asarray([c[k] for c in configs]) for k in task_keys if isinstance(configs[0][k], (int, float))}
+
+    def with_hparams(fn):
+        def wrapped(hp, *args):
+            with traced_hparams(hp):
+                return fn(*args)
+
+        return wrapped
+
+    loss_fn = with_hparams(task0.loss_fn)
+    one_step = lambda state, batch, hp: make_train_step(lambda *a: loss_fn(hp, *a), tx)(state, batch)
+    vstep = jax.jit(jax.vmap(one_step), donate_argnums=0)
+    veval = None
+    if hasattr(task0, "metric_fn"):
+        metric_fn = with_hparams(task0.metric_fn)
+        one_eval = lambda state, batch, hp: make_eval_step(lambda *a: metric_fn(hp, *a))(state, batch)
+        veval = jax.jit(jax.vmap(one_eval))
+    unstack = jax.jit(lambda s: [jax.tree.map(lambda x, k=k: x[k], s) for k in range(K)])
+    metas = [{"config": json.loads(c.to_json()) if hasattr(c, "to_json") else dict(c)} for c in configs]
+
+    def evaluate(state) -> list[dict[str, float]]:
+        if veval is None:
+            return [{} for _ in range(K)]
+        sums, count = [{} for _ in range(K)], 0
+        for batches in zip(*(t.eval_batches() for t in tasks), strict=True):
+            m = jax.device_get(veval(state, _stack_host(list(batches)), hps))
+            for k in range(K):
+                for name, v in m.items():
+                    sums[k][name] = sums[k].get(name, 0.0) + float(v[k])
+            count += 1
+        return [{f"eval_{n}": v / max(count, 1) for n, v in s.items()} for s in sums]
+
+    def next_batch(i):
+        return jax.device_put(_stack_host([t.train_batch(i) for t in tasks]))
+
+    step, total = int(states[0].step), cfg.num_train_steps
+    failed: dict[int, str] = {}
+    last_eval: list[dict[str, float]] = [{} for _ in range(K)]
+    logs = [open(os.path.join(w, "metrics.jsonl"), "a") for w in workdirs]
+    writers = [SummaryWriter(os.path.join(w, "tensorboard")) for w in workdirs]
+    try:
+        with _Stop() as stop:
+            t_last, s_last = time.perf_counter(), step
+            batch = next_batch(step) if step < total else None
+            while step < total:
+                stacked, metrics = vstep(stacked, batch, hps)
+                if step + 1 < total:
+                    batch = next_batch(step + 1)
+                step += 1
+                final = step == total
+                rows: list[dict | None] = [None] * K
+                if step % cfg.log_every_steps == 0 or final:
+                    m = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+                    lrs = np.asarray(learning_rate(stacked.opt_state))
+                    now = time.perf_counter()
+                    rate = (step - s_last) / (now - t_last)
+                    t_last, s_last = now, step
+                    for k in range(K):
+                        loss = float(m["train_loss"][k])
+                        if k not in failed and not _finite(loss):
+                            failed[k] = (
+                                f"train_loss is {loss} at step {step}; stopped, the last good checkpoint is kept"
+                            )
+                        rows[k] = {"step": step, **{n: float(v[k]) for n, v in m.items()}}
+                        rows[k].update(learning_rate=float(lrs[k]), steps_per_sec=rate)
+                if (cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or final:
+                    last_eval = evaluate(stacked)
+                    rows = [{**(r or {"step": step}), **e} for r, e in zip(rows, last_eval, strict=True)]
+                for k, row in enumerate(rows):
+                    if row is not None and k not in failed:
+                        logs[k].write(json.dumps(row) + "\n")
+                        logs[k].flush()
+                        writers[k].scalars(step, {n: v for n, v in row.items() if n != "step"})
+                        writers[k].flush()
+                if rows[0] is not None:
+                    _progress_many(rows, failed, total)
+                if step % cfg.checkpoint_every_steps == 0 or final or stop.requested:
+                    losses = np.asarray(jax.device_get(metrics["train_loss"]))
+                    for k, state_k in enumerate(unstack(stacked)):
+                        if k not in failed and not _finite(float(losses[k])):
+                            failed[k] = (
+                                f"train_loss is {losses[k]} at step {step}; stopped, the last good checkpoint is kept"
+                            )
+                        if k not in failed:
+                            ckpts[k].save(step, state_k, {**metas[k], "step": step})
+                if stop.requested and not final:
+                    for ck in ckpts:
+                        ck.wait()
+                    print(f"SIGTERM: saved step {step} of {K} stacked trials; exiting", flush=True)
+                    sys.exit(0)
+    finally:
+        for ck in ckpts:
+            ck.close()
+        for f in logs:
+            f.close()
+        for w in writers:
+            w.close()
+    summaries = []
+    finals = unstack(stacked)
+    for k in range(K):
+        if k in failed:
+            summary = {"step": step, "error": failed[k]}
+        else:
+            summary = {"step": step, **last_eval[k]}
+            if hasattr(tasks[k], "report"):
+                host = jax.device_get((finals[k].params, finals[k].model_state))
+                summary.update(tasks[k].report(*host, workdirs[k]) or {})
+            with open(os.path.join(workdirs[k], "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        plot_curves(workdirs[k])
+        summaries.append(summary)
+    return summaries
+
+
+def _common_step(ckpts: list[Checkpointer]) -> int | None:
+    """The latest step every trial has a checkpoint of (later ones are deleted: they will be written again, the
+    same); None when some trial has none."""
+    steps = [set(ck.all_steps()) for ck in ckpts]
+    common = set.intersection(*steps) if steps else set()
+    if not common:
+        for ck, s in zip(ckpts, steps, strict=True):
+            for st in s:
+                ck.manager.delete(st)
+        return None
+    start = max(common)
+    for ck, s in zip(ckpts, steps, strict=True):
+        for st in sorted(s):
+            if st > start:
+                ck.manager.delete(st)
+    return start
+
+
+def _progress_many(rows: list[dict | None], failed: dict[int, str], total: int) -> None:
+    losses = np.array([r["train_loss"] for k, r in enumerate(rows) if r and "train_loss" in r and k not in failed])
+    row: dict[str, Any] = {"step": rows[0]["step"]}
+    if len(losses):
+        row.update(train_loss_min=float(losses.min()), median=float(np.median(losses)), max=float(losses.max()))
+    evals = [r.get("eval_loss") for k, r in enumerate(rows) if r and k not in failed and "eval_loss" in r]
+    if evals:
+        row["eval_loss_min"] = float(min(evals))
+    if failed:
+        row["failed"] = float(len(failed))
+    _progress(row, total)
+
+
+__all__ = [
+    "VECTORIZABLE",
+    "check_vectorizable",
+    "hparam",
+    "traced_hparams",
+    "train_and_evaluate_many",
+    "varying_keys",
+]
