@@ -1,9 +1,10 @@
 """What every experiment entry point shares: the command line, the shared config fields, the data directory, and
 a task base that reads batches through `seqjax.data.Pipeline`.
 
-An experiment module defines a task class (see `seqjax.training.loop`) and a `main()` that calls `run(Task,
-CONFIG)`; `python -m experiments.NAME --workdir DIR [--config FILE] [--config.key=value ...]` then trains it with
-`seqjax.training.train_and_evaluate`, resuming from DIR when it holds a checkpoint.
+An experiment module defines a task class (see `seqjax.training.loop`), `TASK` (that class), `CONFIG` (its default
+config file, in experiments/configs) and a `main()` that calls `run(TASK, CONFIG)`; `python -m experiments.NAME
+--workdir DIR [--config FILE] [--config.key=value ...]` then trains it with `seqjax.training.train_and_evaluate`,
+resuming from DIR when it holds a checkpoint. `experiments.sweep` finds TASK and CONFIG by name.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def run(task_cls: type, default_config: str) -> None:
     from ml_collections import config_flags
 
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and pictures go (reruns resume)", required=True)
-    config_flags.DEFINE_config_file("config", os.path.join(CONFIGS, default_config), "experiment config")
+    config_file = os.path.join(CONFIGS, default_config)  # a name in experiments/configs, or an absolute path
+    config_flags.DEFINE_config_file("config", config_file, "experiment config")
 
     def main(argv):
         del argv

@@ -204,8 +204,11 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+TASK, CONFIG = DalleTask, "dalle.py"  # what experiments.sweep runs
+
+
 def main():
-    run(DalleTask, "dalle.py")
+    run(TASK, CONFIG)
 
 
 if __name__ == "__main__":

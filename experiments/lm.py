@@ -42,8 +42,11 @@ class LMTask(TextLMTask):
         return sample(decoding.lm_step(self.model), state, num, rng, self.config)
 
 
+TASK, CONFIG = LMTask, "lm.py"  # what experiments.sweep runs
+
+
 def main():
-    run(LMTask, "lm.py")
+    run(TASK, CONFIG)
 
 
 if __name__ == "__main__":

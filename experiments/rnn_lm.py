@@ -36,8 +36,11 @@ class RNNLMTask(TextLMTask):
         return sample(rnn_step(self.model), rnn_state(self.model, params, num), num, rng, self.config)
 
 
+TASK, CONFIG = RNNLMTask, "rnn_lm.py"  # what experiments.sweep runs
+
+
 def main():
-    run(RNNLMTask, "rnn_lm.py")
+    run(TASK, CONFIG)
 
 
 if __name__ == "__main__":

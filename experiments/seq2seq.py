@@ -177,8 +177,11 @@ def _until_eos(tokens, eos):
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
+TASK, CONFIG = Seq2SeqTask, "seq2seq.py"  # what experiments.sweep runs
+
+
 def main():
-    run(Seq2SeqTask, "seq2seq.py")
+    run(TASK, CONFIG)
 
 
 if __name__ == "__main__":

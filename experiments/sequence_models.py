@@ -195,8 +195,11 @@ def _write_table(one_step, ahead, k, path):
         f.write("\n".join(lines) + "\n")
 
 
+TASK, CONFIG = SequenceModelsTask, "sequence_models.py"  # what experiments.sweep runs
+
+
 def main():
-    run(SequenceModelsTask, "sequence_models.py")
+    run(TASK, CONFIG)
 
 
 if __name__ == "__main__":

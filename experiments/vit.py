@@ -122,8 +122,11 @@ def _layer_index(path: str) -> int:
     return int(path.split("layers_")[1].split("/")[0])
 
 
+TASK, CONFIG = ViTTask, "vit.py"  # what experiments.sweep runs
+
+
 def main():
-    run(ViTTask, "vit.py")
+    run(TASK, CONFIG)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,11 @@ class VQVAETask(PipelineTask):
         return {}
 
 
+TASK, CONFIG = VQVAETask, "vqvae.py"  # what experiments.sweep runs
+
+
 def main():
-    run(VQVAETask, "vqvae.py")
+    run(TASK, CONFIG)
 
 
 if __name__ == "__main__":
