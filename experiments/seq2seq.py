@@ -30,6 +30,7 @@ from seqjax.data.tokenizers import BOS, EOS
 from seqjax.models import Transformer, TransformerConfig
 from seqjax.plotting import attention_weights, plot_attention
 from seqjax.training import cross_entropy
+from seqjax.training.vectorized import hparam
 
 
 def corpus_bleu(hypotheses: list[list[str]], references: list[list[str]], max_n: int = 4) -> float:
@@ -52,6 +53,10 @@ def corpus_bleu(hypotheses: list[list[str]], references: list[list[str]], max_n:
 
 
 class Seq2SeqTask(PipelineTask):
+    # A vectorised sweep may vary these between stacked trials: label smoothing is read through `hparam` (a traced
+    # scalar there), the data seed only changes which examples the (same-shaped) batches hold.
+    vectorizable = ("label_smoothing", "data_seed")
+
     def __init__(self, config):
         self.config = config
         if config.dataset == "seq_tasks":
@@ -109,7 +114,7 @@ class Seq2SeqTask(PipelineTask):
 
     def _loss(self, params, batch, rng=None):
         logits = self.model.apply({"params": params}, batch["inputs"], batch["labels"], **dropout_kwargs(rng))
-        smoothing = self.config.label_smoothing if rng is not None else 0.0
+        smoothing = hparam(self.config, "label_smoothing") if rng is not None else 0.0
         return cross_entropy(logits, batch["labels"], weights=batch["weights"], label_smoothing=smoothing)
 
     def loss_fn(self, params, model_state, batch, rng):

@@ -322,8 +322,14 @@ def seq2seq_state(model: nn.Module, params: Any, inputs: Array, max_decode_len: 
     """Encodes `inputs [B, S]` and makes an empty decoder cache for `max_decode_len` target positions."""
     if max_decode_len > model.config.max_len:
         raise ValueError(f"max_decode_len={max_decode_len} exceeds TransformerConfig.max_len={model.config.max_len}")
+    return _seq2seq_state(model, params, jnp.asarray(inputs), max_decode_len)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_decode_len"))
+def _seq2seq_state(model: nn.Module, params: Any, inputs: Array, max_decode_len: int) -> State:
+    # Compiled once per model and shape (equal models hash equal): a sweep's trials share it.
     decoder = with_decode(model)
     encoded = decoder.apply({"params": params}, inputs, method="encode")
     targets = jnp.zeros((inputs.shape[0], max_decode_len), jnp.int32)
     cache = empty_cache(decoder, inputs, targets)
-    return {"params": params, "cache": cache, "encoded": encoded, "inputs": jnp.asarray(inputs)}
+    return {"params": params, "cache": cache, "encoded": encoded, "inputs": inputs}

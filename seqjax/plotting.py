@@ -7,6 +7,7 @@ matplotlib is imported only when drawing, with the file-only "Agg" backend.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,12 @@ from seqjax.models.transformer import unstack_layers
 Array = jax.Array
 
 
+@functools.partial(jax.jit, static_argnames=("model", "mutable", "kwargs"))
+def _sown(model: nn.Module, variables: Any, args: tuple, *, mutable: tuple, kwargs: tuple) -> Any:
+    _, state = model.apply(variables, *args, mutable=list(mutable), **dict(kwargs))
+    return state
+
+
 def attention_weights(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, np.ndarray]:
     """Runs `model.apply(variables, *args, **kwargs)` and collects the attention weights its attention layers sow.
 
@@ -27,8 +34,14 @@ def attention_weights(model: nn.Module, variables: Any, *args, **kwargs) -> dict
       `{path: [B, N, Tq, Tk]}`, paths such as "decoder/stack/layers_1/cross_attention" (scanned stacks are unstacked
       into `layers_i`).
     """
-    mutable = ["intermediates", "cache"] if "cache" in variables else ["intermediates"]  # decode=True models
-    _, state = model.apply(variables, *args, mutable=mutable, **kwargs)
+    mutable = ("intermediates", "cache") if "cache" in variables else ("intermediates",)  # decode=True models
+    try:
+        static = tuple(sorted(kwargs.items()))
+        hash((model, static))
+    except TypeError:  # unhashable keywords: run it eagerly
+        _, state = model.apply(variables, *args, mutable=list(mutable), **kwargs)
+    else:  # compiled once per model, keywords and shapes
+        state = _sown(model, variables, args, mutable=mutable, kwargs=static)
     tree = unstack_layers(state.get("intermediates", {}))
     flat = traverse_util.flatten_dict(tree, sep="/")
     out = {}

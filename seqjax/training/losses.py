@@ -165,7 +165,7 @@ def cross_entropy(
     labels = jnp.asarray(labels)
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"cross_entropy: logits {logits.shape} must be [N..., V] for labels {labels.shape}")
-    if not 0.0 <= label_smoothing < 1.0:
+    if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 1.0:  # arrays: a sweep's, traced
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
     v = logits.shape[-1]
     w = jnp.ones(labels.shape, jnp.float32) if weights is None else jnp.asarray(weights).astype(jnp.float32)

@@ -137,11 +137,15 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
         os.makedirs(w, exist_ok=True)
     txs = [make_optimizer(c) for c in configs]
     tx = txs[0]  # the same chain for all: their numbers are in the states
+    # One compiled, vmapped initialisation for all K (vmapped random draws equal the per-key ones).
+    roots = jnp.stack([jax.random.key_data(jax.random.key(c.seed)) for c in configs])
+    init_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.wrap_key_data(r), 0))(roots)
+    params, model_state = jax.jit(jax.vmap(task0.init))(init_keys)
     states = []
-    for c, task, tx_k in zip(configs, tasks, txs, strict=True):
+    for k, (c, tx_k) in enumerate(zip(configs, txs, strict=True)):
         root = jax.random.key(c.seed)
-        params, model_state = task.init(jax.random.fold_in(root, 0))
-        states.append(TrainState.create(params, tx_k, jax.random.fold_in(root, 1), model_state))
+        p_k, ms_k = jax.tree.map(lambda x, k=k: x[k], (params, model_state))
+        states.append(TrainState.create(p_k, tx_k, jax.random.fold_in(root, 1), ms_k))
     ckpts = [
         Checkpointer(os.path.join(w, "checkpoints"), max_to_keep=cfg.get("max_checkpoints_to_keep", 2))
         for w in workdirs
@@ -152,6 +156,12 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
         print(f"resumed {K} stacked trials from step {start}", flush=True)
     stacked = jax.device_put(_stack(states))
     task_keys = tuple(getattr(type(task0), "vectorizable", ()))
+    # Trials that agree on the seed and the task's own keys read the same batches: each step reads one batch per
+    # group (a learning-rate sweep: one), and the compiled step hands each trial its group's.
+    signature = [json.dumps([c.seed, *(c[k] for k in task_keys)], default=str) for c in configs]
+    firsts = list(dict.fromkeys(signature))
+    readers = [tasks[signature.index(s)] for s in firsts]  # one task per group
+    group = jnp.asarray([firsts.index(s) for s in signature])
     hps = {k: jnp.asarray([c[k] for c in configs]) for k in task_keys if isinstance(configs[0][k], (int, float))}
 
     def with_hparams(fn):
@@ -163,12 +173,13 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
 
     loss_fn = with_hparams(task0.loss_fn)
     one_step = lambda state, batch, hp: make_train_step(lambda *a: loss_fn(hp, *a), tx)(state, batch)
-    vstep = jax.jit(jax.vmap(one_step), donate_argnums=0)
+    per_trial = lambda batches: jax.tree.map(lambda x: x[group], batches)
+    vstep = jax.jit(lambda s, b, hp: jax.vmap(one_step)(s, per_trial(b), hp), donate_argnums=0)
     veval = None
     if hasattr(task0, "metric_fn"):
         metric_fn = with_hparams(task0.metric_fn)
         one_eval = lambda state, batch, hp: make_eval_step(lambda *a: metric_fn(hp, *a))(state, batch)
-        veval = jax.jit(jax.vmap(one_eval))
+        veval = jax.jit(lambda s, b, hp: jax.vmap(one_eval)(s, per_trial(b), hp))
     unstack = jax.jit(lambda s: [jax.tree.map(lambda x, k=k: x[k], s) for k in range(K)])
     metas = [{"config": json.loads(c.to_json()) if hasattr(c, "to_json") else dict(c)} for c in configs]
 
@@ -176,7 +187,7 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
         if veval is None:
             return [{} for _ in range(K)]
         sums, count = [{} for _ in range(K)], 0
-        for batches in zip(*(t.eval_batches() for t in tasks), strict=True):
+        for batches in zip(*(t.eval_batches() for t in readers), strict=True):
             m = jax.device_get(veval(state, _stack_host(list(batches)), hps))
             for k in range(K):
                 for name, v in m.items():
@@ -185,7 +196,7 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
         return [{f"eval_{n}": v / max(count, 1) for n, v in s.items()} for s in sums]
 
     def next_batch(i):
-        return jax.device_put(_stack_host([t.train_batch(i) for t in tasks]))
+        return jax.device_put(_stack_host([t.train_batch(i) for t in readers]))
 
     step, total = int(states[0].step), cfg.num_train_steps
     failed: dict[int, str] = {}

@@ -1,0 +1,20 @@
+"""Learning rate x label smoothing on the default seq2seq task (reversal), 3 x 2 trials of 600 steps; ranked by the
+greedy exact match of the held-out split.
+
+    python -m experiments.sweep --experiment seq2seq --workdir runs/sweep_seq2seq
+        --sweep experiments/sweeps/seq2seq_lr.py
+        [--parallel 2 | --vectorize]
+
+Both keys leave the program unchanged, so --vectorize trains all six in one program.
+"""
+
+from seqjax.training import sweep
+
+
+def get_sweep():
+    return sweep.Sweep(
+        sweep.grid({"learning_rate": [1e-3, 3e-3, 1e-2], "label_smoothing": [0.0, 0.1]}),
+        metric="exact_match_greedy",
+        mode="max",
+        fixed={"num_train_steps": 600, "eval_every_steps": 200, "checkpoint_every_steps": 200},
+    )
