@@ -159,18 +159,18 @@ def test_a_bad_sweep_fails_before_running_anything(tmp_path):
 
 
 def test_a_vectorized_sweep_of_learning_rates_and_seeds_equals_separate_runs(tmp_path):
-    sweep_file = _sweep_file(tmp_path, 'sweep.Sweep(sweep.grid({"learning_rate": [1e-3, 1e-2, 3e-2], "seed": [0, 1]}))')
+    sweep_file = _sweep_file(tmp_path, 'sweep.Sweep(sweep.grid({"learning_rate": [1e-3, 3e-2], "seed": [0, 1]}))')
     vec = _sweep(tmp_path / "vec", sweep_file, "--vectorize")
     assert vec.returncode == 0, vec.stdout + vec.stderr
     sep = _sweep(tmp_path / "sep", sweep_file, "--parallel", "2")
     assert sep.returncode == 0, sep.stdout + sep.stderr
-    for i in range(6):
+    for i in range(4):
         assert _trial(tmp_path / "vec", i)["status"] == "done"
         a, b = _losses(tmp_path / "vec", i), _losses(tmp_path / "sep", i)
         assert len(a) == 8
         np.testing.assert_allclose(a, b, rtol=1e-6)
-    finals = {round(float(_losses(tmp_path / "vec", i)[-1]), 6) for i in range(6)}
-    assert len(finals) == 6  # six different configurations
+    finals = {round(float(_losses(tmp_path / "vec", i)[-1]), 6) for i in range(4)}
+    assert len(finals) == 4  # four different configurations
 
 
 @pytest.mark.slow
