@@ -21,13 +21,15 @@ trial is still logged and checkpointed in its own directory.
 (`pip install seqjax[sweep]`; e.g. --storage postgresql://host/db, or sqlite:///WORKDIR/optuna.db on one machine or
 a shared file system). Every worker runs the same command: the first enqueues the trials of the sweep file, and each
 worker takes waiting trials until none is left, running each exactly as above in WORKDIR/trial_XXX (WORKDIR on a file
-system all workers see). A worker that dies is noticed by Optuna's heartbeat and its trial is enqueued again (it
-resumes from its checkpoint).
+system all workers see). A trial whose worker died (no heartbeat for 120 s) is enqueued again when a worker starts
+(rerun the command anywhere): it resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import importlib
 import inspect
 import json
@@ -50,7 +52,7 @@ flags.DEFINE_bool("vectorize", False, "train all unfinished trials as one vmappe
 flags.DEFINE_bool("dry_run", False, "print the trials and exit")
 flags.DEFINE_enum("engine", "local", ["local", "optuna"], "local processes, or workers sharing an Optuna study")
 flags.DEFINE_string("storage", None, "--engine optuna: the study's database URL")
-flags.DEFINE_string("study", None, "--engine optuna: the study's name (default: the workdir's name)")
+flags.DEFINE_string("study", None, "--engine optuna: the study's name (default: workdir name + hash of the trials)")
 
 
 def experiment_module(name: str):
@@ -147,34 +149,51 @@ def run_local(workdir, module_name, trials, todo, swept, sweep, parallel):
 
 
 def run_vectorized(workdir, module, base, variant, trials, todo, swept):
-    """All unfinished trials in this process, stacked."""
-    from seqjax.training.vectorized import train_and_evaluate_many
+    """All unfinished trials in this process, stacked (those another sweep process holds are left to it)."""
+    from seqjax.training.vectorized import check_vectorizable, train_and_evaluate_many
 
     if "workdir" in inspect.signature(module.TASK).parameters:
         raise SystemExit(f"{module.__name__} trains stages of its own; it cannot be vectorised (run without it)")
-    configs = [sw.trial_config(base, variant, trials[i]) for i in todo]
-    dirs = [sw.trial_dir(workdir, i) for i in todo]
-    print(
-        f"training {len(todo)} trials stacked in one program: "
-        + ", ".join(_describe(i, trials[i], swept) for i in todo)
-    )
-    tasks = [module.TASK(c) for c in configs]
-    started = time.time()
-    for d in dirs:
-        info = sw.read_json(os.path.join(d, "trial.json"), {})
-        sw.update_trial(d, status="running", attempts=info.get("attempts", 0) + 1, error=None, vectorized=True)
     try:
-        summaries = train_and_evaluate_many(configs, dirs, tasks)
-    except BaseException:
+        check_vectorizable([sw.trial_config(base, variant, trials[i]) for i in todo], module.TASK)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    with contextlib.ExitStack() as locks:
+        mine = []
+        for i in todo:
+            d = sw.trial_dir(workdir, i)
+            if locks.enter_context(sw.trial_lock(d)) and sw.trial_status(d) != "done":
+                mine.append(i)
+            else:
+                print(f"trial_{i:03d}: another sweep process has it; skipped")
+        if not mine:
+            return
+        configs = [sw.trial_config(base, variant, trials[i]) for i in mine]
+        dirs = [sw.trial_dir(workdir, i) for i in mine]
+        print(
+            f"training {len(mine)} trials stacked in one program: "
+            + ", ".join(_describe(i, trials[i], swept) for i in mine)
+        )
+        sys.stdout.flush()
+        tasks = [module.TASK(c) for c in configs]
+        started = time.time()
         for d in dirs:
-            sw.update_trial(d, status="pending")
-        raise
-    seconds = round(time.time() - started, 2)
-    for d, s in zip(dirs, summaries, strict=True):
-        if "error" in s:
-            sw.update_trial(d, status="failed", error=s["error"], seconds=seconds)
-        else:
-            sw.update_trial(d, status="done", error=None, seconds=seconds)
+            info = sw.read_json(os.path.join(d, "trial.json"), {})
+            sw.update_trial(d, status="running", attempts=info.get("attempts", 0) + 1, error=None, vectorized=True)
+        try:
+            summaries = train_and_evaluate_many(configs, dirs, tasks)
+        except (Exception, KeyboardInterrupt, SystemExit) as e:
+            for d in dirs:
+                sw.update_trial(d, status="pending")
+            if isinstance(e, SystemExit) and not e.code:  # Ctrl-C or SIGTERM: every trial saved a checkpoint
+                raise KeyboardInterrupt from None
+            raise
+        seconds = round(time.time() - started, 2)
+        for d, s in zip(dirs, summaries, strict=True):
+            if "error" in s:
+                sw.update_trial(d, status="failed", error=s["error"], seconds=seconds)
+            else:
+                sw.update_trial(d, status="done", error=None, seconds=seconds)
 
 
 def run_optuna(workdir, module_name, trials, todo, sweep, storage, study_name):
@@ -206,6 +225,9 @@ def run_optuna(workdir, module_name, trials, todo, sweep, storage, study_name):
             time.sleep(0.5 + random.random())
     with open(os.path.join(workdir, ".enqueue.lock"), "w") as lock:  # one worker at a time enqueues
         fcntl.flock(lock, fcntl.LOCK_EX)
+        # Trials whose worker died (no heartbeat for the grace period) fail now, and RetryFailedTrialCallback
+        # enqueues them again (they resume from their checkpoints).
+        optuna.storages.fail_stale_trials(study)
         states = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
         active = {t.user_attrs.get("seqjax_trial") for t in study.get_trials(deepcopy=False, states=states)}
         for i in todo:
@@ -271,7 +293,10 @@ def main(argv):
     sys.stdout.flush()
     try:
         if todo and FLAGS.engine == "optuna":
-            study = FLAGS.study or os.path.basename(workdir.rstrip("/"))
+            # The default name ties the study to these trials: another sweep in the same database gets its own.
+            digest = hashlib.sha1(json.dumps(trials, sort_keys=True, default=str).encode()).hexdigest()[:8]
+            study = FLAGS.study or f"{os.path.basename(workdir.rstrip('/'))}-{digest}"
+            print(f"Optuna study {study!r} in {FLAGS.storage}")
             run_optuna(workdir, module.__name__, trials, todo, sweep, FLAGS.storage, study)
         elif todo and FLAGS.vectorize:
             run_vectorized(workdir, module, base, variant, trials, todo, swept)
@@ -284,6 +309,9 @@ def main(argv):
     rows = sw.write_results(workdir, sweep, trials)
     print(open(os.path.join(workdir, "results.md")).read())
     failed = [r for r in rows if r["status"] == "failed"]
+    pending = [r for r in rows if r["status"] == "pending"]
+    if pending:
+        print(f"{len(pending)} trial(s) not finished by this process (another sweep process or worker has them).")
     if failed:
         print(f"{len(failed)} trial(s) failed; see their log.txt. Rerun the same command to try them again.")
         sys.exit(1)

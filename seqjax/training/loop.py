@@ -43,7 +43,7 @@ from typing import Any
 import jax
 
 from seqjax.training.checkpoint import Checkpointer
-from seqjax.training.optim import learning_rate, make_optimizer
+from seqjax.training.optim import learning_rate, make_optimizer, with_hyperparameters_of
 from seqjax.training.parallel import MODES, Parallel, initialize_distributed
 from seqjax.training.state import TrainState
 from seqjax.training.summary import SummaryWriter
@@ -91,26 +91,27 @@ def validate_config(config: Any) -> None:
 class _Stop:
     """Turns SIGTERM into a flag the loop reads at step boundaries."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, signals: tuple = (signal.SIGTERM,)):
         self.requested = False
-        self.previous = None
+        self.previous: dict = {}
         self.enabled = enabled
+        self.signals = signals
 
     def __enter__(self):
         if not self.enabled:
             return self
         try:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
         except ValueError:  # not the main thread: no handler, no graceful stop
-            self.previous = None
+            self.previous = {}
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class _NoSummaries:
@@ -159,8 +160,9 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     restored = ckpt.restore(state, shardings=par.state_shardings(state))
     if restored is None:
         dev_state = par.put_state(state)
-    else:
-        dev_state = restored[0] if par.mode == "jit" else par.put_state(restored[0])
+    else:  # the optimizer's numbers come from this config, not from the checkpoint
+        host = restored[0].replace(opt_state=with_hyperparameters_of(restored[0].opt_state, state.opt_state))
+        dev_state = host if par.mode == "jit" else par.put_state(host)
         if primary:
             print(f"resumed from step {int(restored[0].step)} in {workdir}", flush=True)
     train_step = par.train_step(task.loss_fn, tx, state)

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lion")
@@ -128,7 +129,8 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
         # 0 means no clipping (clipping to norm 0 would zero every update).
         return optax.chain(optax.clip_by_global_norm(grad_clip_norm), core) if clip_on else core
 
-    return optax.inject_hyperparams(build)(
+    # float32 whatever the parameters' dtype: b2 = 0.999 or a horizon of 100000 steps do not survive bfloat16.
+    return optax.inject_hyperparams(build, hyperparam_dtype=jnp.float32)(
         step=lambda count: count,  # the update's index, so the schedule is a function of numbers in the state
         **schedule_hyperparameters(config),
         weight_decay=float(_get(config, "weight_decay", 0.0)),
@@ -137,6 +139,26 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
         momentum=float(_get(config, "momentum", 0.9)),
         grad_clip_norm=float(_get(config, "grad_clip_norm", None) or 0.0),
     )
+
+
+def with_hyperparameters_of(opt_state: Any, fresh: Any) -> Any:
+    """`opt_state` (restored from a checkpoint) with the hyperparameters of `fresh` (`tx.init` of the current config),
+    placed like the restored ones: a resumed run follows its config (a longer horizon, a new learning rate), not the
+    numbers saved with the state. The moments and counts are kept."""
+    old = opt_state.hyperparams
+    new = {}
+    for k, v in old.items():
+        if k == "step" or k not in fresh.hyperparams:
+            new[k] = v
+            continue
+        value = jnp.asarray(fresh.hyperparams[k], v.dtype)
+        sharding = getattr(v, "sharding", None)
+        if sharding is not None and len(sharding.device_set) > 1:  # pmap / jit placement, maybe several processes
+            value = jax.make_array_from_callback(v.shape, sharding, lambda i, value=value: np.asarray(value)[i])
+        elif sharding is not None:
+            value = jax.device_put(value, sharding)
+        new[k] = value
+    return opt_state._replace(hyperparams=new)
 
 
 def learning_rate(opt_state: Any) -> jax.Array:

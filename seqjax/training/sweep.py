@@ -38,6 +38,7 @@ import math
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -207,8 +208,8 @@ class Sweep:
             raise ValueError(f"Sweep's first argument must be a space (grid, product, ...), got {self.space!r}")
 
     def trials(self) -> list[dict[str, Any]]:
-        """Each trial's overrides: the fixed ones, then the trial's own."""
-        out = [{**self.fixed, **t} for t in self.space.expand()]
+        """Each trial's overrides: the fixed ones, then the trial's own (numpy scalars as Python numbers)."""
+        out = [{k: _plain(v) for k, v in {**self.fixed, **t}.items()} for t in self.space.expand()]
         if not out:
             raise ValueError("the sweep has no trials")
         return out
@@ -218,6 +219,17 @@ class Sweep:
         ts = self.trials()
         keys = list(dict.fromkeys(k for t in ts for k in t))
         return [k for k in keys if len({json.dumps(t.get(k), sort_keys=True, default=str) for t in ts}) > 1]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (np.logspace(...) values) and arrays as Python values, so they can be written and compared."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def load_sweep(path: str) -> Sweep:
@@ -291,8 +303,9 @@ def write_trial_config(directory: str, base: str, variant: str | None, overrides
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    """Readers see the old file or the new one, never a part (workers on several machines may write it)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
 
@@ -396,13 +409,21 @@ def run_trials(
                 if not lock.__enter__():
                     print(f"trial_{index:03d}: another sweep process is running it; skipped", flush=True)
                     continue
+                if trial_status(directory) == "done":  # another process finished it meanwhile
+                    lock.__exit__(None, None, None)
+                    continue
                 attempts = read_json(os.path.join(directory, "trial.json"), {}).get("attempts", 0) + 1
                 update_trial(directory, status="running", attempts=attempts, error=None, pid=os.getpid())
                 log = open(os.path.join(directory, "log.txt"), "a")
                 log.write(f"\n=== attempt {attempts}: {' '.join(command)}\n")
                 log.flush()
-                proc = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=child_env, preexec_fn=_die_with_parent
+                proc = subprocess.Popen(  # its own session: Ctrl-C reaches the sweep, which stops it with SIGTERM
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=child_env,
+                    preexec_fn=_die_with_parent,
+                    start_new_session=True,
                 )
                 running[index] = (proc, log, lock, directory, time.time())
             for index in list(running):
@@ -414,8 +435,11 @@ def run_trials(
                 ok = proc.returncode == 0 and os.path.exists(os.path.join(directory, "summary.json"))
                 if ok:
                     info = update_trial(directory, status="done", returncode=0, seconds=round(seconds, 2), error=None)
-                elif proc.returncode == 0:  # stopped cleanly (SIGTERM: saved a checkpoint) before the end
-                    info = update_trial(directory, status="pending", returncode=0, seconds=round(seconds, 2))
+                elif proc.returncode == 0:  # stopped before the end without an error (a SIGTERM from elsewhere)
+                    error = "exited 0 before writing summary.json (stopped by SIGTERM?); rerun to resume it"
+                    info = update_trial(
+                        directory, status="failed", returncode=0, seconds=round(seconds, 2), error=error
+                    )
                 else:
                     error = _last_error(os.path.join(directory, "log.txt"))
                     info = update_trial(

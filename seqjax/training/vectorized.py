@@ -27,6 +27,7 @@ import contextvars
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -37,7 +38,13 @@ import numpy as np
 
 from seqjax.training.checkpoint import Checkpointer
 from seqjax.training.loop import _progress, _Stop, plot_curves, validate_config
-from seqjax.training.optim import HYPERPARAMETERS, learning_rate, make_optimizer, optimizer_structure
+from seqjax.training.optim import (
+    HYPERPARAMETERS,
+    learning_rate,
+    make_optimizer,
+    optimizer_structure,
+    with_hyperparameters_of,
+)
 from seqjax.training.state import TrainState, make_eval_step, make_train_step
 from seqjax.training.summary import SummaryWriter
 
@@ -100,14 +107,19 @@ def check_vectorizable(configs: list[Any], task_cls: type) -> list[str]:
             f"of steps); vectorisable keys for {task_cls.__name__}: {sorted(allowed)}. Sweep those keys as separate "
             "trials (without --vectorize), or nest: one vectorised sweep per value."
         )
-    structures = {optimizer_structure(c) for c in configs}
-    if len(structures) > 1:
-        raise ValueError(
-            "--vectorize: the trials' optimizers differ in structure (optimizer, clipping on/off, sgd momentum or "
-            f"weight decay on/off): {sorted(structures)}; keep grad_clip_norm all 0 or all > 0"
-        )
+    structures = [optimizer_structure(c) for c in configs]
+    parts = ("optimizer", "clipping (grad_clip_norm > 0)", "sgd momentum (momentum > 0)", "sgd weight decay (> 0)")
+    for part, values in zip(parts, zip(*structures, strict=True), strict=True):
+        if len(set(values)) > 1:
+            raise ValueError(
+                f"--vectorize: the trials' optimizers differ in {part}: {sorted(set(values), key=str)}, which changes "
+                "the optax chain; keep it the same in every trial (e.g. grad_clip_norm all 0 or all > 0)"
+            )
     if any(c.parallel != "none" for c in configs):
         raise ValueError("--vectorize trains the stacked trials on one device: set config.parallel='none'")
+    for key in ("keep_best_metric", "profile_steps"):
+        if any(c.get(key) for c in configs):
+            raise ValueError(f"--vectorize does not support config.{key}; set it to '' (or run without --vectorize)")
     return varying
 
 
@@ -152,7 +164,11 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
     ]
     start = _common_step(ckpts)
     if start is not None:
-        states = [ck.restore(s, step=start)[0] for ck, s in zip(ckpts, states, strict=True)]
+        restored = [ck.restore(s, step=start)[0] for ck, s in zip(ckpts, states, strict=True)]
+        states = [  # the optimizer's numbers come from each trial's config, not from its checkpoint
+            r.replace(opt_state=with_hyperparameters_of(r.opt_state, s.opt_state))
+            for r, s in zip(restored, states, strict=True)
+        ]
         print(f"resumed {K} stacked trials from step {start}", flush=True)
     stacked = jax.device_put(_stack(states))
     task_keys = tuple(getattr(type(task0), "vectorizable", ()))
@@ -204,7 +220,7 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
     logs = [open(os.path.join(w, "metrics.jsonl"), "a") for w in workdirs]
     writers = [SummaryWriter(os.path.join(w, "tensorboard")) for w in workdirs]
     try:
-        with _Stop() as stop:
+        with _Stop(signals=(signal.SIGTERM, signal.SIGINT)) as stop:  # Ctrl-C too: saves every trial, exits
             t_last, s_last = time.perf_counter(), step
             batch = next_batch(step) if step < total else None
             while step < total:
@@ -251,7 +267,7 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
                 if stop.requested and not final:
                     for ck in ckpts:
                         ck.wait()
-                    print(f"SIGTERM: saved step {step} of {K} stacked trials; exiting", flush=True)
+                    print(f"stopped: saved step {step} of {K} stacked trials; rerun to resume", flush=True)
                     sys.exit(0)
     finally:
         for ck in ckpts:
@@ -278,19 +294,24 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
 
 
 def _common_step(ckpts: list[Checkpointer]) -> int | None:
-    """The latest step every trial has a checkpoint of (later ones are deleted: they will be written again, the
-    same); None when some trial has none."""
+    """The latest step every trial has a checkpoint of, or None when no trial has one. Later checkpoints of some
+    trials (a save interrupted between trials) are deleted: they are written again, the same. Trials with no step
+    in common raise ValueError, deleting nothing."""
     steps = [set(ck.all_steps()) for ck in ckpts]
-    common = set.intersection(*steps) if steps else set()
-    if not common:
-        for ck, s in zip(ckpts, steps, strict=True):
-            for st in s:
-                ck.manager.delete(st)
+    if not any(steps):
         return None
+    common = set.intersection(*steps)
+    if not common:
+        raise ValueError(
+            "the stacked trials have no checkpoint step in common (latest steps "
+            f"{[max(s) if s else None for s in steps]}): they cannot resume as one program; finish them without "
+            "--vectorize, or delete the checkpoints of those to restart"
+        )
     start = max(common)
     for ck, s in zip(ckpts, steps, strict=True):
         for st in sorted(s):
             if st > start:
+                print(f"deleting step {st} of {ck.manager.directory}: the stacked trials resume from step {start}")
                 ck.manager.delete(st)
     return start
 

@@ -58,6 +58,8 @@ def test_spaces_expand_to_exactly_the_trials_written():
     lrs = np.log10([d["lr"] for d in draws])
     assert lrs.min() >= -4 and lrs.max() <= -1 and 0.15 < np.mean(lrs < -3.25) < 0.35  # uniform in log space: ~1/4
     assert {d["n"] for d in draws} == {1, 2, 3} and {d["c"] for d in draws} == {"p", "q"}
+    numpy = sw.Sweep(sw.grid("lr", np.logspace(-3, -2, 2))).trials()
+    assert numpy == [{"lr": 0.001}, {"lr": 0.01}] and type(numpy[0]["lr"]) is float  # written as plain Python
     s = sw.Sweep(sw.grid("a", [1, 2]), fixed={"b": 0, "a": 9})
     assert s.trials() == [{"b": 0, "a": 1}, {"b": 0, "a": 2}] and s.swept_keys() == ["a"]
     with pytest.raises(ValueError, match="equal length"):
@@ -93,7 +95,7 @@ def test_a_grid_over_two_keys_gives_exactly_its_trials_and_workdirs(tmp_path):
         assert info["overrides"] == overrides and info["status"] == "done" and info["attempts"] == 1
         # The run used the trial's values: the checkpointed config, and the logged warm-up of the learning rate.
         steps = read_metrics(d)
-        assert steps[1]["learning_rate"] == pytest.approx(overrides["learning_rate"] / overrides["warmup_steps"] * 0)
+        assert steps[1]["learning_rate"] == 0.0  # the first update is step 0 of the warm-up
         assert steps[2]["learning_rate"] == pytest.approx(
             overrides["learning_rate"] * min(1, 1 / overrides["warmup_steps"])
         )
@@ -178,7 +180,7 @@ def test_optuna_workers_share_a_sweep(tmp_path):
     pytest.importorskip("optuna")
     sweep_file = _sweep_file(tmp_path, 'sweep.Sweep(sweep.grid("learning_rate", [1e-3, 3e-3, 1e-2, 3e-2]))')
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    args = ("--engine", "optuna", "--storage", storage)
+    args = ("--engine", "optuna", "--storage", storage, "--study", "s")
     workers = [_sweep(tmp_path / "s", sweep_file, *args, wait=False) for _ in range(2)]
     outs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outs

@@ -218,3 +218,18 @@ def test_two_processes_agree_with_one_process_and_their_checkpoint_moves(tmp_pat
     ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "multi")
     assert sorted(got) == sorted(ref) == list(range(1, 61))
     np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-5)
+
+
+def test_a_resumed_run_follows_its_config_not_the_checkpoint(tmp_path):
+    """The optimizer's numbers live in its state; a rerun with a longer horizon and another learning rate uses the
+    new ones from the resumed step on (the moments and the step count come from the checkpoint)."""
+    base = dict(schedule="constant", warmup_steps=0, eval_every_steps=0, checkpoint_every_steps=10, dropout=0.0)
+    first = toy_config(**base, num_train_steps=10, learning_rate=1e-3)
+    longer = toy_config(**base, num_train_steps=14, learning_rate=2e-3)
+    with jax.numpy_dtype_promotion("standard"):
+        train_and_evaluate(first, str(tmp_path), ToyTask(first))
+        train_and_evaluate(longer, str(tmp_path), ToyTask(longer))
+    rows = read_metrics(str(tmp_path))
+    assert sorted(rows) == list(range(1, 15))
+    assert [rows[s]["learning_rate"] for s in (1, 10)] == pytest.approx([1e-3, 1e-3])
+    assert [rows[s]["learning_rate"] for s in (11, 14)] == pytest.approx([2e-3, 2e-3])

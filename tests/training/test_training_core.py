@@ -10,7 +10,13 @@ from jax.sharding import PartitionSpec as P
 
 from seqjax.models import DecoderLM, TransformerConfig
 from seqjax.training.losses import cross_entropy, mean_squared_error
-from seqjax.training.optim import decay_mask, learning_rate, make_optimizer, make_schedule
+from seqjax.training.optim import (
+    decay_mask,
+    learning_rate,
+    make_optimizer,
+    make_schedule,
+    with_hyperparameters_of,
+)
 from seqjax.training.parallel import Parallel
 from seqjax.training.state import TrainState, make_train_step
 
@@ -63,6 +69,50 @@ def test_schedules_against_formulas():
         make_schedule(_opt_config(schedule="step"))
     with pytest.raises(ValueError, match=r"config\.optimizer='rmsprop'"):
         make_optimizer(_opt_config(optimizer="rmsprop"))
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine", "linear"])
+def test_schedules_equal_optax_own(kind):
+    """The traceable schedule against optax's schedules joined as the optimizer used to build them."""
+    peak, warmup, total, end = 3e-3, 7, 60, 0.1
+    after = {
+        "constant": optax.constant_schedule(peak),
+        "cosine": optax.cosine_decay_schedule(peak, total - warmup, alpha=end),
+        "linear": optax.linear_schedule(peak, peak * end, total - warmup),
+    }[kind]
+    ref = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+    ours = make_schedule(
+        _opt_config(schedule=kind, learning_rate=peak, warmup_steps=warmup, num_train_steps=total,
+                    end_learning_rate_factor=end)
+    )  # fmt: skip
+    steps = np.arange(0, total + 10)
+    np.testing.assert_allclose([ours(s) for s in steps], [ref(s) for s in steps], rtol=2e-5, atol=1e-9)
+
+
+def test_hyperparameters_stay_float32_under_bfloat16_parameters():
+    tx = make_optimizer(_opt_config(optimizer="adamw", b2=0.999, num_train_steps=100_000, warmup_steps=1234))
+    params = {"w": jnp.ones((4, 4), jnp.bfloat16)}
+    state = tx.init(params)
+    hp = state.hyperparams
+    assert hp["b2"].dtype == jnp.float32 and float(hp["b2"]) == np.float32(0.999)
+    assert float(hp["num_train_steps"]) == 100_000 and float(hp["warmup_steps"]) == 1234
+    for _ in range(3):
+        updates, state = tx.update({"w": jnp.full((4, 4), 0.5, jnp.bfloat16)}, state, params)
+    assert np.all(np.isfinite(np.asarray(updates["w"], np.float32)))
+
+
+def test_a_restored_state_takes_the_hyperparameters_of_the_new_config():
+    params = {"w": jnp.ones((2, 2))}
+    old_tx = make_optimizer(_opt_config(learning_rate=0.1, num_train_steps=10, schedule="linear"))
+    state = old_tx.init(params)
+    for _ in range(4):
+        _, state = old_tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    new_tx = make_optimizer(_opt_config(learning_rate=0.5, num_train_steps=100, schedule="linear"))
+    resumed = with_hyperparameters_of(state, new_tx.init(params))
+    assert int(resumed.count) == 4 and int(resumed.hyperparams["step"]) == int(state.hyperparams["step"])
+    np.testing.assert_allclose(resumed.inner_state[0].mu["w"], state.inner_state[0].mu["w"])  # moments kept
+    _, after = new_tx.update(jax.tree.map(jnp.ones_like, params), resumed, params)
+    np.testing.assert_allclose(learning_rate(after), 0.5 * (1 - 4 / 100), rtol=1e-6)  # the new schedule at step 4
 
 
 def test_learning_rate_lives_in_the_optimizer_state():

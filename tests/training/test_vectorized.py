@@ -102,8 +102,12 @@ def test_what_changes_the_program_is_refused():
         check_vectorizable([_config(), _config(batch_size=8)], ToyTask)
     with pytest.raises(ValueError, match=r"\['num_train_steps'\]"):
         check_vectorizable([_config(), _config(num_train_steps=8)], ToyTask)
-    with pytest.raises(ValueError, match="grad_clip_norm"):
+    with pytest.raises(ValueError, match=r"differ in clipping \(grad_clip_norm > 0\)"):
         check_vectorizable([_config(grad_clip_norm=0.0), _config(grad_clip_norm=1.0)], ToyTask)
+    with pytest.raises(ValueError, match=r"differ in sgd momentum"):
+        check_vectorizable([_config(optimizer="sgd", momentum=0.0), _config(optimizer="sgd", momentum=0.9)], ToyTask)
+    with pytest.raises(ValueError, match="keep_best_metric"):
+        check_vectorizable([_config(keep_best_metric="eval_loss")] * 2, ToyTask)
 
 
 def test_hparam_reads_the_traced_value_inside_the_block():
