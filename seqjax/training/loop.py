@@ -213,7 +213,7 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     _finite(m["train_loss"], step)
                     now = time.perf_counter()
-                    lr = float(learning_rate(par.get_state(dev_state.opt_state)))  # not the whole state
+                    lr = float(learning_rate(par.get_state(dev_state.opt_state.hyperparams)))  # a few scalars
                     row = {"step": step, **m, "learning_rate": lr, "steps_per_sec": (step - s_last) / (now - t_last)}
                     t_last, s_last = now, step
                 if (config.eval_every_steps and step % config.eval_every_steps == 0) or final:

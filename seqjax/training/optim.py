@@ -163,9 +163,10 @@ def with_hyperparameters_of(opt_state: Any, fresh: Any) -> Any:
 
 def learning_rate(opt_state: Any) -> jax.Array:
     """The learning rate the latest update used (right after `init`, the first step's); stacked states give one
-    per trial."""
-    hp = opt_state.hyperparams
-    return schedule_value(
-        hp["step"], *(hp[k] for k in ("peak_learning_rate", "schedule", "warmup_steps", "num_train_steps",
-                                      "end_learning_rate_factor")),
-    )  # fmt: skip
+    per trial. Takes the optimizer state or its `hyperparams`. Outside a trace, the numbers are fetched to the host
+    first, so nothing is computed on a placed (replicated or sharded) state."""
+    hp = getattr(opt_state, "hyperparams", opt_state)
+    if not any(isinstance(v, jax.core.Tracer) for v in hp.values()):
+        hp = jax.device_get(hp)
+    keys = ("step", "peak_learning_rate", "schedule", "warmup_steps", "num_train_steps", "end_learning_rate_factor")
+    return schedule_value(*(hp[k] for k in keys))

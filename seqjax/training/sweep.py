@@ -583,13 +583,15 @@ def plot_results(sweep_dir: str, rows: list[dict[str, Any]], swept: list[str], m
         fig, ax = plt.subplots(figsize=(4.8, 3.4))
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
-            ax.scatter(xs, ys)
-            if min(xs) > 0 and max(xs) / min(xs) > 10:
+            if min(xs) > 0 and max(xs) / min(xs) >= 5:  # learning rates and the like
                 ax.set_xscale("log")
         else:  # categorical: one column per value
             labels = sorted({str(x) for x in xs})
-            ax.scatter([labels.index(str(x)) for x in xs], ys)
             ax.set_xticks(range(len(labels)), labels)
+            xs = [labels.index(str(x)) for x in xs]
+        ax.scatter(xs, ys, alpha=0.7, label="trials")
+        ax.scatter([xs[0]], [ys[0]], marker="*", s=160, color="tab:red", label="best")  # rows come ranked
+        ax.legend(fontsize=7)
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} against {key}")
