@@ -120,16 +120,20 @@ def prepare(workdir: str, experiment: str, base: str, variant: str | None, sweep
 
 
 def _describe(i: int, overrides: dict, swept: list[str]) -> str:
-    return f"trial_{i:03d} " + " ".join(f"{k}={sw._fmt(overrides.get(k))}" for k in swept)
+    return f"trial_{i:03d} " + " ".join(f"{k}={sw.format_value(overrides.get(k))}" for k in swept)
+
+
+def _job(workdir: str, module_name: str, i: int) -> tuple[int, str, list[str]]:
+    """Trial i as a `run_trials` job: the experiment's own command line on the trial's config file."""
+    d = sw.trial_dir(workdir, i)
+    return i, d, [sys.executable, "-m", module_name, "--workdir", d, "--config", os.path.join(d, "config.py")]
 
 
 def run_local(workdir, module_name, trials, todo, swept, sweep, parallel):
     """Each trial a process of `python -m MODULE`, `parallel` at a time."""
     jobs = []
     for i in todo:
-        d = sw.trial_dir(workdir, i)
-        cmd = [sys.executable, "-m", module_name, "--workdir", d, "--config", os.path.join(d, "config.py")]
-        jobs.append((i, d, cmd))
+        jobs.append(_job(workdir, module_name, i))
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if parallel > 1 else {}  # trials share an accelerator
     done = [0]
 
@@ -137,7 +141,7 @@ def run_local(workdir, module_name, trials, todo, swept, sweep, parallel):
         done[0] += 1
         what = info["status"] if info["status"] != "failed" else f"FAILED: {info.get('error')}"
         metric = sw.read_json(os.path.join(sw.trial_dir(workdir, i), "summary.json"), {}).get(sweep.metric)
-        value = f" {sweep.metric} {sw._fmt(metric)}" if metric is not None and info["status"] == "done" else ""
+        value = f" {sweep.metric} {sw.format_value(metric)}" if metric is not None and info["status"] == "done" else ""
         print(f"[{done[0]}/{len(jobs)}] {_describe(i, trials[i], swept)}: {what}{value} ({info['seconds']:.0f} s)")
         sys.stdout.flush()
         sw.write_results(workdir, sweep, trials)
@@ -154,8 +158,9 @@ def run_vectorized(workdir, module, base, variant, trials, todo, swept):
 
     if "workdir" in inspect.signature(module.TASK).parameters:
         raise SystemExit(f"{module.__name__} trains stages of its own; it cannot be vectorised (run without it)")
+    configs = {i: sw.trial_config(base, variant, trials[i]) for i in todo}
     try:
-        check_vectorizable([sw.trial_config(base, variant, trials[i]) for i in todo], module.TASK)
+        check_vectorizable(list(configs.values()), module.TASK)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     with contextlib.ExitStack() as locks:
@@ -168,20 +173,19 @@ def run_vectorized(workdir, module, base, variant, trials, todo, swept):
                 print(f"trial_{i:03d}: another sweep process has it; skipped")
         if not mine:
             return
-        configs = [sw.trial_config(base, variant, trials[i]) for i in mine]
         dirs = [sw.trial_dir(workdir, i) for i in mine]
         print(
             f"training {len(mine)} trials stacked in one program: "
             + ", ".join(_describe(i, trials[i], swept) for i in mine)
         )
         sys.stdout.flush()
-        tasks = [module.TASK(c) for c in configs]
+        tasks = [module.TASK(configs[i]) for i in mine]
         started = time.time()
         for d in dirs:
             info = sw.read_json(os.path.join(d, "trial.json"), {})
             sw.update_trial(d, status="running", attempts=info.get("attempts", 0) + 1, error=None, vectorized=True)
         try:
-            summaries = train_and_evaluate_many(configs, dirs, tasks)
+            summaries = train_and_evaluate_many([configs[i] for i in mine], dirs, tasks)
         except (Exception, KeyboardInterrupt, SystemExit) as e:
             for d in dirs:
                 sw.update_trial(d, status="pending")
@@ -243,8 +247,7 @@ def run_optuna(workdir, module_name, trials, todo, sweep, storage, study_name):
         d = sw.trial_dir(workdir, i)
         if sw.trial_status(d) == "done":  # enqueued twice (workers on machines that raced): nothing to run
             raise optuna.TrialPruned(f"trial_{i:03d} is already done")
-        cmd = [sys.executable, "-m", module_name, "--workdir", d, "--config", os.path.join(d, "config.py")]
-        info = sw.run_trials([(i, d, cmd)]).get(i)
+        info = sw.run_trials([_job(workdir, module_name, i)]).get(i)
         if info is None:
             raise optuna.TrialPruned(f"trial_{i:03d} is being run by another process")
         print(f"{_describe(i, trials[i], sweep.swept_keys())}: {info['status']} ({info['seconds']:.0f} s)", flush=True)
@@ -253,7 +256,7 @@ def run_optuna(workdir, module_name, trials, todo, sweep, storage, study_name):
         return _metric(i)
 
     def _metric(i):
-        value = sw.collect(workdir, trials)[i].get(sweep.metric)
+        value = sw.trial_row(workdir, i, trials[i]).get(sweep.metric)
         if value is None:
             raise RuntimeError(f"trial_{i:03d} has no {sweep.metric!r} in summary.json or metrics.jsonl")
         return float(value)

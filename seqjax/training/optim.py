@@ -44,6 +44,10 @@ def _get(config: Any, key: str, default: Any) -> Any:
     return config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
 
 
+# schedule_value's arguments after the step: the schedule's numbers, as they are named in the optimizer state.
+SCHEDULE_ARGUMENTS = ("peak_learning_rate", "schedule", "warmup_steps", "num_train_steps", "end_learning_rate_factor")
+
+
 def schedule_hyperparameters(config: Any) -> dict[str, float]:
     """The schedule's numbers, checked: peak, kind (an index into SCHEDULES), warm-up, horizon, end factor."""
     peak = _get(config, "learning_rate", None)
@@ -145,19 +149,17 @@ def with_hyperparameters_of(opt_state: Any, fresh: Any) -> Any:
     """`opt_state` (restored from a checkpoint) with the hyperparameters of `fresh` (`tx.init` of the current config),
     placed like the restored ones: a resumed run follows its config (a longer horizon, a new learning rate), not the
     numbers saved with the state. The moments and counts are kept."""
+    from seqjax.training.parallel import _place  # placement across devices and processes
+
     old = opt_state.hyperparams
     new = {}
     for k, v in old.items():
         if k == "step" or k not in fresh.hyperparams:
             new[k] = v
             continue
-        value = jnp.asarray(fresh.hyperparams[k], v.dtype)
+        value = np.asarray(fresh.hyperparams[k], v.dtype)
         sharding = getattr(v, "sharding", None)
-        if sharding is not None and len(sharding.device_set) > 1:  # pmap / jit placement, maybe several processes
-            value = jax.make_array_from_callback(v.shape, sharding, lambda i, value=value: np.asarray(value)[i])
-        elif sharding is not None:
-            value = jax.device_put(value, sharding)
-        new[k] = value
+        new[k] = value if sharding is None else _place(np.broadcast_to(value, v.shape), sharding)
     return opt_state._replace(hyperparams=new)
 
 
@@ -168,5 +170,4 @@ def learning_rate(opt_state: Any) -> jax.Array:
     hp = getattr(opt_state, "hyperparams", opt_state)
     if not any(isinstance(v, jax.core.Tracer) for v in hp.values()):
         hp = jax.device_get(hp)
-    keys = ("step", "peak_learning_rate", "schedule", "warmup_steps", "num_train_steps", "end_learning_rate_factor")
-    return schedule_value(*(hp[k] for k in keys))
+    return schedule_value(hp["step"], **{k: hp[k] for k in SCHEDULE_ARGUMENTS})

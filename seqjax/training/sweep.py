@@ -49,26 +49,26 @@ import numpy as np
 # -- what a sweep file says ----------------------------------------------------------------------------------------
 
 
-class Space:
-    """A list of trials, each a dict of config overrides."""
-
-    def expand(self) -> list[dict[str, Any]]:
-        raise NotImplementedError
-
-
 @dataclass(frozen=True)
-class _Trials(Space):
+class Space:
+    """A list of trials, each a dict of config overrides. Every constructor below expands at once, so a space is
+    just its trials (and a bad one fails where it is written)."""
+
     items: tuple
 
-    def expand(self):
+    def expand(self) -> list[dict[str, Any]]:
         return [dict(t) for t in self.items]
+
+
+def _space(overrides: Sequence[dict[str, Any]]) -> Space:
+    return Space(tuple(dict(t) for t in overrides))
 
 
 def trials(overrides: Sequence[dict[str, Any]]) -> Space:
     """Exactly these trials."""
     if not all(isinstance(t, dict) for t in overrides):
         raise ValueError("sweep.trials takes a list of dicts of config overrides")
-    return _Trials(tuple(dict(t) for t in overrides))
+    return _space(overrides)
 
 
 def grid(key: str | dict[str, Sequence], values: Sequence | None = None) -> Space:
@@ -79,52 +79,28 @@ def grid(key: str | dict[str, Sequence], values: Sequence | None = None) -> Spac
         return product(*(grid(k, v) for k, v in key.items()))
     if values is None or isinstance(values, (str, bytes)) or not len(values):
         raise ValueError(f"sweep.grid({key!r}, values): values must be a non-empty list, got {values!r}")
-    return _Trials(tuple({key: v} for v in values))
-
-
-@dataclass(frozen=True)
-class _Product(Space):
-    spaces: tuple
-
-    def expand(self):
-        out = [{}]
-        for space in self.spaces:
-            out = [{**a, **b} for a in out for b in space.expand()]
-        return out
+    return _space({key: v} for v in values)
 
 
 def product(*spaces: Space) -> Space:
     """Every combination (the last space varies fastest)."""
-    return _Product(tuple(spaces))
-
-
-@dataclass(frozen=True)
-class _Zip(Space):
-    spaces: tuple
-
-    def expand(self):
-        lists = [s.expand() for s in self.spaces]
-        if len({len(x) for x in lists}) > 1:
-            raise ValueError(f"sweep.zip needs spaces of equal length, got {[len(x) for x in lists]}")
-        return [dict(itertools.chain.from_iterable(d.items() for d in ds)) for ds in builtins.zip(*lists, strict=True)]
+    out = [{}]
+    for space in spaces:
+        out = [{**a, **b} for a in out for b in space.items]
+    return _space(out)
 
 
 def zip(*spaces: Space) -> Space:
     """Trial i of each space, merged."""
-    return _Zip(tuple(spaces))
-
-
-@dataclass(frozen=True)
-class _Chain(Space):
-    spaces: tuple
-
-    def expand(self):
-        return [t for s in self.spaces for t in s.expand()]
+    if len({len(s.items) for s in spaces}) > 1:
+        raise ValueError(f"sweep.zip needs spaces of equal length, got {[len(s.items) for s in spaces]}")
+    rows = builtins.zip(*(s.items for s in spaces), strict=True)
+    return _space(dict(itertools.chain.from_iterable(d.items() for d in ds)) for ds in rows)
 
 
 def chain(*spaces: Space) -> Space:
     """The trials of each space, one after the other."""
-    return _Chain(tuple(spaces))
+    return _space(t for s in spaces for t in s.items)
 
 
 @dataclass(frozen=True)
@@ -170,17 +146,6 @@ def choice(values: Sequence) -> Distribution:
     return Distribution("choice", (tuple(values),))
 
 
-@dataclass(frozen=True)
-class _Random(Space):
-    distributions: tuple
-    num_trials: int
-    seed: int
-
-    def expand(self):
-        rng = np.random.default_rng(self.seed)
-        return [{k: d.draw(rng) for k, d in self.distributions} for _ in range(self.num_trials)]
-
-
 def random(distributions: dict[str, Distribution], num_trials: int, seed: int = 0) -> Space:
     """`num_trials` independent draws of every key (in the dict's order) from a generator seeded with `seed`."""
     if num_trials < 1:
@@ -188,7 +153,8 @@ def random(distributions: dict[str, Distribution], num_trials: int, seed: int = 
     for k, d in distributions.items():
         if not isinstance(d, Distribution):
             raise ValueError(f"sweep.random: {k!r} must be uniform / log_uniform / int_uniform / choice, got {d!r}")
-    return _Random(tuple(distributions.items()), int(num_trials), int(seed))
+    rng = np.random.default_rng(int(seed))
+    return _space({k: d.draw(rng) for k, d in distributions.items()} for _ in range(int(num_trials)))
 
 
 @dataclass
@@ -494,23 +460,24 @@ def _last_metrics(directory: str) -> dict[str, Any]:
     return out
 
 
+def trial_row(sweep_dir: str, index: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Trial `index`'s row: index, status, the overrides, the last logged metrics, the summary, seconds, error."""
+    d = trial_dir(sweep_dir, index)
+    info = read_json(os.path.join(d, "trial.json"), {})
+    status = trial_status(d) if os.path.isdir(d) else "pending"
+    row: dict[str, Any] = {"trial": index, "status": status, **overrides}
+    metrics = {k: v for k, v in _last_metrics(d).items() if k not in ("steps_per_sec",)}
+    row.update({k: v for k, v in metrics.items() if k not in overrides})
+    summary = read_json(os.path.join(d, "summary.json"), {}) if status == "done" else {}
+    row.update({k: v for k, v in summary.items() if k not in overrides and not isinstance(v, (dict, list))})
+    row["seconds"] = info.get("seconds")
+    row["error"] = info.get("error") if status == "failed" else None
+    return row
+
+
 def collect(sweep_dir: str, trials_: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per trial: index, directory, status, the overrides, the last logged metrics, the summary, seconds,
-    error."""
-    rows = []
-    for i, overrides in enumerate(trials_):
-        d = trial_dir(sweep_dir, i)
-        info = read_json(os.path.join(d, "trial.json"), {})
-        status = trial_status(d) if os.path.isdir(d) else "pending"
-        row: dict[str, Any] = {"trial": i, "status": status, **overrides}
-        metrics = {k: v for k, v in _last_metrics(d).items() if k not in ("steps_per_sec",)}
-        row.update({k: v for k, v in metrics.items() if k not in overrides})
-        summary = read_json(os.path.join(d, "summary.json"), {}) if status == "done" else {}
-        row.update({k: v for k, v in summary.items() if k not in overrides and not isinstance(v, (dict, list))})
-        row["seconds"] = info.get("seconds")
-        row["error"] = info.get("error") if status == "failed" else None
-        rows.append(row)
-    return rows
+    """One row per trial (`trial_row`)."""
+    return [trial_row(sweep_dir, i, overrides) for i, overrides in enumerate(trials_)]
 
 
 def rank(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
@@ -524,7 +491,8 @@ def rank(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, A
     return sorted(rows, key=key)
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A cell of the results table: floats to 4 significant digits, None empty."""
     if v is None:
         return ""
     if isinstance(v, float):
@@ -558,7 +526,7 @@ def write_results(sweep_dir: str, sweep: Sweep, trials_: list[dict[str, Any]]) -
         "|" + "---|" * len(short),
     ]
     for r in rows:
-        cells = [_fmt(r.get(k)) for k in short]
+        cells = [format_value(r.get(k)) for k in short]
         cells[0] = f"trial_{r['trial']:03d}"
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     _write_atomic(os.path.join(sweep_dir, "results.md"), "\n".join(lines) + "\n")
@@ -611,7 +579,7 @@ def plot_results(sweep_dir: str, rows: list[dict[str, Any]], swept: list[str], m
             continue
         losses = [m[s]["train_loss"] for s in steps]
         positive = positive and min(losses) > 0
-        label = ", ".join(f"{k}={_fmt(r.get(k))}" for k in swept) or f"trial {r['trial']}"
+        label = ", ".join(f"{k}={format_value(r.get(k))}" for k in swept) or f"trial {r['trial']}"
         ax.plot(steps, losses, label=label, lw=1)
         any_curve = True
     if any_curve:
@@ -638,6 +606,7 @@ __all__ = [
     "chain",
     "choice",
     "collect",
+    "format_value",
     "grid",
     "int_uniform",
     "load_config",
@@ -649,6 +618,7 @@ __all__ = [
     "run_trials",
     "trial_config",
     "trial_dir",
+    "trial_row",
     "trial_status",
     "trials",
     "uniform",

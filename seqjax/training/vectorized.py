@@ -131,10 +131,6 @@ def _stack_host(trees: list[Any]) -> Any:
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
 def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list[Any]) -> list[dict[str, Any]]:
     """Trains trial k (`configs[k]`, `tasks[k]`, logging to `workdirs[k]`) for every k in one vmapped program;
     returns the summaries (also in each WORKDIR_k/summary.json). See the module docstring."""
@@ -216,6 +212,12 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
 
     step, total = int(states[0].step), cfg.num_train_steps
     failed: dict[int, str] = {}
+
+    def check(k: int, loss: float, step: int) -> None:
+        """A non-finite loss fails trial k: it is no longer logged or saved."""
+        if k not in failed and not math.isfinite(loss):
+            failed[k] = f"train_loss is {loss} at step {step}; stopped, the last good checkpoint is kept"
+
     last_eval: list[dict[str, float]] = [{} for _ in range(K)]
     logs = [open(os.path.join(w, "metrics.jsonl"), "a") for w in workdirs]
     writers = [SummaryWriter(os.path.join(w, "tensorboard")) for w in workdirs]
@@ -237,11 +239,7 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
                     rate = (step - s_last) / (now - t_last)
                     t_last, s_last = now, step
                     for k in range(K):
-                        loss = float(m["train_loss"][k])
-                        if k not in failed and not _finite(loss):
-                            failed[k] = (
-                                f"train_loss is {loss} at step {step}; stopped, the last good checkpoint is kept"
-                            )
+                        check(k, float(m["train_loss"][k]), step)
                         rows[k] = {"step": step, **{n: float(v[k]) for n, v in m.items()}}
                         rows[k].update(learning_rate=float(lrs[k]), steps_per_sec=rate)
                 if (cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or final:
@@ -258,10 +256,7 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
                 if step % cfg.checkpoint_every_steps == 0 or final or stop.requested:
                     losses = np.asarray(jax.device_get(metrics["train_loss"]))
                     for k, state_k in enumerate(unstack(stacked)):
-                        if k not in failed and not _finite(float(losses[k])):
-                            failed[k] = (
-                                f"train_loss is {losses[k]} at step {step}; stopped, the last good checkpoint is kept"
-                            )
+                        check(k, float(losses[k]), step)
                         if k not in failed:
                             ckpts[k].save(step, state_k, {**metas[k], "step": step})
                 if stop.requested and not final:
