@@ -233,3 +233,51 @@ def test_a_resumed_run_follows_its_config_not_the_checkpoint(tmp_path):
     assert sorted(rows) == list(range(1, 15))
     assert [rows[s]["learning_rate"] for s in (1, 10)] == pytest.approx([1e-3, 1e-3])
     assert [rows[s]["learning_rate"] for s in (11, 14)] == pytest.approx([2e-3, 2e-3])
+
+
+def test_checkpoint_packs_the_scalars_and_reads_the_earlier_layout(tmp_path):
+    """A state saved and restored is bitwise the same, with its metadata; its 0-d leaves are stored as one vector per
+    dtype; a checkpoint written in the earlier layout (one array per leaf, a "meta" JSON item) still restores."""
+    import orbax.checkpoint as ocp
+
+    from seqjax.training import TrainState, make_optimizer
+    from seqjax.training.checkpoint import Checkpointer, _to_disk
+
+    config = toy_config()
+    params, _ = ToyTask(config).init(jax.random.key(0))
+    tx = make_optimizer(config)
+    state = TrainState.create(params, tx, jax.random.key(1))
+    with jax.numpy_dtype_promotion("standard"):  # as the loop runs
+        state = state.replace(step=state.step + 7, opt_state=tx.update(params, state.opt_state, params)[1])
+    num_scalars = sum(np.ndim(x) == 0 for x in jax.tree.leaves(_to_disk(state)))
+    assert num_scalars >= 3  # the step, adam's count, the injected hyperparameters
+
+    def same(a, b):
+        la, lb = jax.tree.leaves(_to_disk(a)), jax.tree.leaves(_to_disk(b))
+        assert jax.tree.structure(_to_disk(a)) == jax.tree.structure(_to_disk(b))
+        for x, y in zip(la, lb, strict=True):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    ckpt = Checkpointer(str(tmp_path / "new"))
+    ckpt.save(7, state, {"config": {"a": 1}, "step": 7})
+    ckpt.wait()
+    stored = ckpt.manager.item_metadata(7)["state"]
+    assert set(stored) == {"arrays", "scalars"}
+    assert sum(np.prod(m.shape) for m in stored["scalars"].values()) == num_scalars
+    assert len(stored["arrays"]) == len(jax.tree.leaves(state)) - num_scalars
+    template = TrainState.create(params, tx, jax.random.key(5))
+    restored, meta = ckpt.restore(template)
+    same(restored, state)
+    assert meta == {"config": {"a": 1}, "step": 7}
+    ckpt.close()
+
+    old = ocp.CheckpointManager(str(tmp_path / "old"))
+    old.save(
+        7, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_disk(state)), meta=ocp.args.JsonSave({"step": 7}))
+    )
+    old.wait_until_finished()
+    old.close()
+    restored, meta = Checkpointer(str(tmp_path / "old")).restore(template)
+    same(restored, state)
+    assert meta == {"step": 7}
