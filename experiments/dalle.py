@@ -117,6 +117,7 @@ class DalleTask(PipelineTask):
             "image": codes.reshape(len(codes), -1).astype(np.int32),
         }
         tmp = path + ".tmp.npz"
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # the stages may live elsewhere (--config.*_workdir)
         np.savez(tmp, **tokens)
         os.replace(tmp, path)
         return tokens

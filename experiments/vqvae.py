@@ -29,6 +29,7 @@ def vqvae_model(config, image_shape) -> VQVAE:
             code_dim=config.code_dim,
             channels=config.channels,
             num_downsamples=config.num_downsamples,
+            res_blocks=config.res_blocks,
             image_channels=image_shape[-1],
         )
     )

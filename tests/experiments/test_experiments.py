@@ -106,6 +106,12 @@ def test_experiment_runs_writes_its_files_and_resumes(tmp_path, name):
     out = _run(_command(name, workdir, 6, data))  # the same command with more steps continues the run
     assert "resumed from step 4" in out
     assert sorted(_losses(workdir)) == list(range(1, 7))
+    if name == "dalle":  # a new decoder run on the finished tokenizer and judge of that one, in a fresh workdir
+        other = tmp_path / "other"
+        stages = {"vqvae_workdir": workdir / "vqvae", "classifier_workdir": workdir / "classifier"}
+        _run(_command(name, other, 2, data, **stages))
+        assert (other / "generated.png").stat().st_size > 0 and (other / "tokens.npz").exists()
+        assert not (other / "vqvae").exists() and not (other / "classifier").exists()
 
 
 @pytest.mark.slow

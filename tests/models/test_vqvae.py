@@ -71,8 +71,9 @@ def _squares(key, n):
     return (quadrant_squares(key, n)[1] * 0.8 + 0.1)[..., None]
 
 
-def test_trained_tiny_vqvae_reconstructs_its_images(rng):
-    cfg = VQVAEConfig(num_codes=32, code_dim=8, channels=32, num_downsamples=1, image_channels=1)
+@pytest.mark.parametrize("res_blocks", [0, 1])
+def test_trained_tiny_vqvae_reconstructs_its_images(rng, res_blocks):
+    cfg = VQVAEConfig(num_codes=32, code_dim=8, channels=32, num_downsamples=1, image_channels=1, res_blocks=res_blocks)
     model = get_model("vqvae", cfg)
     images = _squares(rng, 64)
     variables = jax.jit(model.init)(rng, images)
@@ -104,9 +105,32 @@ def test_trained_tiny_vqvae_reconstructs_its_images(rng):
     assert 1.0 < float(aux["perplexity"]) <= 32 and 0 < float(aux["usage"]) <= 1
 
 
+def test_residual_blocks_with_zero_output_convolutions_are_the_identity(rng):
+    """res_blocks adds x + conv1x1(relu(conv3x3(relu(x)))) in the encoder and the decoder: with the 1x1 convolutions
+    zeroed, the model computes exactly what the model without blocks computes with the same other weights."""
+    images = jax.random.uniform(rng, (2, 8, 8, 3))
+    plain = VQVAE(VQVAEConfig(num_codes=16, code_dim=4, channels=8, num_downsamples=1))
+    deep = VQVAE(VQVAEConfig(num_codes=16, code_dim=4, channels=8, num_downsamples=1, res_blocks=2))
+    variables = deep.init(rng, images)
+    params = variables["params"]
+    for part in ("encoder", "decoder"):
+        names = [k for k in params[part] if "_res_" in k]
+        assert sorted(names) == sorted(f"{part[:3]}_res_{i}_{ab}" for i in range(2) for ab in "ab")
+        params[part] = {k: jax.tree.map(jnp.zeros_like, v) if k.endswith("_b") else v for k, v in params[part].items()}
+    out_deep, _ = deep.apply({**variables, "params": params}, images)
+    stripped = {part: {k: v for k, v in params[part].items() if "_res_" not in k} for part in ("encoder", "decoder")}
+    out_plain, _ = plain.apply({**variables, "params": stripped}, images)
+    np.testing.assert_allclose(np.asarray(out_deep), np.asarray(out_plain), rtol=1e-6, atol=1e-6)
+    params["decoder"]["dec_res_0_b"]["kernel"] = jnp.ones_like(params["decoder"]["dec_res_0_b"]["kernel"])
+    out_changed, _ = deep.apply({**variables, "params": params}, images)
+    assert not np.allclose(np.asarray(out_changed), np.asarray(out_plain))  # the blocks are in the path
+
+
 def test_bad_inputs_name_the_sizes(rng):
     model = VQVAE(VQVAEConfig(num_downsamples=2, image_channels=3))
     with pytest.raises(ValueError, match=r"divisible by 4, got \(1, 6, 8, 3\)"):
         model.init(rng, jnp.zeros((1, 6, 8, 3)))
     with pytest.raises(ValueError, match=r"VQVAEConfig\.num_codes"):
         VQVAEConfig(num_codes=0)
+    with pytest.raises(ValueError, match=r"VQVAEConfig\.res_blocks"):
+        VQVAEConfig(res_blocks=-1)
