@@ -7,8 +7,7 @@ modules from other code changes nothing.
 
 import sys
 
-_argv = getattr(sys, "orig_argv", [])
-if "-m" in _argv and _argv.index("-m") + 1 < len(_argv) and _argv[_argv.index("-m") + 1].startswith("experiments."):
-    from seqjax.runtime import reexec_with_hugepages
+from seqjax.runtime import launched_module, reexec_with_hugepages
 
+if (launched_module(getattr(sys, "orig_argv", [])) or "").startswith("experiments."):
     reexec_with_hugepages()

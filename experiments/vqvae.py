@@ -29,7 +29,7 @@ def vqvae_model(config, image_shape) -> VQVAE:
             code_dim=config.code_dim,
             channels=config.channels,
             num_downsamples=config.num_downsamples,
-            res_blocks=config.res_blocks,
+            res_blocks=config.get("res_blocks", 0),  # config files from before it existed
             image_channels=image_shape[-1],
         )
     )

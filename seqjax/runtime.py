@@ -34,12 +34,34 @@ def hugepage_environ(environ: Mapping[str, str], libc: tuple[str, str] | None = 
     return {**environ, "GLIBC_TUNABLES": TUNABLE}
 
 
+def launched_module(argv: list[str]) -> str | None:
+    """The module of a `python [options] -m MODULE ...` command line (`sys.orig_argv`); None for a script, `-c`, or
+    an interactive interpreter."""
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if arg in ("-X", "-W"):  # options whose value is the next argument
+            i += 2
+        elif arg.startswith("-") and arg != "-" and not arg.startswith("-c"):
+            i += 1
+        else:  # a script, "-" (stdin) or -c: what follows belongs to the program
+            return None
+    return None
+
+
 def reexec_with_hugepages() -> None:
     """Replaces this process by the same command (`sys.orig_argv`) with the tunable set, where
-    `hugepage_environ` says to; returns where it does not. Call it first thing in a program's entry point."""
+    `hugepage_environ` says to; returns where it does not (or where the restart cannot be made). Call it first thing
+    in a program's entry point."""
     env = hugepage_environ(os.environ)
-    if env is None or not getattr(sys, "orig_argv", None):
+    if env is None or not getattr(sys, "orig_argv", None) or not sys.executable:
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    try:
+        os.execve(sys.executable, sys.orig_argv, env)
+    except OSError:  # carry on without the tunable
+        return

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from seqjax.runtime import TUNABLE, hugepage_environ
+from seqjax.runtime import TUNABLE, hugepage_environ, launched_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +20,18 @@ def test_hugepage_environ_decides_by_libc_version_and_settings():
     assert hugepage_environ({**env, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, ("glibc", "2.36")) is None
     assert hugepage_environ({**env, "SEQJAX_HUGEPAGES": "0"}, ("glibc", "2.36")) is None
     assert env == {"PATH": "/bin"}  # not modified
+
+
+def test_launched_module_reads_the_python_command_line():
+    assert launched_module(["python", "-m", "experiments.dalle", "--workdir", "d"]) == "experiments.dalle"
+    assert (
+        launched_module(["python", "-u", "-X", "importtime", "-W", "ignore", "-m", "experiments.lm"])
+        == "experiments.lm"
+    )
+    assert launched_module(["python", "script.py", "-m", "experiments.lm"]) is None  # -m is the script's argument
+    assert launched_module(["python", "-c", "pass", "-m", "experiments.lm"]) is None
+    assert launched_module(["python", "-m", "pytest", "-m", "slow"]) == "pytest"
+    assert launched_module(["python"]) is None and launched_module(["python", "-m"]) is None
 
 
 def test_experiment_modules_restart_with_the_tunable_and_imports_do_not(tmp_path):

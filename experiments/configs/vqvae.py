@@ -21,7 +21,7 @@ def get_config(variant: str = "cpu"):
     c.eval_batch_size = 256
     c.data_seed = 0
     c.num_codes, c.code_dim, c.channels, c.num_downsamples = 64, 16, 64, 2
-    c.res_blocks = 2  # residual blocks at the latent resolution, in the encoder and in the decoder
+    c.res_blocks = 2  # residual blocks at the latent grid, encoder and decoder (0: runs from before they existed)
     if variant == "accelerator":
         c.update(
             dict(

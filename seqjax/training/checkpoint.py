@@ -29,16 +29,22 @@ def _to_disk(state: TrainState) -> TrainState:
 
 
 def _scalar_groups(leaves: list[Any]) -> dict[str, list[int]]:
-    """Indices of the 0-d leaves, by dtype name."""
+    """Indices of the 0-d numeric leaves, by dtype name (typed PRNG keys stay arrays of their own)."""
     groups: dict[str, list[int]] = {}
     for i, x in enumerate(leaves):
-        if np.ndim(x) == 0:
+        if np.ndim(x) == 0 and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
             groups.setdefault(np.dtype(x.dtype).name, []).append(i)
     return groups
 
 
+def _scalar_paths(tree: Any) -> dict[str, list[str]]:
+    """The tree paths of the packed scalars, in their order in each vector (saved beside them, checked on restore)."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0], strict=True)
+    return {dt: [jax.tree_util.keystr(paths[i]) for i in idx] for dt, idx in _scalar_groups(list(leaves)).items()}
+
+
 def _pack(tree: Any, read: bool = True) -> dict[str, Any]:
-    """{"arrays": {path: leaf} for the leaves with axes, "scalars": {dtype: vector of the 0-d leaves}}.
+    """{"arrays": {path: leaf} for the other leaves, "scalars": {dtype: vector of the 0-d leaves}}.
 
     The scalars are read to the host (they are replicated under every parallel mode); `read=False` (for an abstract
     tree) gives zero vectors of their size instead."""
@@ -98,9 +104,13 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(_pack(_to_disk(state))))
+        state = _to_disk(state)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(_pack(state)))
         self.manager.save(
-            step, args=args, metrics=metrics if self.best_metric is not None else None, custom_metadata=meta
+            step,
+            args=args,
+            metrics=metrics if self.best_metric is not None else None,
+            custom_metadata={"meta": meta, "scalar_paths": _scalar_paths(state)},
         )
 
     def restore(
@@ -123,10 +133,17 @@ class Checkpointer:
             )
             state, meta = restored["state"], restored["meta"]
         else:
+            custom = self.manager.metadata(step).custom_metadata or {}
+            stored, expected = custom.get("scalar_paths"), _scalar_paths(template)
+            if stored != expected:  # the vectors hold no names: a different set would land on the wrong leaves
+                raise ValueError(
+                    f"checkpoint step {step} in {self.manager.directory} holds the scalars {stored}, but the state "
+                    f"to restore has {expected}"
+                )
             packed = _pack(abstract, read=False)  # the scalars come back as numpy vectors
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(packed)))
             state = _unpack(restored["state"], template, shardings)
-            meta = self.manager.metadata(step).custom_metadata or {}
+            meta = custom.get("meta", {})
         return state.replace(rng=jax.random.wrap_key_data(state.rng)), meta
 
     def wait(self) -> None:

@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -270,6 +271,8 @@ def test_checkpoint_packs_the_scalars_and_reads_the_earlier_layout(tmp_path):
     restored, meta = ckpt.restore(template)
     same(restored, state)
     assert meta == {"config": {"a": 1}, "step": 7}
+    with pytest.raises(ValueError, match="holds the scalars"):  # one more 0-d leaf: the vectors would not line up
+        ckpt.restore(template.replace(model_state={"extra": jnp.zeros(())}))
     ckpt.close()
 
     old = ocp.CheckpointManager(str(tmp_path / "old"))
