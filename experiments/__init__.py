@@ -9,5 +9,5 @@ import sys
 
 from seqjax.runtime import launched_module, reexec_with_hugepages
 
-if (launched_module(getattr(sys, "orig_argv", [])) or "").startswith("experiments."):
+if (launched_module(sys.orig_argv) or "").startswith("experiments."):
     reexec_with_hugepages()

@@ -2,7 +2,7 @@
 
 XLA's CPU runtime allocates each compiled program's temporary memory (often 100-300 MB for a training step) afresh
 on every call; glibc serves allocations above 32 MB with a fresh `mmap`, so every step first page-faults through all
-of it, 4 KB at a time (measured here: 30,000 faults per LSTM forward+backward, a quarter of its time; see
+of it, 4 KB at a time (measured here: 30,000 faults per LSTM forward+backward, about a sixth of its time; see
 BENCHMARKS.md). glibc >= 2.35 has a tunable that asks for transparent huge pages on those mappings, 2 MB per fault:
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`. Tunables are read when a process starts, so a running process cannot set it
 for itself; `reexec_with_hugepages()` restarts the current command with it (the experiment entry points do this
@@ -56,7 +56,7 @@ def reexec_with_hugepages() -> None:
     `hugepage_environ` says to; returns where it does not (or where the restart cannot be made). Call it first thing
     in a program's entry point."""
     env = hugepage_environ(os.environ)
-    if env is None or not getattr(sys, "orig_argv", None) or not sys.executable:
+    if env is None or not sys.orig_argv or not sys.executable:
         return
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:

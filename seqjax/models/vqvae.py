@@ -135,10 +135,11 @@ def restart_dead_codes(codebook, ema_count, ema_sum, flat, threshold, rng):
 
 
 def _res_blocks(x: Array, config: VQVAEConfig, prefix: str) -> Array:
+    """`config.res_blocks` residual blocks on x (>= 0, after a ReLU), then a ReLU (a no-op without blocks)."""
     for i in range(config.res_blocks):
         h = nn.Conv(config.channels, (3, 3), padding="SAME", name=f"{prefix}_res_{i}_a")(nn.relu(x))
         x = x + nn.Conv(config.channels, (1, 1), name=f"{prefix}_res_{i}_b")(nn.relu(h))
-    return x
+    return nn.relu(x)
 
 
 class _Encoder(nn.Module):
@@ -150,7 +151,7 @@ class _Encoder(nn.Module):
         for i in range(cfg.num_downsamples):
             x = nn.relu(nn.Conv(cfg.channels, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), name=f"down_{i}")(x))
         x = nn.relu(nn.Conv(cfg.channels, (3, 3), padding="SAME", name="mid")(x))
-        x = nn.relu(_res_blocks(x, cfg, "enc")) if cfg.res_blocks else x
+        x = _res_blocks(x, cfg, "enc")
         return nn.Conv(cfg.code_dim, (1, 1), name="to_code")(x)  # [B, h, w, D]
 
 
@@ -161,7 +162,7 @@ class _Decoder(nn.Module):
     def __call__(self, z: Array) -> Array:
         cfg = self.config
         x = nn.relu(nn.Conv(cfg.channels, (3, 3), padding="SAME", name="mid")(z))
-        x = nn.relu(_res_blocks(x, cfg, "dec")) if cfg.res_blocks else x
+        x = _res_blocks(x, cfg, "dec")
         for i in range(cfg.num_downsamples):
             last = i == cfg.num_downsamples - 1
             x = nn.ConvTranspose(

@@ -28,47 +28,41 @@ def _to_disk(state: TrainState) -> TrainState:
     return state.replace(rng=jax.random.key_data(state.rng))
 
 
-def _scalar_groups(leaves: list[Any]) -> dict[str, list[int]]:
-    """Indices of the 0-d numeric leaves, by dtype name (typed PRNG keys stay arrays of their own)."""
+def _flatten(tree: Any) -> tuple[list[str], list[Any], dict[str, list[int]]]:
+    """Path names and leaves of `tree`, and the indices of its 0-d numeric leaves by dtype name (typed PRNG keys stay
+    arrays of their own)."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0], strict=True)
     groups: dict[str, list[int]] = {}
     for i, x in enumerate(leaves):
         if np.ndim(x) == 0 and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
             groups.setdefault(np.dtype(x.dtype).name, []).append(i)
-    return groups
+    return [jax.tree_util.keystr(p) for p in paths], list(leaves), groups
 
 
-def _scalar_paths(tree: Any) -> dict[str, list[str]]:
-    """The tree paths of the packed scalars, in their order in each vector (saved beside them, checked on restore)."""
-    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0], strict=True)
-    return {dt: [jax.tree_util.keystr(paths[i]) for i in idx] for dt, idx in _scalar_groups(list(leaves)).items()}
-
-
-def _pack(tree: Any, read: bool = True) -> dict[str, Any]:
-    """{"arrays": {path: leaf} for the other leaves, "scalars": {dtype: vector of the 0-d leaves}}.
+def _pack(tree: Any, read: bool = True) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """({"arrays": {path: leaf} for the other leaves, "scalars": {dtype: vector of the 0-d leaves}}, the paths of
+    the packed scalars in their order in each vector: saved beside them, checked on restore).
 
     The scalars are read to the host (they are replicated under every parallel mode); `read=False` (for an abstract
     tree) gives zero vectors of their size instead."""
-    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0], strict=True)
-    groups = _scalar_groups(list(leaves))
+    names, leaves, groups = _flatten(tree)
     packed = {i for idx in groups.values() for i in idx}
-    arrays = {jax.tree_util.keystr(p): x for i, (p, x) in enumerate(zip(paths, leaves, strict=True)) if i not in packed}
+    arrays = {name: x for i, (name, x) in enumerate(zip(names, leaves, strict=True)) if i not in packed}
     scalars = {
         dt: np.array([np.asarray(leaves[i]) for i in idx] if read else np.zeros(len(idx)), dtype=dt)
         for dt, idx in groups.items()
     }
-    return {"arrays": arrays, "scalars": scalars}
+    return {"arrays": arrays, "scalars": scalars}, {dt: [names[i] for i in idx] for dt, idx in groups.items()}
 
 
 def _unpack(packed: dict[str, Any], like: Any, shardings: Any) -> Any:
     """The tree of `like` from `_pack`'s layout; the scalars are placed as `shardings` says (a tree like `like`'s),
     or else like `like`'s leaves."""
-    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(like)[0], strict=True)
+    names, leaves, groups = _flatten(like)
     placement = jax.tree.leaves(shardings) if shardings is not None else [getattr(x, "sharding", None) for x in leaves]
-    out = [packed["arrays"].get(jax.tree_util.keystr(p)) for p in paths]
-    for dt, idx in _scalar_groups(list(leaves)).items():
-        vector = np.asarray(packed["scalars"][dt])
-        for k, i in enumerate(idx):
-            value = vector[k]
+    out = [packed["arrays"].get(n) for n in names]  # None for the scalars, filled in below
+    for dt, idx in groups.items():
+        for value, i in zip(np.asarray(packed["scalars"][dt]), idx, strict=True):
             out[i] = (
                 value if placement[i] is None else jax.make_array_from_callback((), placement[i], lambda _, v=value: v)
             )
@@ -104,13 +98,12 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
-        state = _to_disk(state)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(_pack(state)))
+        packed, scalar_paths = _pack(_to_disk(state))
         self.manager.save(
             step,
-            args=args,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(packed)),
             metrics=metrics if self.best_metric is not None else None,
-            custom_metadata={"meta": meta, "scalar_paths": _scalar_paths(state)},
+            custom_metadata={"meta": meta, "scalar_paths": scalar_paths},
         )
 
     def restore(
@@ -134,13 +127,12 @@ class Checkpointer:
             state, meta = restored["state"], restored["meta"]
         else:
             custom = self.manager.metadata(step).custom_metadata or {}
-            stored, expected = custom.get("scalar_paths"), _scalar_paths(template)
-            if stored != expected:  # the vectors hold no names: a different set would land on the wrong leaves
+            packed, expected = _pack(abstract, read=False)  # the scalars come back as numpy vectors
+            if custom.get("scalar_paths") != expected:  # the vectors hold no names: they would fill the wrong leaves
                 raise ValueError(
-                    f"checkpoint step {step} in {self.manager.directory} holds the scalars {stored}, but the state "
-                    f"to restore has {expected}"
+                    f"checkpoint step {step} in {self.manager.directory} holds the scalars "
+                    f"{custom.get('scalar_paths')}, but the state to restore has {expected}"
                 )
-            packed = _pack(abstract, read=False)  # the scalars come back as numpy vectors
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(packed)))
             state = _unpack(restored["state"], template, shardings)
             meta = custom.get("meta", {})
