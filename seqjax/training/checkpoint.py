@@ -5,21 +5,33 @@ finished), so a run killed mid-write resumes from the last finished checkpoint. 
 unreplicated copy with the PRNG key as raw key data, so a checkpoint written under any parallel mode or device count
 restores under any other.
 
-On disk a step holds one Orbax item, "state": the state's arrays under their tree paths, except that its 0-d leaves
-(the step, the optimizer's count and its injected hyperparameters) are packed into one vector per dtype
-("scalars/float32", ...), since Orbax's cost per save grows by about a millisecond per array. The run's metadata (the
-config, the step) is the step's Orbax `custom_metadata`. Checkpoints of the earlier layout (every leaf its own array,
-the metadata a "meta" JSON item) still restore.
+On disk a step holds one Orbax item, in one of two layouts:
+
+- "state_file", for a state of at most `single_file_bytes` (16 MB by default) in a single-process run: every leaf in
+  one file, `state.bin`, with an index (`index.json`: tree path, dtype, shape and offset of each leaf). Orbax's array
+  format costs about a millisecond of CPU per array on top of a fixed cost; a small model's state with the optimizer's
+  injected hyperparameters has twenty or more, and a save every hundred steps of a 2 ms step then costs more than the
+  steps themselves would let pass (measured in BENCHMARKS.md). The file is still written by Orbax's CheckpointManager
+  (asynchronously, into a temporary directory renamed when finished; max_to_keep and keep-best as for any item).
+- "state", for larger states or several processes: the state's arrays under their tree paths in Orbax's array format
+  (each process writing its own shards), except that its 0-d leaves (the step, the optimizer's count and its injected
+  hyperparameters) are packed into one vector per dtype ("scalars/float32", ...).
+
+The run's metadata (the config, the step) is the step's Orbax `custom_metadata`. Checkpoints of the earlier layout
+(every leaf its own array, the metadata a "meta" JSON item) still restore.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.futures import future as ocp_future
 
 from seqjax.training.state import TrainState
 
@@ -69,6 +81,79 @@ def _unpack(packed: dict[str, Any], like: Any, shardings: Any) -> Any:
     return jax.tree.unflatten(jax.tree.structure(like), out)
 
 
+_ALIGN = 64  # byte alignment of each leaf in state.bin
+
+
+class SingleFileHandler(ocp.AsyncCheckpointHandler):
+    """An Orbax handler for a flat {name: array} dict as one binary file plus a JSON index. The arrays are read to
+    the host before `async_save` returns (the caller's buffers may be donated to the next step); the files are
+    written in Orbax's background commit."""
+
+    @staticmethod
+    def _write(directory: Any, arrays: dict[str, np.ndarray]) -> None:
+        index, offset = [], 0
+        with open(os.path.join(directory, "state.bin"), "wb") as f:
+            for name, x in arrays.items():
+                pad = -offset % _ALIGN
+                f.write(b"\0" * pad)
+                offset += pad
+                index.append({"name": name, "dtype": x.dtype.name, "shape": list(x.shape), "offset": offset})
+                f.write(np.ascontiguousarray(x).tobytes())  # ml_dtypes (bfloat16, ...) included: raw bytes
+                offset += x.nbytes
+        with open(os.path.join(directory, "index.json"), "w") as f:
+            json.dump(index, f)
+
+    async def async_save(self, directory: Any, args: SingleFileSave) -> list[Any]:
+        arrays = {k: np.asarray(v) for k, v in jax.device_get(args.item).items()}
+
+        async def write() -> None:
+            self._write(directory, arrays)
+
+        return [ocp_future.CommitFutureAwaitingContractedSignals(write(), name="single_file_save")]
+
+    def save(self, directory: Any, args: SingleFileSave) -> None:
+        self._write(directory, {k: np.asarray(v) for k, v in jax.device_get(args.item).items()})
+
+    def restore(self, directory: Any, args: SingleFileRestore | None = None) -> dict[str, np.ndarray]:
+        with open(os.path.join(directory, "index.json")) as f:
+            index = json.load(f)
+        blob = np.fromfile(os.path.join(directory, "state.bin"), dtype=np.uint8)
+        out = {}
+        for e in index:
+            dtype = np.dtype(jax.numpy.dtype(e["dtype"]))
+            n = int(np.prod(e["shape"], dtype=np.int64)) * dtype.itemsize
+            out[e["name"]] = blob[e["offset"] : e["offset"] + n].view(dtype).reshape(e["shape"])
+        return out
+
+
+@ocp.args.register_with_handler(SingleFileHandler, for_save=True)
+@dataclasses.dataclass
+class SingleFileSave(ocp.args.CheckpointArgs):
+    item: dict[str, Any]
+
+
+@ocp.args.register_with_handler(SingleFileHandler, for_restore=True)
+@dataclasses.dataclass
+class SingleFileRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def _single_file(tree: Any, limit: int) -> bool:
+    """Whether `tree` is saved as one file: one process, every leaf fully addressable, at most `limit` bytes."""
+    leaves = jax.tree.leaves(tree)
+    return (
+        jax.process_count() == 1
+        and all(getattr(x, "is_fully_addressable", True) for x in leaves)
+        and sum(np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x))) for x in leaves) <= limit
+    )
+
+
+def _place(value: np.ndarray, sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jax.numpy.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
+
+
 class Checkpointer:
     """`save(state, meta)`, `restore(template) -> (state, meta) | None`, over `WORKDIR/checkpoints`.
 
@@ -77,10 +162,12 @@ class Checkpointer:
       max_to_keep: newest checkpoints kept (None: all).
       best_metric: keep-best: checkpoints also carry metrics; with `max_to_keep`, the best ones by this metric are
         kept instead of the newest (`best_mode` "min" or "max").
+      single_file_bytes: states up to this size (single process) are saved as one file (see the module's docstring);
+        0 always uses Orbax's array format.
     """
 
     def __init__(self, directory: str, *, max_to_keep: int | None = 2, best_metric: str | None = None,
-                 best_mode: str = "min"):  # fmt: skip
+                 best_mode: str = "min", single_file_bytes: int = 16 << 20):  # fmt: skip
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             best_fn=None if best_metric is None else (lambda metrics: float(metrics[best_metric])),
@@ -90,6 +177,7 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
         self.best_metric = best_metric
+        self.single_file_bytes = single_file_bytes
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -98,12 +186,18 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
-        packed, scalar_paths = _pack(_to_disk(state))
+        state = _to_disk(state)
+        if _single_file(state, self.single_file_bytes):
+            names, leaves, _ = _flatten(state)
+            args, custom = ocp.args.Composite(state_file=SingleFileSave(dict(zip(names, leaves, strict=True)))), {}
+        else:
+            packed, scalar_paths = _pack(state)
+            args, custom = ocp.args.Composite(state=ocp.args.StandardSave(packed)), {"scalar_paths": scalar_paths}
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(packed)),
+            args=args,
             metrics=metrics if self.best_metric is not None else None,
-            custom_metadata={"meta": meta, "scalar_paths": scalar_paths},
+            custom_metadata={"meta": meta, **custom},
         )
 
     def restore(
@@ -120,7 +214,31 @@ class Checkpointer:
         if shardings is not None:
             abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                                     shardings)  # fmt: skip
-        if os.path.isdir(os.path.join(self.manager.directory, str(step), "meta")):  # the earlier layout
+        step_dir = os.path.join(self.manager.directory, str(step))
+        if os.path.isdir(os.path.join(step_dir, "state_file")):
+            stored = self.manager.restore(step, args=ocp.args.Composite(state_file=SingleFileRestore()))["state_file"]
+            names, leaves, _ = _flatten(template)
+            if set(stored) != set(names):
+                raise ValueError(
+                    f"checkpoint step {step} in {self.manager.directory} does not fit the state to restore: it lacks "
+                    f"{sorted(set(names) - set(stored))} and has {sorted(set(stored) - set(names))} besides"
+                )
+            placement = (
+                jax.tree.leaves(shardings)
+                if shardings is not None
+                else [getattr(x, "sharding", None) for x in leaves]  # like the template's leaves, as Orbax does
+            )
+            out = []
+            for name, like, where in zip(names, leaves, placement, strict=True):
+                value = stored[name]
+                if value.shape != like.shape:
+                    raise ValueError(
+                        f"checkpoint step {step}: {name} has shape {value.shape}, the state to restore {like.shape}"
+                    )
+                out.append(_place(value.astype(like.dtype, copy=False), where))
+            state = jax.tree.unflatten(jax.tree.structure(template), out)
+            meta = (self.manager.metadata(step).custom_metadata or {}).get("meta", {})
+        elif os.path.isdir(os.path.join(step_dir, "meta")):  # the earlier layout
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
             )

@@ -236,9 +236,12 @@ def test_a_resumed_run_follows_its_config_not_the_checkpoint(tmp_path):
     assert [rows[s]["learning_rate"] for s in (11, 14)] == pytest.approx([2e-3, 2e-3])
 
 
-def test_checkpoint_packs_the_scalars_and_reads_the_earlier_layout(tmp_path):
-    """A state saved and restored is bitwise the same, with its metadata; its 0-d leaves are stored as one vector per
-    dtype; a checkpoint written in the earlier layout (one array per leaf, a "meta" JSON item) still restores."""
+@pytest.mark.parametrize("layout", ["state_file", "state"])
+def test_checkpoint_layouts_restore_bitwise_and_read_the_earlier_one(tmp_path, layout):
+    """A state saved and restored is bitwise the same, with its metadata, in both layouts: a small state as one file
+    (every leaf in the index, bfloat16 included), a larger one (here: the limit set to 0) in Orbax's array format
+    with its 0-d leaves stored as one vector per dtype. A state of another shape is refused, naming the difference.
+    A checkpoint written in the earlier layout (one array per leaf, a "meta" JSON item) still restores."""
     import orbax.checkpoint as ocp
 
     from seqjax.training import TrainState, make_optimizer
@@ -247,7 +250,8 @@ def test_checkpoint_packs_the_scalars_and_reads_the_earlier_layout(tmp_path):
     config = toy_config()
     params, _ = ToyTask(config).init(jax.random.key(0))
     tx = make_optimizer(config)
-    state = TrainState.create(params, tx, jax.random.key(1))
+    model_state = {"bf16": jnp.arange(5, dtype=jnp.bfloat16) / 3}
+    state = TrainState.create(params, tx, jax.random.key(1), model_state)
     with jax.numpy_dtype_promotion("standard"):  # as the loop runs
         state = state.replace(step=state.step + 7, opt_state=tx.update(params, state.opt_state, params)[1])
     num_scalars = sum(np.ndim(x) == 0 for x in jax.tree.leaves(_to_disk(state)))
@@ -260,20 +264,36 @@ def test_checkpoint_packs_the_scalars_and_reads_the_earlier_layout(tmp_path):
             assert x.dtype == y.dtype and x.shape == y.shape
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
-    ckpt = Checkpointer(str(tmp_path / "new"))
+    ckpt = Checkpointer(str(tmp_path / "new"), single_file_bytes=16 << 20 if layout == "state_file" else 0)
     ckpt.save(7, state, {"config": {"a": 1}, "step": 7})
     ckpt.wait()
-    stored = ckpt.manager.item_metadata(7)["state"]
-    assert set(stored) == {"arrays", "scalars"}
-    assert sum(np.prod(m.shape) for m in stored["scalars"].values()) == num_scalars
-    assert len(stored["arrays"]) == len(jax.tree.leaves(state)) - num_scalars
-    template = TrainState.create(params, tx, jax.random.key(5))
+    assert os.listdir(tmp_path / "new" / "7") and (tmp_path / "new" / "7" / layout).is_dir()
+    if layout == "state_file":
+        import json
+
+        index = json.loads((tmp_path / "new" / "7" / "state_file" / "index.json").read_text())
+        assert len(index) == len(jax.tree.leaves(_to_disk(state)))
+        assert "bfloat16" in {e["dtype"] for e in index}
+    else:
+        stored = ckpt.manager.item_metadata(7)["state"]
+        assert set(stored) == {"arrays", "scalars"}
+        assert sum(np.prod(m.shape) for m in stored["scalars"].values()) == num_scalars
+        assert len(stored["arrays"]) == len(jax.tree.leaves(state)) - num_scalars
+    template = TrainState.create(params, tx, jax.random.key(5), jax.tree.map(jnp.zeros_like, model_state))
     restored, meta = ckpt.restore(template)
     same(restored, state)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored))  # usable inside jit, as Orbax gives
     assert meta == {"config": {"a": 1}, "step": 7}
-    with pytest.raises(ValueError, match="holds the scalars"):  # one more 0-d leaf: the vectors would not line up
-        ckpt.restore(template.replace(model_state={"extra": jnp.zeros(())}))
+    # One more 0-d leaf: in the file it is missing; packed, the vectors would not line up.
+    message = "does not fit" if layout == "state_file" else "holds the scalars"
+    with pytest.raises(ValueError, match=message):
+        ckpt.restore(template.replace(model_state={**model_state, "extra": jnp.zeros(())}))
+    if layout == "state_file":
+        with pytest.raises(ValueError, match="has shape"):
+            ckpt.restore(template.replace(model_state={"bf16": jnp.zeros(4, jnp.bfloat16)}))
     ckpt.close()
+    if layout == "state_file":
+        return
 
     old = ocp.CheckpointManager(str(tmp_path / "old"))
     old.save(
