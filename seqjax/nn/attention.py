@@ -369,6 +369,42 @@ def _blocked_bwd(dropout_rate, precision, bb, bq, heads_major, res, dout):
 _blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused_self_attention(qkv, mask, rng, dropout_rate, precision, bb):
+    return _fused_fwd(qkv, mask, rng, dropout_rate, precision, bb)[0]
+
+
+def _fused_fwd(qkv, mask, rng, dropout_rate, precision, bb):
+    """Self-attention straight from the fused projection qkv [B, T, 3, N, H] (q already scaled), in blocks of `bb`
+    whole batch rows (no query blocks). The forward is the blocked kernel on q, k, v sliced heads-major, in the one
+    copy that slicing costs anyway. The backward emits d(qkv) in the projection's own layout: each block stacks and
+    transposes its small dq, dk, dv in cache, so the loop's output is the gradient, with no [B, N, T, H] dq, dk, dv
+    buffers to copy and concatenate afterwards (BENCHMARKS.md)."""
+    hm = jnp.moveaxis(qkv, 1, 3)  # [B, 3, N, T, H]
+    return _blocked_fwd(hm[:, 0], hm[:, 1], hm[:, 2], mask, rng, dropout_rate, precision, bb, qkv.shape[1], True)
+
+
+def _fused_bwd(dropout_rate, precision, bb, res, dout):
+    q, k, v, mask, rng, out, lse = res
+    t = q.shape[2]
+    (_, b, _, n, tk), qf, kf, vf, mf = _fold_inputs(q, k, v, mask, bb, t, True)
+    dof, lsef = _fold(dout, b, bb, 1, t), _fold(lse, b, bb, 2, t)
+    deltaf = _fold(_softmax_delta(dout, out), b, bb, 2, t)
+
+    def block(ib):
+        keep = _keep(rng, ib, dropout_rate, (bb, n, t, tk))
+        m = None if mf is None else mf.take(ib, 0)
+        blocks = (x.take(ib, 0) for x in (qf, kf, vf, dof, lsef, deltaf))
+        dq, dk, dv = _backward_block(*blocks, m, keep, precision, True)  # [bb, N, T, H] each
+        return jnp.transpose(jnp.stack([dq, dk, dv], axis=1), (0, 3, 1, 2, 4))  # [bb, T, 3, N, H]
+
+    dqkv = lax.map(block, jnp.arange(qf.nb))
+    return dqkv.reshape(b, *dqkv.shape[2:]), None, None
+
+
+_fused_self_attention.defvjp(_fused_fwd, _fused_bwd)
+
+
 def scaled_dot_product_attention(
     query: Array,
     key: Array,
@@ -639,10 +675,17 @@ class MultiHeadAttention(nn.Module):
                 # kernel's blocks need no transposes of their own (BENCHMARKS.md).
                 _check_shapes(*(qkv[..., i, :, :] for i in range(3)), mask, None)
                 _check_mask_dtype(mask)
-                qkv_hm = jnp.moveaxis(qkv.reshape(b, t, 3, n, h), 1, 3)  # [B, 3, N, T, H]
                 flat_mask = _flat_mask(None if mask is None else jnp.asarray(mask), tuple(batch))
-                q, k, v = qkv_hm[:, 0], qkv_hm[:, 1], qkv_hm[:, 2]
-                out = _run_blocked(q, k, v, flat_mask, rate, dropout_rng, self.precision, DEFAULT_BLOCK_ELEMENTS, True)
+                bb, bq = _block_sizes(b, n, t, t, DEFAULT_BLOCK_ELEMENTS)
+                if bq == t:  # whole batch rows per block: the backward emits d(qkv) directly
+                    rng = dropout_rng if rate > 0.0 else jax.random.key(0)
+                    out = _fused_self_attention(qkv.reshape(b, t, 3, n, h), flat_mask, rng, rate, self.precision, bb)
+                else:
+                    qkv_hm = jnp.moveaxis(qkv.reshape(b, t, 3, n, h), 1, 3)  # [B, 3, N, T, H]
+                    q, k, v = qkv_hm[:, 0], qkv_hm[:, 1], qkv_hm[:, 2]
+                    out = _run_blocked(
+                        q, k, v, flat_mask, rate, dropout_rng, self.precision, DEFAULT_BLOCK_ELEMENTS, True
+                    )
                 return self._out(out.reshape(*batch, t, n, h), wo, dtype)
             query, key, value = (qkv[..., i, :, :] for i in range(3))
         elif self.fuse_qkv:

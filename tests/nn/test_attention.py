@@ -409,14 +409,18 @@ def test_long_sequences_use_query_blocks(rng):
     np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v, mask)[0], rtol=2e-5, atol=2e-5)
 
 
-def test_mha_above_one_block_matches_flax(rng):
-    """Big enough (B*N*T*T > 2**19) for the blocked kernel inside MultiHeadAttention, forward and gradients."""
-    x = jax.random.normal(rng, (2, 384, 8))
-    ours, theirs = MultiHeadAttention(num_heads=2), _flax_mha(num_heads=2)
+@pytest.mark.parametrize("shape, heads", [((2, 384, 8), 2), ((16, 256, 4), 1)])
+def test_mha_above_one_block_matches_flax(rng, shape, heads):
+    """Big enough (B*N*T*T > 2**19) for the blocked kernel inside MultiHeadAttention (the fused self-attention
+    kernel, whose backward emits d(qkv) directly; blocks of one and of eight batch rows), forward and gradients."""
+    b, t, _ = shape
+    assert _block_sizes(b, heads, t, t, 2**19) == ((1, t) if b == 2 else (8, t))
+    x = jax.random.normal(rng, shape)
+    ours, theirs = MultiHeadAttention(num_heads=heads), _flax_mha(num_heads=heads)
     params = theirs.init(jax.random.key(12), x)
 
     def loss(module):
-        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x, mask=causal_mask(384))))))
+        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x, mask=causal_mask(t))))))
 
     (a, ga), (b, gb) = loss(ours)(params, x), loss(theirs)(params, x)
     np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
@@ -424,9 +428,12 @@ def test_mha_above_one_block_matches_flax(rng):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
 
 
-def test_mha_above_one_block_dropout_gradients(x64):
-    """The heads-major kernel path of MultiHeadAttention regenerates its dropout masks in the backward pass."""
-    x = np.random.default_rng(21).normal(size=(1, 520, 4))
+@pytest.mark.parametrize("shape", [(1, 520, 4), (2, 384, 4)])
+def test_mha_above_one_block_dropout_gradients(x64, shape):
+    """The kernel paths of MultiHeadAttention (query blocks; the fused one, whole rows) regenerate their dropout masks
+    in the backward pass."""
+    assert (_block_sizes(shape[0], 2, shape[1], shape[1], 2**19)[1] == shape[1]) == (shape[1] == 384)
+    x = np.random.default_rng(21).normal(size=shape)
     m = MultiHeadAttention(num_heads=2, dropout_rate=0.3, param_dtype=jnp.float64)
     params = m.init(jax.random.key(13), x)
     f = jax.jit(lambda p, x: m.apply(p, x, deterministic=False, rngs={"dropout": jax.random.key(14)}))
