@@ -10,11 +10,14 @@ variant is a plain-JAX layer (zero initial state) so that only the formulation d
   concat            one matmul per step: [x_t, h] x [W_ih; W_hh]
   custom bwd        hoisted forward; a custom VJP whose reverse scan emits the gate gradients dG, then one matmul
                     each for dW_hh, dW_ih and dx over all steps
+  ... tanh          the same with the four gate nonlinearities as one tanh over the whole [B, 4H] pre-activation
+                    (σ(a) = (1 + tanh(a/2)) / 2: one contiguous elementwise op instead of four over slices)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 import flax.linen as nn
@@ -37,16 +40,27 @@ def _gates(c, a):
     return c, o * jnp.tanh(c), (i, f, g, o)
 
 
+_SCALE = jnp.concatenate([jnp.full(2 * H, 0.5), jnp.ones(H), jnp.full(H, 0.5)])  # i, f: σ; g: tanh; o: σ
+
+
+def _gates_tanh(c, a):
+    """As `_gates`, with σ(a) = (1 + tanh(a/2)) / 2: one tanh over the whole [B, 4H]."""
+    s = jnp.tanh(a * _SCALE) * _SCALE + (1.0 - _SCALE)
+    i, f, g, o = s[:, :H], s[:, H : 2 * H], s[:, 2 * H : 3 * H], s[:, 3 * H :]
+    c = f * c + i * g
+    return c, o * jnp.tanh(c), (i, f, g, o)
+
+
 def _scan(step, xs, unroll=1):
     zeros = (jnp.zeros((B, H)), jnp.zeros((B, H)))
     return lax.scan(step, zeros, xs, unroll=unroll)
 
 
-def inside(p, x):
+def inside(p, x, gates=_gates):
     wi, wh, b = p
 
     def step(carry, xt):
-        c, h, _ = _gates(carry[0], xt @ wi + carry[1] @ wh + b)
+        c, h, _ = gates(carry[0], xt @ wi + carry[1] @ wh + b)
         return (c, h), h
 
     return jnp.swapaxes(_scan(step, jnp.swapaxes(x, 0, 1))[1], 0, 1)
@@ -78,27 +92,27 @@ def concat(p, x):
     return jnp.swapaxes(_scan(step, jnp.swapaxes(x, 0, 1))[1], 0, 1)
 
 
-def _forward_saving(p, x):
+def _forward_saving(p, x, gates=_gates):
     wh = p[1]
 
     def step(carry, g):
-        c, h, acts = _gates(carry[0], g + carry[1] @ wh)
+        c, h, acts = gates(carry[0], g + carry[1] @ wh)
         return (c, h), (h, c, jnp.concatenate(acts, -1))
 
     return _scan(step, _hoist(p, x))[1]  # hs, cs [T, B, H]; acts [T, B, 4H]
 
 
-@jax.custom_vjp
-def custom_bwd(p, x):
-    return jnp.swapaxes(_forward_saving(p, x)[0], 0, 1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def custom_bwd(p, x, gates=_gates):
+    return jnp.swapaxes(_forward_saving(p, x, gates)[0], 0, 1)
 
 
-def _custom_fwd(p, x):
-    hs, cs, acts = _forward_saving(p, x)
+def _custom_fwd(p, x, gates=_gates):
+    hs, cs, acts = _forward_saving(p, x, gates)
     return jnp.swapaxes(hs, 0, 1), (p, x, hs, cs, acts)
 
 
-def _custom_bwd(res, dy):
+def _custom_bwd(gates, res, dy):
     (wi, wh, _), x, hs, cs, acts = res
     c_prev = jnp.concatenate([jnp.zeros((1, B, H)), cs[:-1]], 0)
 
@@ -130,6 +144,7 @@ custom_bwd.defvjp(_custom_fwd, _custom_bwd)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--variants", default="all", help="comma list of substrings of the variants' names, or 'all'")
     args = p.parse_args()
     x = jax.random.normal(jax.random.key(0), (B, T, F))
     k1, k2 = jax.random.split(jax.random.key(1))
@@ -140,9 +155,11 @@ def main() -> None:
         return lambda: jax.block_until_ready(grad(params, x))
 
     ref = jax.grad(lambda p: jnp.sum(jnp.sin(inside(p, x))))(params)
-    got = jax.grad(lambda p: jnp.sum(jnp.sin(custom_bwd(p, x))))(params)
-    err = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-12)) for a, b in zip(ref, got, strict=True))
-    print(f"custom bwd gradient vs autodiff: max relative error {err:.1e}")
+    for name, layer in (("custom bwd", custom_bwd), ("custom bwd tanh", lambda p, x: custom_bwd(p, x, _gates_tanh)),
+                        ("inside tanh", lambda p, x: inside(p, x, _gates_tanh))):  # fmt: skip
+        got = jax.grad(lambda p, layer=layer: jnp.sum(jnp.sin(layer(p, x))))(params)
+        err = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-12)) for a, b in zip(ref, got, strict=True))
+        print(f"{name} gradient vs autodiff of inside: max relative error {err:.1e}")
 
     flax_rnn = nn.RNN(nn.OptimizedLSTMCell(H))
     steps = {
@@ -152,7 +169,12 @@ def main() -> None:
         "hoisted unroll4": step_of(lambda p, x: hoisted(p, x, 4), params),
         "concat": step_of(concat, params),
         "custom bwd": step_of(custom_bwd, params),
+        "inside tanh": step_of(lambda p, x: inside(p, x, _gates_tanh), params),
+        "custom bwd tanh": step_of(lambda p, x: custom_bwd(p, x, _gates_tanh), params),
     }
+    if args.variants != "all":
+        keep = args.variants.split(",")
+        steps = {k: v for k, v in steps.items() if k.startswith("flax") or any(w == k for w in keep)}
     if torch_available():
         import torch
 
