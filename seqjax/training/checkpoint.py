@@ -31,7 +31,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.futures import future as ocp_future
 
 from seqjax.training.state import TrainState
 
@@ -104,17 +103,18 @@ class SingleFileHandler(ocp.AsyncCheckpointHandler):
             json.dump(index, f)
 
     async def async_save(self, directory: Any, args: SingleFileSave) -> list[Any]:
-        arrays = {k: np.asarray(v) for k, v in jax.device_get(args.item).items()}
+        arrays = _host_copies(args.item)
 
         async def write() -> None:
             self._write(directory, arrays)
 
-        return [ocp_future.CommitFutureAwaitingContractedSignals(write(), name="single_file_save")]
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="single_file_save")]
 
     def save(self, directory: Any, args: SingleFileSave) -> None:
-        self._write(directory, {k: np.asarray(v) for k, v in jax.device_get(args.item).items()})
+        self._write(directory, _host_copies(args.item))
 
     def restore(self, directory: Any, args: SingleFileRestore | None = None) -> dict[str, np.ndarray]:
+        """{name: array}; the arrays are views into the one buffer the file was read into."""
         with open(os.path.join(directory, "index.json")) as f:
             index = json.load(f)
         blob = np.fromfile(os.path.join(directory, "state.bin"), dtype=np.uint8)
@@ -122,6 +122,8 @@ class SingleFileHandler(ocp.AsyncCheckpointHandler):
         for e in index:
             dtype = np.dtype(jax.numpy.dtype(e["dtype"]))
             n = int(np.prod(e["shape"], dtype=np.int64)) * dtype.itemsize
+            if e["offset"] + n > blob.size:
+                raise ValueError(f"{directory}/state.bin holds {blob.size} bytes, too few for {e['name']} (index.json)")
             out[e["name"]] = blob[e["offset"] : e["offset"] + n].view(dtype).reshape(e["shape"])
         return out
 
@@ -138,11 +140,19 @@ class SingleFileRestore(ocp.args.CheckpointArgs):
     pass
 
 
+def _host_copies(item: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Host copies of the arrays, owned (on CPU `device_get` may hand back views of the device buffers, which the next
+    train step may reuse)."""
+    return {k: np.array(v, copy=True) for k, v in jax.device_get(item).items()}
+
+
 def _single_file(tree: Any, limit: int) -> bool:
-    """Whether `tree` is saved as one file: one process, every leaf fully addressable, at most `limit` bytes."""
+    """Whether `tree` is saved as one file: one process, every leaf a fully addressable array of a numpy dtype
+    (typed PRNG keys other than the state's own go to Orbax's format), at most `limit` bytes."""
     leaves = jax.tree.leaves(tree)
     return (
         jax.process_count() == 1
+        and all(not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended) for x in leaves)
         and all(getattr(x, "is_fully_addressable", True) for x in leaves)
         and sum(np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x))) for x in leaves) <= limit
     )
@@ -204,57 +214,63 @@ class Checkpointer:
         self, template: TrainState, step: int | None = None, shardings: Any = None
     ) -> tuple[TrainState, dict[str, Any]] | None:
         """The checkpoint at `step` (default: the latest finished one), shaped like `template` and placed like it
-        or as `shardings` says (a tree of shardings like `template`'s: then each process reads only its shards);
-        None if there is none."""
+        or as `shardings` says (a tree of shardings like `template`'s: then, in Orbax's array format, each process
+        reads only its shards; a single-file checkpoint is read whole); None if there is none. A leaf stored in
+        another dtype than the template's is cast to the template's, as Orbax does; other shapes or tree paths are
+        refused."""
         step = self.latest_step() if step is None else step
         if step is None:
             return None
         template = _to_disk(template)
+        if os.path.isdir(os.path.join(self.manager.directory, str(step), "state_file")):
+            state = self._restore_file(step, template, shardings)
+            meta = (self.manager.metadata(step).custom_metadata or {}).get("meta", {})
+        else:
+            state, meta = self._restore_arrays(step, template, shardings)
+        return state.replace(rng=jax.random.wrap_key_data(state.rng)), meta
+
+    def _restore_file(self, step: int, template: Any, shardings: Any) -> Any:
+        stored = self.manager.restore(step, args=ocp.args.Composite(state_file=SingleFileRestore()))["state_file"]
+        names, leaves, _ = _flatten(template)
+        if set(stored) != set(names):
+            raise ValueError(
+                f"checkpoint step {step} in {self.manager.directory} does not fit the state to restore: it lacks "
+                f"{sorted(set(names) - set(stored))} and has {sorted(set(stored) - set(names))} besides"
+            )
+        placement = (
+            jax.tree.leaves(shardings)
+            if shardings is not None
+            else [getattr(x, "sharding", None) for x in leaves]  # like the template's leaves, as Orbax does
+        )
+        out = []
+        for name, like, where in zip(names, leaves, placement, strict=True):
+            value = stored[name]
+            if value.shape != like.shape:
+                raise ValueError(
+                    f"checkpoint step {step}: {name} has shape {value.shape}, the state to restore {like.shape}"
+                )
+            out.append(_place(value.astype(like.dtype, copy=False), where))
+        return jax.tree.unflatten(jax.tree.structure(template), out)
+
+    def _restore_arrays(self, step: int, template: Any, shardings: Any) -> tuple[Any, dict[str, Any]]:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         if shardings is not None:
             abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                                     shardings)  # fmt: skip
-        step_dir = os.path.join(self.manager.directory, str(step))
-        if os.path.isdir(os.path.join(step_dir, "state_file")):
-            stored = self.manager.restore(step, args=ocp.args.Composite(state_file=SingleFileRestore()))["state_file"]
-            names, leaves, _ = _flatten(template)
-            if set(stored) != set(names):
-                raise ValueError(
-                    f"checkpoint step {step} in {self.manager.directory} does not fit the state to restore: it lacks "
-                    f"{sorted(set(names) - set(stored))} and has {sorted(set(stored) - set(names))} besides"
-                )
-            placement = (
-                jax.tree.leaves(shardings)
-                if shardings is not None
-                else [getattr(x, "sharding", None) for x in leaves]  # like the template's leaves, as Orbax does
-            )
-            out = []
-            for name, like, where in zip(names, leaves, placement, strict=True):
-                value = stored[name]
-                if value.shape != like.shape:
-                    raise ValueError(
-                        f"checkpoint step {step}: {name} has shape {value.shape}, the state to restore {like.shape}"
-                    )
-                out.append(_place(value.astype(like.dtype, copy=False), where))
-            state = jax.tree.unflatten(jax.tree.structure(template), out)
-            meta = (self.manager.metadata(step).custom_metadata or {}).get("meta", {})
-        elif os.path.isdir(os.path.join(step_dir, "meta")):  # the earlier layout
+        if os.path.isdir(os.path.join(self.manager.directory, str(step), "meta")):  # the earlier layout
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
             )
-            state, meta = restored["state"], restored["meta"]
-        else:
-            custom = self.manager.metadata(step).custom_metadata or {}
-            packed, expected = _pack(abstract, read=False)  # the scalars come back as numpy vectors
-            if custom.get("scalar_paths") != expected:  # the vectors hold no names: they would fill the wrong leaves
-                raise ValueError(
-                    f"checkpoint step {step} in {self.manager.directory} holds the scalars "
-                    f"{custom.get('scalar_paths')}, but the state to restore has {expected}"
-                )
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(packed)))
-            state = _unpack(restored["state"], template, shardings)
-            meta = custom.get("meta", {})
-        return state.replace(rng=jax.random.wrap_key_data(state.rng)), meta
+            return restored["state"], restored["meta"]
+        custom = self.manager.metadata(step).custom_metadata or {}
+        packed, expected = _pack(abstract, read=False)  # the scalars come back as numpy vectors
+        if custom.get("scalar_paths") != expected:  # the vectors hold no names: they would fill the wrong leaves
+            raise ValueError(
+                f"checkpoint step {step} in {self.manager.directory} holds the scalars "
+                f"{custom.get('scalar_paths')}, but the state to restore has {expected}"
+            )
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(packed)))
+        return _unpack(restored["state"], template, shardings), custom.get("meta", {})
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -410,11 +410,16 @@ def test_long_sequences_use_query_blocks(rng):
 
 
 @pytest.mark.parametrize("shape, heads", [((2, 384, 8), 2), ((16, 256, 4), 1)])
-def test_mha_above_one_block_matches_flax(rng, shape, heads):
+def test_mha_above_one_block_matches_flax(rng, shape, heads, monkeypatch):
     """Big enough (B*N*T*T > 2**19) for the blocked kernel inside MultiHeadAttention (the fused self-attention
     kernel, whose backward emits d(qkv) directly; blocks of one and of eight batch rows), forward and gradients."""
+    from seqjax.nn import attention
+
     b, t, _ = shape
     assert _block_sizes(b, heads, t, t, 2**19) == ((1, t) if b == 2 else (8, t))
+    calls = []
+    fused = attention._fused_self_attention
+    monkeypatch.setattr(attention, "_fused_self_attention", lambda *a: calls.append(a[-1]) or fused(*a))
     x = jax.random.normal(rng, shape)
     ours, theirs = MultiHeadAttention(num_heads=heads), _flax_mha(num_heads=heads)
     params = theirs.init(jax.random.key(12), x)
@@ -423,6 +428,7 @@ def test_mha_above_one_block_matches_flax(rng, shape, heads):
         return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x, mask=causal_mask(t))))))
 
     (a, ga), (b, gb) = loss(ours)(params, x), loss(theirs)(params, x)
+    assert calls == [1 if shape[0] == 2 else 8]  # the fused kernel ran, with blocks of that many rows
     np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
     for u, w in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
@@ -438,3 +444,29 @@ def test_mha_above_one_block_dropout_gradients(x64, shape):
     params = m.init(jax.random.key(13), x)
     f = jax.jit(lambda p, x: m.apply(p, x, deterministic=False, rngs={"dropout": jax.random.key(14)}))
     check_grads(f, (params, x), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_self_attention_equals_the_blocked_kernel(rng):
+    """The fused self-attention kernel (d(qkv) emitted in the projection's layout) computes what the blocked kernel
+    computes on q, k, v sliced out of it: outputs and gradients, with dropout, a per-row padding mask combined with
+    the causal one, and blocks of eight rows."""
+    from seqjax.nn import attention
+
+    b, t, n, h = 16, 256, 1, 4
+    bb, bq = _block_sizes(b, n, t, t, 2**19)
+    assert (bb, bq) == (8, t)
+    qkv = jax.random.normal(rng, (b, t, 3, n, h))
+    lengths = np.random.default_rng(3).integers(1, t + 1, b)
+    mask = combine_masks(causal_mask(t), padding_mask(jnp.arange(t)[None] < lengths[:, None]))  # [B, 1, T, T]
+    key = jax.random.key(4)
+
+    def fused(qkv):
+        return attention._fused_self_attention(qkv, mask, key, 0.2, None, bb)
+
+    def blocked(qkv):
+        hm = jnp.moveaxis(qkv, 1, 3)
+        return attention._run_blocked(hm[:, 0], hm[:, 1], hm[:, 2], mask, 0.2, key, None, 2**19, True)
+
+    for f in (lambda g: jnp.sum(jnp.sin(g(qkv))), lambda g: jax.grad(lambda x: jnp.sum(jnp.sin(g(x))))(qkv)):
+        np.testing.assert_allclose(np.asarray(jax.jit(f, static_argnums=0)(fused)),
+                                   np.asarray(jax.jit(f, static_argnums=0)(blocked)), rtol=1e-6, atol=1e-7)  # fmt: skip

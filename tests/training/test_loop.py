@@ -265,7 +265,10 @@ def test_checkpoint_layouts_restore_bitwise_and_read_the_earlier_one(tmp_path, l
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     ckpt = Checkpointer(str(tmp_path / "new"), single_file_bytes=16 << 20 if layout == "state_file" else 0)
-    ckpt.save(7, state, {"config": {"a": 1}, "step": 7})
+    saved = jax.tree.map(jnp.copy, state)
+    ckpt.save(7, saved, {"config": {"a": 1}, "step": 7})
+    for x in jax.tree.leaves(saved):  # the loop donates the state to the next step: the save must not need it
+        x.delete()
     ckpt.wait()
     assert os.listdir(tmp_path / "new" / "7") and (tmp_path / "new" / "7" / layout).is_dir()
     if layout == "state_file":
@@ -304,3 +307,25 @@ def test_checkpoint_layouts_restore_bitwise_and_read_the_earlier_one(tmp_path, l
     restored, meta = Checkpointer(str(tmp_path / "old")).restore(template)
     same(restored, state)
     assert meta == {"step": 7}
+
+
+def test_a_typed_key_in_the_model_state_goes_to_orbax_format(tmp_path):
+    """The single file holds arrays of numpy dtypes; a state with a typed PRNG key besides its own `rng` is saved in
+    Orbax's array format instead, and restores."""
+    from seqjax.training import TrainState, make_optimizer
+    from seqjax.training.checkpoint import Checkpointer
+
+    config = toy_config()
+    params, _ = ToyTask(config).init(jax.random.key(0))
+    tx = make_optimizer(config)
+    state = TrainState.create(params, tx, jax.random.key(1), {"noise_key": jax.random.key(3)})
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, state, {})
+    ckpt.wait()
+    assert (tmp_path / "1" / "state").is_dir() and not (tmp_path / "1" / "state_file").exists()
+    restored, _ = ckpt.restore(TrainState.create(params, tx, jax.random.key(5), {"noise_key": jax.random.key(6)}))
+    ckpt.close()
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored.model_state["noise_key"]), jax.random.key_data(jax.random.key(3))
+    )
+    np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(jax.random.key(1)))
