@@ -330,7 +330,9 @@ def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq, heads_majo
     return out, (q, k, v, mask, rng, out, lse)
 
 
-def _blocked_bwd(dropout_rate, precision, bb, bq, heads_major, res, dout):
+def _block_gradients(dropout_rate, precision, bb, bq, heads_major, res, dout):
+    """The backward pass's blocks: (t_axis, B, nb, nq, block) with block(ib, iq) -> dq, dk, dv of that block
+    ([bb, bq, N, H], or heads-major [bb, N, bq, H], for dq; [bb, Tk, N, H] or [bb, N, Tk, H] for dk and dv)."""
     q, k, v, mask, rng, out, lse = res
     (t_axis, b, _, n, tk), qf, kf, vf, mf = _fold_inputs(q, k, v, mask, bb, bq, heads_major)
     delta = _softmax_delta(dout, out)
@@ -344,6 +346,12 @@ def _blocked_bwd(dropout_rate, precision, bb, bq, heads_major, res, dout):
         blocks = (x.take(ib, iq) for x in (qf, kf, vf, dof, lsef, deltaf))
         return _backward_block(*blocks, m, keep, precision, heads_major)
 
+    return t_axis, b, nb, nq, block
+
+
+def _blocked_bwd(dropout_rate, precision, bb, bq, heads_major, res, dout):
+    k, v = res[1], res[2]
+    t_axis, b, nb, nq, block = _block_gradients(dropout_rate, precision, bb, bq, heads_major, res, dout)
     if nq == 1:
         dq, dk, dv = lax.map(lambda ib: block(ib, 0), jnp.arange(nb))
     else:
@@ -385,20 +393,14 @@ def _fused_fwd(qkv, mask, rng, dropout_rate, precision, bb):
 
 
 def _fused_bwd(dropout_rate, precision, bb, res, dout):
-    q, k, v, mask, rng, out, lse = res
-    t = q.shape[2]
-    (_, b, _, n, tk), qf, kf, vf, mf = _fold_inputs(q, k, v, mask, bb, t, True)
-    dof, lsef = _fold(dout, b, bb, 1, t), _fold(lse, b, bb, 2, t)
-    deltaf = _fold(_softmax_delta(dout, out), b, bb, 2, t)
+    t = res[0].shape[2]  # q [B, N, T, H]
+    _, b, nb, _, block = _block_gradients(dropout_rate, precision, bb, t, True, res, dout)
 
-    def block(ib):
-        keep = _keep(rng, ib, dropout_rate, (bb, n, t, tk))
-        m = None if mf is None else mf.take(ib, 0)
-        blocks = (x.take(ib, 0) for x in (qf, kf, vf, dof, lsef, deltaf))
-        dq, dk, dv = _backward_block(*blocks, m, keep, precision, True)  # [bb, N, T, H] each
+    def rows(ib):
+        dq, dk, dv = block(ib, 0)  # [bb, N, T, H] each
         return jnp.transpose(jnp.stack([dq, dk, dv], axis=1), (0, 3, 1, 2, 4))  # [bb, T, 3, N, H]
 
-    dqkv = lax.map(block, jnp.arange(qf.nb))
+    dqkv = lax.map(rows, jnp.arange(nb))
     return dqkv.reshape(b, *dqkv.shape[2:]), None, None
 
 

@@ -70,14 +70,24 @@ def _unpack(packed: dict[str, Any], like: Any, shardings: Any) -> Any:
     """The tree of `like` from `_pack`'s layout; the scalars are placed as `shardings` says (a tree like `like`'s),
     or else like `like`'s leaves."""
     names, leaves, groups = _flatten(like)
-    placement = jax.tree.leaves(shardings) if shardings is not None else [getattr(x, "sharding", None) for x in leaves]
+    placement = _placement(leaves, shardings)
     out = [packed["arrays"].get(n) for n in names]  # None for the scalars, filled in below
     for dt, idx in groups.items():
         for value, i in zip(np.asarray(packed["scalars"][dt]), idx, strict=True):
-            out[i] = (
-                value if placement[i] is None else jax.make_array_from_callback((), placement[i], lambda _, v=value: v)
-            )
+            out[i] = value if placement[i] is None else _place(value, placement[i])
     return jax.tree.unflatten(jax.tree.structure(like), out)
+
+
+def _placement(leaves: list[Any], shardings: Any) -> list[Any]:
+    """Where each leaf goes on restore: as `shardings` says (a tree like the leaves'), or else like the template's
+    leaves (None for host values), as Orbax does."""
+    return jax.tree.leaves(shardings) if shardings is not None else [getattr(x, "sharding", None) for x in leaves]
+
+
+def _place(value: np.ndarray, sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jax.numpy.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
 
 
 _ALIGN = 64  # byte alignment of each leaf in state.bin
@@ -146,22 +156,15 @@ def _host_copies(item: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.array(v, copy=True) for k, v in jax.device_get(item).items()}
 
 
-def _single_file(tree: Any, limit: int) -> bool:
-    """Whether `tree` is saved as one file: one process, every leaf a fully addressable array of a numpy dtype
-    (typed PRNG keys other than the state's own go to Orbax's format), at most `limit` bytes."""
-    leaves = jax.tree.leaves(tree)
+def _single_file(leaves: list[Any], limit: int) -> bool:
+    """Whether a state with these leaves is saved as one file: one process, every leaf a fully addressable array of
+    a numpy dtype (typed PRNG keys other than the state's own go to Orbax's format), at most `limit` bytes."""
     return (
         jax.process_count() == 1
         and all(not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended) for x in leaves)
         and all(getattr(x, "is_fully_addressable", True) for x in leaves)
         and sum(np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x))) for x in leaves) <= limit
     )
-
-
-def _place(value: np.ndarray, sharding: Any) -> jax.Array:
-    if sharding is None:
-        return jax.numpy.asarray(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
 
 
 class Checkpointer:
@@ -197,8 +200,8 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
         state = _to_disk(state)
-        if _single_file(state, self.single_file_bytes):
-            names, leaves, _ = _flatten(state)
+        names, leaves, _ = _flatten(state)
+        if _single_file(leaves, self.single_file_bytes):
             args, custom = ocp.args.Composite(state_file=SingleFileSave(dict(zip(names, leaves, strict=True)))), {}
         else:
             packed, scalar_paths = _pack(state)
@@ -237,13 +240,8 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.manager.directory} does not fit the state to restore: it lacks "
                 f"{sorted(set(names) - set(stored))} and has {sorted(set(stored) - set(names))} besides"
             )
-        placement = (
-            jax.tree.leaves(shardings)
-            if shardings is not None
-            else [getattr(x, "sharding", None) for x in leaves]  # like the template's leaves, as Orbax does
-        )
         out = []
-        for name, like, where in zip(names, leaves, placement, strict=True):
+        for name, like, where in zip(names, leaves, _placement(leaves, shardings), strict=True):
             value = stored[name]
             if value.shape != like.shape:
                 raise ValueError(
