@@ -1,10 +1,12 @@
 """LSTM formulations tried for seqjax.nn.LSTM, forward+backward, against flax's nn.RNN(OptimizedLSTMCell) and torch.
 
-    python benchmarks/lstm_variants.py [--repeats 8]
+    PYTHONPATH=. python benchmarks/lstm_variants.py [--repeats 8] [--variants inside,fused]
 
 B=64, T=128, F=256, H=256, f32, one layer, loss sum(out²) w.r.t. the weights and the input, jit-compiled. Each
 variant is a plain-JAX layer (zero initial state) so that only the formulation differs:
-  inside            both projections inside the scan step (what seqjax.nn.LSTM does)
+  inside            both projections inside the scan step, autodiff (what seqjax.nn.LSTM did before fused_lstm)
+  fused             seqjax.nn.recurrent.fused_lstm (what seqjax.nn.LSTM runs): "inside" with a hand-written
+                    backward pass, the gates saved as separate arrays, weight gradients accumulated in the scan
   hoisted           x W_ih for all steps as one matmul before the scan
   hoisted unroll4   the same, scan unrolled 4 steps
   concat            one matmul per step: [x_t, h] x [W_ih; W_hh]
@@ -25,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from _timing import interleaved_medians, torch_available
 from jax import lax
+
+from seqjax.nn.recurrent import fused_lstm
 
 B, T, F, H = 64, 128, 256, 256
 
@@ -165,6 +169,7 @@ def main() -> None:
     steps = {
         "flax nn.RNN(OptimizedLSTMCell)": step_of(flax_rnn.apply, flax_rnn.init(jax.random.key(2), x)),
         "inside": step_of(inside, params),
+        "fused": step_of(lambda p, x: fused_lstm(x, jnp.zeros((B, H)), jnp.zeros((B, H)), *p)[0], params),
         "hoisted": step_of(hoisted, params),
         "hoisted unroll4": step_of(lambda p, x: hoisted(p, x, 4), params),
         "concat": step_of(concat, params),

@@ -281,3 +281,68 @@ def test_rnn_dropout_differs_per_step_and_is_off_at_inference():
     masks = y[0] != 0
     assert 0.3 < masks.mean() < 0.7
     assert len({m.tobytes() for m in masks}) == 8  # a different mask at every step
+
+
+def _fused_calls(monkeypatch):
+    """Counts the calls of the fused LSTM kernel made through RNN."""
+    import seqjax.nn.recurrent as recurrent
+
+    calls, real = [], recurrent.fused_lstm
+    monkeypatch.setattr(recurrent, "fused_lstm", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_lstm_equals_the_scanned_cell(monkeypatch, reverse, use_bias):
+    """RNN(LSTMCell) without lengths runs `fused_lstm`; outputs, final carry and every gradient (parameters, inputs,
+    initial carry) equal the nn.scan path's."""
+    calls = _fused_calls(monkeypatch)
+    r = np.random.default_rng(20)
+    x = jnp.asarray(r.normal(size=(3, 7, F)), jnp.float32)
+    carry0 = tuple(jnp.asarray(a, jnp.float32) for a in random_carry("lstm", 21, batch=(3,)))
+    cell = LSTMCell(H, use_bias=use_bias, forget_bias=1.0)
+    fused, plain = (RNN(cell, reverse=reverse, return_carry=True, fused=f) for f in (True, False))
+    params = plain.init(jax.random.key(22), x)
+    params = jax.tree.map(lambda a: a + 0.3 * jnp.asarray(r.normal(size=a.shape), a.dtype), params)
+    weights = jnp.asarray(r.normal(size=(3, 7, H)), jnp.float32)
+
+    def loss(rnn, p, x, carry0):
+        (c, h), ys = rnn.apply(p, x, initial_carry=carry0)
+        return jnp.sum(ys * weights) + jnp.sum(jnp.sin(c)) + jnp.sum(h * h)
+
+    assert calls == []
+    got = jax.value_and_grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2))(params, x, carry0)
+    assert len(calls) == 1
+    want = jax.value_and_grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(params, x, carry0)
+    assert len(calls) == 1
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+    assert jax.tree.structure(fused.init(jax.random.key(22), x)) == jax.tree.structure(params)
+
+
+def test_fused_lstm_gradients_float64(x64):
+    from seqjax.nn.recurrent import fused_lstm
+
+    r = np.random.default_rng(23)
+    b, t = 2, 5
+    args = [r.normal(size=s) for s in [(b, t, F), (b, H), (b, H), (F, 4 * H), (H, 4 * H), (4 * H,)]]
+
+    def f(*a):  # outputs and the final carry, so that every cotangent path is checked
+        ys, (c, h) = fused_lstm(*a)
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(c * h)
+
+    check_grads(f, args, order=1, modes=["rev"])
+
+
+def test_fused_path_is_not_taken_where_it_would_differ(monkeypatch):
+    calls = _fused_calls(monkeypatch)
+    x = jnp.ones((2, 4, F))
+    for rnn, kw in [
+        (RNN(LSTMCell(H)), {"seq_lengths": jnp.array([4, 2])}),
+        (RNN(LSTMCell(H, dtype=jnp.bfloat16)), {}),
+        (RNN(LSTMCell(H), unroll=2), {}),
+        (RNN(GRUCell(H)), {}),
+    ]:
+        rnn.apply(rnn.init(jax.random.key(0), x, **kw), x, **kw)
+    assert calls == []
