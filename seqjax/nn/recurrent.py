@@ -284,7 +284,8 @@ class RNN(nn.Module):
       return_carry: return `(carry, outputs)` instead of `outputs`.
       unroll: time steps per scan iteration (a speed knob).
       fused: run an `LSTMCell` through `fused_lstm` (hand-written backward pass, faster on CPU) when that gives the
-        same function: no `seq_lengths`, `unroll=1`, and inputs, carry and parameters all in one float dtype.
+        same function: no `seq_lengths`, `unroll=1`, and inputs, carry and parameters all float32 or all float64.
+        `fused_lstm` is a `jax.custom_vjp`, so forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) needs `fused=False`.
 
     Call with `initial_carry` (default: the cell's zero state), `seq_lengths [B]` (default: all T) and optionally
     `return_carry` (overrides the attribute). Outputs at
@@ -321,10 +322,13 @@ class RNN(nn.Module):
                 raise ValueError(f"initial_carry has shapes {jax.tree.map(jnp.shape, carry)}, expected {expected}")
         xs = flip_sequences(inputs, seq_lengths) if self.reverse else inputs
         return_carry = self.return_carry if return_carry is None else return_carry
-        if self._use_fused_lstm(xs, carry, seq_lengths):
+        fuse = self._use_fused_lstm(xs, carry, seq_lengths)
+        if fuse:
             # One step creates (init) or checks the parameters; under jit its result is dropped as dead code.
             self.cell(carry, xs[:, 0])
             p = self.cell.variables["params"]
+            fuse = all(a.dtype == xs.dtype for a in jax.tree.leaves(p))  # parameters given in another dtype
+        if fuse:
             bias = p["input"]["bias"] + p["hidden"]["bias"] if self.cell.use_bias else jnp.zeros((), xs.dtype)
             w_ih, w_hh = p["input"]["kernel"], p["hidden"]["kernel"]
             bias = jnp.broadcast_to(bias, (w_hh.shape[1],))
@@ -362,7 +366,7 @@ class RNN(nn.Module):
         dtypes = {jnp.dtype(xs.dtype), jnp.dtype(cell.param_dtype), *(jnp.dtype(a.dtype) for a in carry)}
         if cell.dtype is not None:
             dtypes.add(jnp.dtype(cell.dtype))
-        return len(dtypes) == 1 and jnp.issubdtype(xs.dtype, jnp.floating) and xs.shape[1] > 0
+        return len(dtypes) == 1 and dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)} and xs.shape[1] > 0
 
 
 class Bidirectional(nn.Module):
@@ -395,6 +399,7 @@ class _StackedRNN(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: lax.PrecisionLike = None
     unroll: int = 1
+    fused: bool = True  # RNN.fused: LSTM layers run fused_lstm where it applies; False for forward-mode autodiff
 
     def make_cell(self) -> nn.Module:
         """A fresh cell with parent=None, so that it belongs to its RNN (params under l{k}/cell), not to this layer."""
@@ -449,6 +454,7 @@ class _StackedRNN(nn.Module):
                     reverse=d == 1,
                     return_carry=True,
                     unroll=self.unroll,
+                    fused=self.fused,
                     name=f"l{layer}" + ("_reverse" if d else ""),
                 )
                 carry, y = rnn(x, initial_carry=carry, seq_lengths=seq_lengths)

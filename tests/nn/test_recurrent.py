@@ -341,8 +341,38 @@ def test_fused_path_is_not_taken_where_it_would_differ(monkeypatch):
     for rnn, kw in [
         (RNN(LSTMCell(H)), {"seq_lengths": jnp.array([4, 2])}),
         (RNN(LSTMCell(H, dtype=jnp.bfloat16)), {}),
+        (
+            RNN(
+                LSTMCell(
+                    H, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, recurrent_kernel_init=nn.initializers.normal()
+                )
+            ),
+            {},
+        ),
         (RNN(LSTMCell(H), unroll=2), {}),
         (RNN(GRUCell(H)), {}),
     ]:
-        rnn.apply(rnn.init(jax.random.key(0), x, **kw), x, **kw)
+        xb = x.astype(rnn.cell.param_dtype)
+        rnn.apply(rnn.init(jax.random.key(0), xb, **kw), xb, **kw)
     assert calls == []
+    # parameters handed over in another dtype than the declared one: the scanned path, whose gradient works
+    rnn = RNN(LSTMCell(H))
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), rnn.init(jax.random.key(0), x))
+    calls.clear()  # init took the fused path (float32 parameters)
+    with jax.numpy_dtype_promotion("standard"):  # as flax's Dense promotes them
+        grads = jax.grad(lambda p: jnp.sum(rnn.apply(p, x).astype(jnp.float32)))(params)
+    assert calls == [] and all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
+
+
+def test_stacked_lstm_forward_mode_autodiff_with_fused_off():
+    from seqjax.nn import LSTM
+
+    x = jnp.asarray(np.random.default_rng(24).normal(size=(2, 3, F)), jnp.float32)
+    layer = LSTM(H, num_layers=2, bidirectional=True)
+    params = layer.init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match="custom_vjp"):  # the fused kernel has no forward-mode rule
+        jax.jacfwd(lambda x: layer.apply(params, x)[0])(x)
+    plain = layer.clone(fused=False)
+    fwd = jax.jacfwd(lambda x: plain.apply(params, x)[0])(x)
+    rev = jax.jacrev(lambda x: layer.apply(params, x)[0])(x)
+    np.testing.assert_allclose(np.asarray(fwd), np.asarray(rev), rtol=1e-5, atol=1e-6)
