@@ -247,6 +247,68 @@ def _fused_lstm_bwd(precision, res, cotangents):
 fused_lstm.defvjp(_fused_lstm_fwd, _fused_lstm_bwd)
 
 
+def _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, precision):
+    """Time-major scan; returns (h_T, (r, z, n, hn, h)), each of the five stacked over time [T, B, H]."""
+    hdim = w_hh.shape[0]
+
+    def step(h, xt):
+        xi = jnp.matmul(xt, w_ih, precision=precision) + b_ih
+        hh = jnp.matmul(h, w_hh, precision=precision) + b_hh
+        r = jax.nn.sigmoid(xi[:, :hdim] + hh[:, :hdim])
+        z = jax.nn.sigmoid(xi[:, hdim : 2 * hdim] + hh[:, hdim : 2 * hdim])
+        hn = hh[:, 2 * hdim :]
+        n = jnp.tanh(xi[:, 2 * hdim :] + r * hn)
+        h = (1.0 - z) * n + z * h
+        return h, (r, z, n, hn, h)
+
+    return lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def fused_gru(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, precision=None):
+    """A GRU layer over a whole sequence with a hand-written backward pass, as `fused_lstm`: `x [B, T, F]`, `h0 [B, H]`,
+    kernels `w_ih [F, 3H]`, `w_hh [H, 3H]`, biases `b_ih, b_hh [3H]` (gates r, z, n) → `(outputs [B, T, H], h_T)`,
+    the same function as `RNN(GRUCell(H))` without lengths. The forward saves r, z, n and the hidden matmul's n part
+    as separate [T, B, H] arrays; the reverse scan computes both projections' gradients per step."""
+    h, ys = _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, precision)
+    return jnp.swapaxes(ys[4], 0, 1), h
+
+
+def _fused_gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, precision):
+    h, ys = _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, precision)
+    return (jnp.swapaxes(ys[4], 0, 1), h), (x, h0, w_ih, w_hh, b_ih, b_hh, ys)
+
+
+def _fused_gru_bwd(precision, res, cotangents):
+    x, h0, w_ih, w_hh, b_ih, b_hh, (r, z, n, hn, hs) = res
+    dys, dh_t = cotangents
+    h_prev = jnp.concatenate([h0[None].astype(hs.dtype), hs[:-1]], 0)
+
+    def step(carry, inp):
+        dh, dw_ih, dw_hh, db_ih, db_hh = carry
+        r, z, n, hn, hp, xt, dy = inp
+        dh = dh + dy
+        dan = dh * (1 - z) * (1 - n * n)
+        dar = dan * hn * r * (1 - r)
+        daz = dh * (hp - n) * z * (1 - z)
+        dxi = jnp.concatenate([dar, daz, dan], -1)
+        dhh = jnp.concatenate([dar, daz, dan * r], -1)
+        dx = jnp.matmul(dxi, w_ih.T, precision=precision)
+        dw_ih = dw_ih + jnp.matmul(xt.T, dxi, precision=precision)
+        dw_hh = dw_hh + jnp.matmul(hp.T, dhh, precision=precision)
+        dh = dh * z + jnp.matmul(dhh, w_hh.T, precision=precision)
+        return (dh, dw_ih, dw_hh, db_ih + dxi.sum(0), db_hh + dhh.sum(0)), dx
+
+    zeros = jnp.zeros_like
+    init = (dh_t.astype(hs.dtype), zeros(w_ih), zeros(w_hh), zeros(b_ih), zeros(b_hh))
+    xs = (r, z, n, hn, h_prev, jnp.swapaxes(x, 0, 1), jnp.swapaxes(dys, 0, 1).astype(hs.dtype))
+    (dh0, dw_ih, dw_hh, db_ih, db_hh), dx = lax.scan(step, init, xs, reverse=True)
+    return (jnp.swapaxes(dx, 0, 1).astype(x.dtype), dh0.astype(h0.dtype), dw_ih, dw_hh, db_ih, db_hh)
+
+
+fused_gru.defvjp(_fused_gru_fwd, _fused_gru_bwd)
+
+
 def flip_sequences(inputs: Array, seq_lengths: Array | None) -> Array:
     """Reverses each sequence of `inputs [B, T, ...]` within its own length; positions past the length stay put."""
     t = inputs.shape[1]
@@ -283,9 +345,10 @@ class RNN(nn.Module):
         returned in the original time order.
       return_carry: return `(carry, outputs)` instead of `outputs`.
       unroll: time steps per scan iteration (a speed knob).
-      fused: run an `LSTMCell` through `fused_lstm` (hand-written backward pass, faster on CPU) when that gives the
-        same function: no `seq_lengths`, `unroll=1`, and inputs, carry and parameters all float32 or all float64.
-        `fused_lstm` is a `jax.custom_vjp`, so forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) needs `fused=False`.
+      fused: run an `LSTMCell` through `fused_lstm`, a `GRUCell` through `fused_gru` (hand-written backward
+        passes, faster on CPU) when that gives the same function: no `seq_lengths`, `unroll=1`, and inputs, carry
+        and parameters all float32 or all float64.
+        Both are `jax.custom_vjp`s, so forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) needs `fused=False`.
 
     Call with `initial_carry` (default: the cell's zero state), `seq_lengths [B]` (default: all T) and optionally
     `return_carry` (overrides the attribute). Outputs at
@@ -322,17 +385,20 @@ class RNN(nn.Module):
                 raise ValueError(f"initial_carry has shapes {jax.tree.map(jnp.shape, carry)}, expected {expected}")
         xs = flip_sequences(inputs, seq_lengths) if self.reverse else inputs
         return_carry = self.return_carry if return_carry is None else return_carry
-        fuse = self._use_fused_lstm(xs, carry, seq_lengths)
+        fuse = self._use_fused(xs, carry, seq_lengths)
         if fuse:
             # One step creates (init) or checks the parameters; under jit its result is dropped as dead code.
             self.cell(carry, xs[:, 0])
             p = self.cell.variables["params"]
             fuse = all(a.dtype == xs.dtype for a in jax.tree.leaves(p))  # parameters given in another dtype
         if fuse:
-            bias = p["input"]["bias"] + p["hidden"]["bias"] if self.cell.use_bias else jnp.zeros((), xs.dtype)
             w_ih, w_hh = p["input"]["kernel"], p["hidden"]["kernel"]
-            bias = jnp.broadcast_to(bias, (w_hh.shape[1],))
-            ys, carry = fused_lstm(xs, carry[0], carry[1], w_ih, w_hh, bias, self.cell.precision)
+            zero = jnp.zeros(w_hh.shape[1], xs.dtype)
+            b_ih, b_hh = (p["input"]["bias"], p["hidden"]["bias"]) if self.cell.use_bias else (zero, zero)
+            if isinstance(self.cell, LSTMCell):
+                ys, carry = fused_lstm(xs, carry[0], carry[1], w_ih, w_hh, b_ih + b_hh, self.cell.precision)
+            else:
+                ys, carry = fused_gru(xs, carry, w_ih, w_hh, b_ih, b_hh, self.cell.precision)
             if self.reverse:
                 ys = ys[:, ::-1]
             return (carry, ys) if return_carry else ys
@@ -359,11 +425,12 @@ class RNN(nn.Module):
             ys = flip_sequences(ys, seq_lengths)
         return (carry, ys) if return_carry else ys
 
-    def _use_fused_lstm(self, xs: Array, carry: Carry, seq_lengths: Array | None) -> bool:
+    def _use_fused(self, xs: Array, carry: Carry, seq_lengths: Array | None) -> bool:
         cell = self.cell
-        if not (self.fused and type(cell) is LSTMCell and seq_lengths is None and self.unroll == 1):
+        if not (self.fused and type(cell) in (LSTMCell, GRUCell) and seq_lengths is None and self.unroll == 1):
             return False
-        dtypes = {jnp.dtype(xs.dtype), jnp.dtype(cell.param_dtype), *(jnp.dtype(a.dtype) for a in carry)}
+        carry_dtypes = (jnp.dtype(a.dtype) for a in jax.tree.leaves(carry))
+        dtypes = {jnp.dtype(xs.dtype), jnp.dtype(cell.param_dtype), *carry_dtypes}
         if cell.dtype is not None:
             dtypes.add(jnp.dtype(cell.dtype))
         return len(dtypes) == 1 and dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)} and xs.shape[1] > 0
@@ -399,7 +466,7 @@ class _StackedRNN(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: lax.PrecisionLike = None
     unroll: int = 1
-    fused: bool = True  # RNN.fused: LSTM layers run fused_lstm where it applies; False for forward-mode autodiff
+    fused: bool = True  # RNN.fused: fused_lstm / fused_gru where they apply; False for forward-mode autodiff
 
     def make_cell(self) -> nn.Module:
         """A fresh cell with parent=None, so that it belongs to its RNN (params under l{k}/cell), not to this layer."""

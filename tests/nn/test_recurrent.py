@@ -284,36 +284,40 @@ def test_rnn_dropout_differs_per_step_and_is_off_at_inference():
 
 
 def _fused_calls(monkeypatch):
-    """Counts the calls of the fused LSTM kernel made through RNN."""
+    """Counts the calls of the fused LSTM and GRU kernels made through RNN."""
     import seqjax.nn.recurrent as recurrent
 
-    calls, real = [], recurrent.fused_lstm
-    monkeypatch.setattr(recurrent, "fused_lstm", lambda *a: calls.append(1) or real(*a))
+    calls = []
+    for name in ("fused_lstm", "fused_gru"):
+        real = getattr(recurrent, name)
+        monkeypatch.setattr(recurrent, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     return calls
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_fused_lstm_equals_the_scanned_cell(monkeypatch, reverse, use_bias):
-    """RNN(LSTMCell) without lengths runs `fused_lstm`; outputs, final carry and every gradient (parameters, inputs,
-    initial carry) equal the nn.scan path's."""
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_fused_kernel_equals_the_scanned_cell(monkeypatch, kind, reverse, use_bias):
+    """RNN(LSTMCell / GRUCell) without lengths runs `fused_lstm` / `fused_gru`; outputs, final carry and every
+    gradient (parameters, inputs, initial carry) equal the nn.scan path's."""
     calls = _fused_calls(monkeypatch)
     r = np.random.default_rng(20)
     x = jnp.asarray(r.normal(size=(3, 7, F)), jnp.float32)
-    carry0 = tuple(jnp.asarray(a, jnp.float32) for a in random_carry("lstm", 21, batch=(3,)))
-    cell = LSTMCell(H, use_bias=use_bias, forget_bias=1.0)
+    carry0 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), random_carry(kind, 21, batch=(3,)))
+    cell = LSTMCell(H, use_bias=use_bias, forget_bias=1.0) if kind == "lstm" else GRUCell(H, use_bias=use_bias)
     fused, plain = (RNN(cell, reverse=reverse, return_carry=True, fused=f) for f in (True, False))
     params = plain.init(jax.random.key(22), x)
     params = jax.tree.map(lambda a: a + 0.3 * jnp.asarray(r.normal(size=a.shape), a.dtype), params)
     weights = jnp.asarray(r.normal(size=(3, 7, H)), jnp.float32)
 
     def loss(rnn, p, x, carry0):
-        (c, h), ys = rnn.apply(p, x, initial_carry=carry0)
+        carry, ys = rnn.apply(p, x, initial_carry=carry0)
+        c, h = carry if kind == "lstm" else (carry, carry)
         return jnp.sum(ys * weights) + jnp.sum(jnp.sin(c)) + jnp.sum(h * h)
 
     assert calls == []
     got = jax.value_and_grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2))(params, x, carry0)
-    assert len(calls) == 1
+    assert calls == [f"fused_{kind}"]
     want = jax.value_and_grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(params, x, carry0)
     assert len(calls) == 1
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -321,18 +325,24 @@ def test_fused_lstm_equals_the_scanned_cell(monkeypatch, reverse, use_bias):
     assert jax.tree.structure(fused.init(jax.random.key(22), x)) == jax.tree.structure(params)
 
 
-def test_fused_lstm_gradients_float64(x64):
-    from seqjax.nn.recurrent import fused_lstm
+def test_fused_kernels_gradients_float64(x64):
+    from seqjax.nn.recurrent import fused_gru, fused_lstm
 
     r = np.random.default_rng(23)
     b, t = 2, 5
-    args = [r.normal(size=s) for s in [(b, t, F), (b, H), (b, H), (F, 4 * H), (H, 4 * H), (4 * H,)]]
+    lstm = [r.normal(size=s) for s in [(b, t, F), (b, H), (b, H), (F, 4 * H), (H, 4 * H), (4 * H,)]]
+    gru = [r.normal(size=s) for s in [(b, t, F), (b, H), (F, 3 * H), (H, 3 * H), (3 * H,), (3 * H,)]]
 
-    def f(*a):  # outputs and the final carry, so that every cotangent path is checked
+    def f_lstm(*a):  # outputs and the final carry, so that every cotangent path is checked
         ys, (c, h) = fused_lstm(*a)
         return jnp.sum(jnp.sin(ys)) + jnp.sum(c * h)
 
-    check_grads(f, args, order=1, modes=["rev"])
+    def f_gru(*a):
+        ys, h = fused_gru(*a)
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(h * h)
+
+    check_grads(f_lstm, lstm, order=1, modes=["rev"])
+    check_grads(f_gru, gru, order=1, modes=["rev"])
 
 
 def test_fused_path_is_not_taken_where_it_would_differ(monkeypatch):
@@ -350,7 +360,8 @@ def test_fused_path_is_not_taken_where_it_would_differ(monkeypatch):
             {},
         ),
         (RNN(LSTMCell(H), unroll=2), {}),
-        (RNN(GRUCell(H)), {}),
+        (RNN(GRUCell(H)), {"seq_lengths": jnp.array([4, 2])}),
+        (RNN(SimpleRNNCell(H)), {}),
     ]:
         xb = x.astype(rnn.cell.param_dtype)
         rnn.apply(rnn.init(jax.random.key(0), xb, **kw), xb, **kw)
@@ -364,11 +375,12 @@ def test_fused_path_is_not_taken_where_it_would_differ(monkeypatch):
     assert calls == [] and all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
 
 
-def test_stacked_lstm_forward_mode_autodiff_with_fused_off():
-    from seqjax.nn import LSTM
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_stacked_layers_forward_mode_autodiff_with_fused_off(kind):
+    from seqjax.nn import GRU, LSTM
 
     x = jnp.asarray(np.random.default_rng(24).normal(size=(2, 3, F)), jnp.float32)
-    layer = LSTM(H, num_layers=2, bidirectional=True)
+    layer = (LSTM if kind == "lstm" else GRU)(H, num_layers=2, bidirectional=True)
     params = layer.init(jax.random.key(0), x)
     with pytest.raises(TypeError, match="custom_vjp"):  # the fused kernel has no forward-mode rule
         jax.jacfwd(lambda x: layer.apply(params, x)[0])(x)
