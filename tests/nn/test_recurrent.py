@@ -362,6 +362,8 @@ def test_fused_path_is_not_taken_where_it_would_differ(monkeypatch):
         (RNN(LSTMCell(H), unroll=2), {}),
         (RNN(GRUCell(H)), {"seq_lengths": jnp.array([4, 2])}),
         (RNN(SimpleRNNCell(H)), {}),
+        (RNN(GRUCell(H, dtype=jnp.bfloat16)), {}),
+        (RNN(GRUCell(H), unroll=2), {}),
     ]:
         xb = x.astype(rnn.cell.param_dtype)
         rnn.apply(rnn.init(jax.random.key(0), xb, **kw), xb, **kw)
