@@ -131,9 +131,7 @@ class LSTMCell(_Cell):
         # Only the input bias (torch's b_ih) carries forget_bias; the two biases add up in every gate.
         xi, hh = self._project(x, h, 4, bias_init if fb else None)
         gates = xi + hh
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c.astype(gates.dtype) + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        *_, c, h = _lstm_gates(gates, c.astype(gates.dtype), self.features)
         return (c, h), h
 
     def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]) -> tuple[Array, Array]:
@@ -156,12 +154,7 @@ class GRUCell(_Cell):
     def __call__(self, carry: Array, x: Array) -> tuple[Array, Array]:
         _check_step("GRUCell", carry, x, self.features)
         xi, hh = self._project(x, carry, 3)
-        xr, xz, xn = jnp.split(xi, 3, axis=-1)
-        hr, hz, hn = jnp.split(hh, 3, axis=-1)
-        r = jax.nn.sigmoid(xr + hr)
-        z = jax.nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * hn)
-        h = (1.0 - z) * n + z * carry.astype(n.dtype)
+        *_, h = _gru_gates(xi, hh, carry.astype(xi.dtype), self.features)
         return h, h
 
     def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]) -> Array:
@@ -170,12 +163,27 @@ class GRUCell(_Cell):
 
 
 def _lstm_gates(a: Array, c: Array, hdim: int) -> tuple[Array, ...]:
-    i = jax.nn.sigmoid(a[:, :hdim])
-    f = jax.nn.sigmoid(a[:, hdim : 2 * hdim])
-    g = jnp.tanh(a[:, 2 * hdim : 3 * hdim])
-    o = jax.nn.sigmoid(a[:, 3 * hdim :])
+    """LSTMCell's equations from the pre-activation a [B..., 4H]: (i, f, g, o, c', h')."""
+    i = jax.nn.sigmoid(a[..., :hdim])
+    f = jax.nn.sigmoid(a[..., hdim : 2 * hdim])
+    g = jnp.tanh(a[..., 2 * hdim : 3 * hdim])
+    o = jax.nn.sigmoid(a[..., 3 * hdim :])
     c = f * c + i * g
     return i, f, g, o, c, o * jnp.tanh(c)
+
+
+def _gru_gates(xi: Array, hh: Array, h: Array, hdim: int) -> tuple[Array, ...]:
+    """GRUCell's equations from both projections [B..., 3H]: (r, z, n, hn, h'), hn the hidden matmul's n part."""
+    r = jax.nn.sigmoid(xi[..., :hdim] + hh[..., :hdim])
+    z = jax.nn.sigmoid(xi[..., hdim : 2 * hdim] + hh[..., hdim : 2 * hdim])
+    hn = hh[..., 2 * hdim :]
+    n = jnp.tanh(xi[..., 2 * hdim :] + r * hn)
+    return r, z, n, hn, (1.0 - z) * n + z * h
+
+
+def _shifted(first: Array, stacked: Array) -> Array:
+    """[first, stacked[0], ..., stacked[T-2]]: the previous step's value at every step of a time-major stack."""
+    return jnp.concatenate([first[None].astype(stacked.dtype), stacked[:-1]], 0)
 
 
 def _lstm_forward(x, c0, h0, w_ih, w_hh, b, precision):
@@ -202,8 +210,7 @@ def fused_lstm(x: Array, c0: Array, h0: Array, w_ih: Array, w_hh: Array, b: Arra
     (accumulated in the scan).
     Separate gate arrays matter: XLA's CPU loops do not vectorise a fusion that reads several slices of one
     dynamically-indexed array (5x slower element-wise code, measured)."""
-    (c, h), ys = _lstm_forward(x, c0, h0, w_ih, w_hh, b, precision)
-    return jnp.swapaxes(ys[5], 0, 1), (c, h)
+    return _fused_lstm_fwd(x, c0, h0, w_ih, w_hh, b, precision)[0]
 
 
 def _fused_lstm_fwd(x, c0, h0, w_ih, w_hh, b, precision):
@@ -214,8 +221,7 @@ def _fused_lstm_fwd(x, c0, h0, w_ih, w_hh, b, precision):
 def _fused_lstm_bwd(precision, res, cotangents):
     x, c0, h0, w_ih, w_hh, b, (i, f, g, o, cs, hs) = res
     dys, (dc_t, dh_t) = cotangents
-    c_prev = jnp.concatenate([c0[None].astype(cs.dtype), cs[:-1]], 0)
-    h_prev = jnp.concatenate([h0[None].astype(hs.dtype), hs[:-1]], 0)
+    c_prev, h_prev = _shifted(c0, cs), _shifted(h0, hs)
 
     def step(carry, inp):
         dh, dc, dw_ih, dw_hh, db = carry
@@ -254,11 +260,7 @@ def _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, precision):
     def step(h, xt):
         xi = jnp.matmul(xt, w_ih, precision=precision) + b_ih
         hh = jnp.matmul(h, w_hh, precision=precision) + b_hh
-        r = jax.nn.sigmoid(xi[:, :hdim] + hh[:, :hdim])
-        z = jax.nn.sigmoid(xi[:, hdim : 2 * hdim] + hh[:, hdim : 2 * hdim])
-        hn = hh[:, 2 * hdim :]
-        n = jnp.tanh(xi[:, 2 * hdim :] + r * hn)
-        h = (1.0 - z) * n + z * h
+        r, z, n, hn, h = _gru_gates(xi, hh, h, hdim)
         return h, (r, z, n, hn, h)
 
     return lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
@@ -270,8 +272,7 @@ def fused_gru(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: 
     kernels `w_ih [F, 3H]`, `w_hh [H, 3H]`, biases `b_ih, b_hh [3H]` (gates r, z, n) → `(outputs [B, T, H], h_T)`,
     the same function as `RNN(GRUCell(H))` without lengths. The forward saves r, z, n and the hidden matmul's n part
     as separate [T, B, H] arrays; the reverse scan computes both projections' gradients per step."""
-    h, ys = _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, precision)
-    return jnp.swapaxes(ys[4], 0, 1), h
+    return _fused_gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, precision)[0]
 
 
 def _fused_gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, precision):
@@ -282,7 +283,7 @@ def _fused_gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, precision):
 def _fused_gru_bwd(precision, res, cotangents):
     x, h0, w_ih, w_hh, b_ih, b_hh, (r, z, n, hn, hs) = res
     dys, dh_t = cotangents
-    h_prev = jnp.concatenate([h0[None].astype(hs.dtype), hs[:-1]], 0)
+    h_prev = _shifted(h0, hs)
 
     def step(carry, inp):
         dh, dw_ih, dw_hh, db_ih, db_hh = carry
