@@ -12,6 +12,9 @@ variant is a plain-JAX layer (zero initial state) so that only the formulation d
   concat            one matmul per step: [x_t, h] x [W_ih; W_hh]
   custom bwd        hoisted forward; a custom VJP whose reverse scan emits the gate gradients dG, then one matmul
                     each for dW_hh, dW_ih and dx over all steps
+  matmuls only      not an LSTM: the same per-step matmuls (x W_ih and h W_hh forward; dA W_ihᵀ, dA W_hhᵀ, xᵀ dA,
+                    h_prevᵀ dA backward) with one tanh as the only element-wise work, h' = tanh((x W_ih + h W_hh
+                    + b)[:, :H]); a lower bound for any formulation that runs the matmuls step by step
   ... tanh          the same with the four gate nonlinearities as one tanh over the whole [B, 4H] pre-activation
                     (σ(a) = (1 + tanh(a/2)) / 2: one contiguous elementwise op instead of four over slices)
 """
@@ -66,6 +69,16 @@ def inside(p, x, gates=_gates):
     def step(carry, xt):
         c, h, _ = gates(carry[0], xt @ wi + carry[1] @ wh + b)
         return (c, h), h
+
+    return jnp.swapaxes(_scan(step, jnp.swapaxes(x, 0, 1))[1], 0, 1)
+
+
+def matmuls_only(p, x):
+    wi, wh, b = p
+
+    def step(carry, xt):
+        h = jnp.tanh((xt @ wi + carry[1] @ wh + b)[:, :H])
+        return (carry[0], h), h
 
     return jnp.swapaxes(_scan(step, jnp.swapaxes(x, 0, 1))[1], 0, 1)
 
@@ -176,6 +189,7 @@ def main() -> None:
         "custom bwd": step_of(custom_bwd, params),
         "inside tanh": step_of(lambda p, x: inside(p, x, _gates_tanh), params),
         "custom bwd tanh": step_of(lambda p, x: custom_bwd(p, x, _gates_tanh), params),
+        "matmuls only": step_of(matmuls_only, params),
     }
     if args.variants != "all":
         keep = args.variants.split(",")
