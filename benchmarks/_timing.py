@@ -12,10 +12,11 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def interleaved_medians(steps: dict, repeats: int) -> dict:
-    """Median time of each step, timed in interleaved rounds (A B C A B C ...) so that drifts in machine load fall
-    on every contender alike. Each step runs twice first (compilation, allocator warm-up), and each timed step
-    follows a 0.1 s pause so that the previous contender's worker threads (torch's OpenMP spin-waits) are idle."""
+def interleaved_times(steps: dict, repeats: int) -> dict:
+    """Every timed run of each step, in interleaved rounds (A B C A B C ...) so that drifts in machine load fall
+    on every contender alike; round i of each list ran side by side. Each step runs twice first (compilation,
+    allocator warm-up), and each timed step follows a 0.1 s pause so that the previous contender's worker threads
+    (torch's OpenMP spin-waits) are idle."""
     for step in steps.values():
         step()
         step()
@@ -26,7 +27,18 @@ def interleaved_medians(steps: dict, repeats: int) -> dict:
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_medians(steps: dict, repeats: int) -> dict:
+    """Median time of each step over `interleaved_times`."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(steps, repeats).items()}
+
+
+def paired_ratios(reference: list, contender: list) -> list:
+    """Speed ratio of a contender to a reference in each round (reference time / contender time), from two lists
+    of `interleaved_times`: how a median ratio spreads over the rounds."""
+    return [r / c for r, c in zip(reference, contender, strict=True)]
 
 
 def matmul_peak_step(n: int):

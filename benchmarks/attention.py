@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import interleaved_medians, torch_available
+from _timing import interleaved_medians, interleaved_times, paired_ratios, torch_available
 
 from seqjax.nn import MultiHeadAttention, causal_mask
 
@@ -89,7 +90,8 @@ def main() -> None:
             steps["torch"] = torch_step(args, causal)
         for name, kw in variants.items():
             steps[name] = jax_step(MultiHeadAttention(num_heads=args.heads, **kw), x, mask)
-        t = interleaved_medians(steps, args.repeats)
+        runs = interleaved_times(steps, args.repeats)
+        t = {name: statistics.median(ts) for name, ts in runs.items()}
         flax_t, torch_t = t.pop("flax"), t.pop("torch", float("nan"))
         print(f"\n{'causal' if causal else 'no mask'}:")
         print(f"  {'flax nn.MultiHeadDotProductAttention':40s} {flax_t * 1e3:8.1f} ms")
@@ -100,6 +102,15 @@ def main() -> None:
             if have_torch:
                 line += f"   {torch_t / ti:.2f}x torch"
             print(line)
+            # The same ratio round by round (flax and the contender ran side by side in each): its spread says how
+            # reliably the median holds.
+            r = sorted(paired_ratios(runs["flax"], runs[name]))
+            q1, q3 = r[len(r) // 4], r[(3 * len(r)) // 4]
+            at_least = sum(x >= 1.2 for x in r)
+            print(
+                f"  {'':40s} per round: {r[0]:.2f}-{r[-1]:.2f}x flax (quartiles {q1:.2f}, {q3:.2f}); "
+                f">= 1.2x in {at_least} of {len(r)} rounds"
+            )
 
 
 if __name__ == "__main__":
