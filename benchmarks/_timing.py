@@ -30,9 +30,14 @@ def interleaved_times(steps: dict, repeats: int) -> dict:
     return times
 
 
+def medians(times: dict) -> dict:
+    """Median of each step's runs in `interleaved_times`' result."""
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def interleaved_medians(steps: dict, repeats: int) -> dict:
     """Median time of each step over `interleaved_times`."""
-    return {name: statistics.median(ts) for name, ts in interleaved_times(steps, repeats).items()}
+    return medians(interleaved_times(steps, repeats))
 
 
 def paired_ratios(reference: list, contender: list) -> list:
