@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from seqjax.nn import _native
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -407,6 +409,59 @@ def _fused_bwd(dropout_rate, precision, bb, res, dout):
 _fused_self_attention.defvjp(_fused_fwd, _fused_bwd)
 
 
+def _use_native_attention(qkv: Array, rate: float) -> bool:
+    """Whether self-attention can run seqjax's C++ CPU kernel (`seqjax/nn/_native/attention.cc`): float32, no
+    dropout, on a CPU backend, with the kernel built (BENCHMARKS.md has why it exists)."""
+    return rate == 0.0 and qkv.dtype == jnp.float32 and jax.default_backend() == "cpu" and _native.available()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _native_self_attention(qkv, mask, precision, bb):
+    """`_fused_self_attention` without dropout, by the C++ kernel where it is lowered for a CPU and by the XLA kernel
+    elsewhere (`lax.platform_dependent`; both save the same residuals: qkv, the mask, the output and the
+    log-sum-exp of each query's scores)."""
+    return _native_fwd(qkv, mask, precision, bb)[0]
+
+
+def _native_mask(mask: Array | None, t: int) -> Array:
+    return jnp.ones((1, 1, 1, t), bool) if mask is None else mask.astype(bool)
+
+
+def _native_fwd(qkv, mask, precision, bb):
+    b, t, _, n, h = qkv.shape
+
+    def cpu(qkv, m):
+        out = (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
+        return tuple(jax.ffi.ffi_call("seqjax_attention_forward", out, vmap_method="sequential")(qkv, m))
+
+    def xla(qkv, m):
+        out, res = _fused_fwd(qkv, mask, jax.random.key(0), 0.0, precision, bb)
+        return out, res[-1]
+
+    out, lse = lax.platform_dependent(qkv, _native_mask(mask, t), cpu=cpu, default=xla)
+    return out, (qkv, mask, out, lse)
+
+
+def _native_bwd(precision, bb, res, dout):
+    qkv, mask, out, lse = res
+
+    def cpu(qkv, m, out, lse, dout):
+        result = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
+        return jax.ffi.ffi_call("seqjax_attention_backward", result, vmap_method="sequential")(qkv, m, out, lse, dout)
+
+    def xla(qkv, m, out, lse, dout):
+        hm = jnp.moveaxis(qkv, 1, 3)  # [B, 3, N, T, H]
+        xla_res = (hm[:, 0], hm[:, 1], hm[:, 2], mask, jax.random.key(0), out, lse)
+        return _fused_bwd(0.0, precision, bb, xla_res, dout)[0]
+
+    m = _native_mask(mask, qkv.shape[1])
+    dqkv = lax.platform_dependent(qkv, m, out, lse, jnp.asarray(dout, jnp.float32), cpu=cpu, default=xla)
+    return dqkv, None
+
+
+_native_self_attention.defvjp(_native_fwd, _native_bwd)
+
+
 def scaled_dot_product_attention(
     query: Array,
     key: Array,
@@ -680,8 +735,12 @@ class MultiHeadAttention(nn.Module):
                 flat_mask = _flat_mask(None if mask is None else jnp.asarray(mask), tuple(batch))
                 bb, bq = _block_sizes(b, n, t, t, DEFAULT_BLOCK_ELEMENTS)
                 if bq == t:  # whole batch rows per block: the backward emits d(qkv) directly
-                    rng = dropout_rng if rate > 0.0 else jax.random.key(0)
-                    out = _fused_self_attention(qkv.reshape(b, t, 3, n, h), flat_mask, rng, rate, self.precision, bb)
+                    qkv = qkv.reshape(b, t, 3, n, h)
+                    if _use_native_attention(qkv, rate):
+                        out = _native_self_attention(qkv, flat_mask, self.precision, bb)
+                    else:
+                        rng = dropout_rng if rate > 0.0 else jax.random.key(0)
+                        out = _fused_self_attention(qkv, flat_mask, rng, rate, self.precision, bb)
                 else:
                     qkv_hm = jnp.moveaxis(qkv.reshape(b, t, 3, n, h), 1, 3)  # [B, 3, N, T, H]
                     q, k, v = qkv_hm[:, 0], qkv_hm[:, 1], qkv_hm[:, 2]

@@ -409,17 +409,26 @@ def test_long_sequences_use_query_blocks(rng):
     np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v, mask)[0], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["xla-kernel", "cpu-kernel"])
 @pytest.mark.parametrize("shape, heads", [((2, 384, 8), 2), ((16, 256, 4), 1)])
-def test_mha_above_one_block_matches_flax(rng, shape, heads, monkeypatch):
-    """Big enough (B*N*T*T > 2**19) for the blocked kernel inside MultiHeadAttention (the fused self-attention
-    kernel, whose backward emits d(qkv) directly; blocks of one and of eight batch rows), forward and gradients."""
-    from seqjax.nn import attention
+def test_mha_above_one_block_matches_flax(rng, shape, heads, native, monkeypatch):
+    """Big enough (B*N*T*T > 2**19) for the blocked kernel inside MultiHeadAttention, forward and gradients: the XLA
+    fused self-attention kernel (whose backward emits d(qkv) directly; blocks of one and of eight batch rows), and
+    the C++ CPU kernel that replaces it on CPU in float32 without dropout."""
+    from seqjax.nn import _native, attention
 
     b, t, _ = shape
     assert _block_sizes(b, heads, t, t, 2**19) == ((1, t) if b == 2 else (8, t))
     calls = []
-    fused = attention._fused_self_attention
-    monkeypatch.setattr(attention, "_fused_self_attention", lambda *a: calls.append(a[-1]) or fused(*a))
+    if native:
+        if not _native.available():
+            pytest.skip(f"CPU kernels unavailable: {_native.unavailable_reason()}")
+        kernel = attention._native_self_attention
+        monkeypatch.setattr(attention, "_native_self_attention", lambda *a: calls.append(a[-1]) or kernel(*a))
+    else:
+        monkeypatch.setattr(attention, "_use_native_attention", lambda *a: False)
+        fused = attention._fused_self_attention
+        monkeypatch.setattr(attention, "_fused_self_attention", lambda *a: calls.append(a[-1]) or fused(*a))
     x = jax.random.normal(rng, shape)
     ours, theirs = MultiHeadAttention(num_heads=heads), _flax_mha(num_heads=heads)
     params = theirs.init(jax.random.key(12), x)
@@ -428,7 +437,7 @@ def test_mha_above_one_block_matches_flax(rng, shape, heads, monkeypatch):
         return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x, mask=causal_mask(t))))))
 
     (a, ga), (b, gb) = loss(ours)(params, x), loss(theirs)(params, x)
-    assert calls == [1 if shape[0] == 2 else 8]  # the fused kernel ran, with blocks of that many rows
+    assert calls == [1 if shape[0] == 2 else 8]  # that kernel ran, with blocks of that many rows
     np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
     for u, w in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)

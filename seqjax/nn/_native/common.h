@@ -1,0 +1,62 @@
+// Shared by seqjax's CPU kernels: the BLAS they call, a row-major GEMM on top of it, and the threads they run on.
+#pragma once
+
+#include <sched.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+namespace seqjax {
+
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+using SetThreadsFn = int (*)(int);
+
+// Set once by seqjax_set_blas (blas.cc) when the library is loaded: the Fortran sgemm, and OpenBLAS's
+// openblas_set_num_threads_local (nullptr when the BLAS has none).
+extern SgemmFn sgemm;
+extern SetThreadsFn set_threads_local;
+
+// Row-major C[M, N] = alpha * op(A) op(B) + beta * C; A stored [M, K] ([K, M] when trans_a) with row stride lda,
+// B stored [K, N] ([N, K] when trans_b) with row stride ldb. Column-major that is C^T = op(B)^T op(A)^T.
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float* c, int64_t ldc, float beta = 0.0f) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mm = static_cast<int>(m), nn = static_cast<int>(n), kk = static_cast<int>(k), la = static_cast<int>(lda),
+            lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  const float one = 1.0f;
+  sgemm(&tb, &ta, &nn, &mm, &kk, &one, b, &lb, a, &la, &beta, c, &lc);
+}
+
+inline int64_t usable_cores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// How many threads to split `items` independent pieces of work between: one per core, each running the BLAS
+// single-threaded, when the BLAS lets a thread choose that; otherwise 1 (and the BLAS uses its own threads).
+inline int64_t worker_count(int64_t items) {
+  return set_threads_local == nullptr ? 1 : std::max<int64_t>(1, std::min(usable_cores(), items));
+}
+
+// Runs fn(worker, workers) on `workers` threads (the BLAS single-threaded in each), or inline when workers == 1.
+template <typename Fn>
+void run_workers(int64_t workers, Fn fn) {
+  if (workers <= 1) {
+    fn(int64_t{0}, int64_t{1});
+    return;
+  }
+  std::vector<std::thread> threads;
+  for (int64_t w = 0; w < workers; ++w) {
+    threads.emplace_back([=] {
+      set_threads_local(1);
+      fn(w, workers);
+    });
+  }
+  for (auto& thread : threads) thread.join();
+}
+
+}  // namespace seqjax

@@ -1,0 +1,157 @@
+"""seqjax's C++ CPU kernels (seqjax/nn/_native): the attention kernel against a float64 numpy reference and against
+autodiff of a plain JAX formulation, its XLA fallback branch, vmap, and the build's side conditions.
+
+Where the kernels cannot be built (no C++ compiler) these tests skip, except under CI (`CI` set), where the
+kernels are expected and their absence fails."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqjax.nn import _native, attention
+from seqjax.nn.attention import causal_mask
+from tests.nn.test_attention import np_attention
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    if not _native.available():
+        if os.environ.get("CI"):
+            pytest.fail(f"CPU kernels unavailable under CI: {_native.unavailable_reason()}")
+        pytest.skip(f"CPU kernels unavailable: {_native.unavailable_reason()}")
+
+
+B, T, N, H = 3, 40, 2, 8
+
+
+def _qkv(seed=0):
+    return jax.random.normal(jax.random.key(seed), (B, T, 3, N, H), jnp.float32)
+
+
+def _masks():
+    r = np.random.default_rng(3)
+    causal = np.asarray(causal_mask(T))  # [1, 1, T, T]
+    padding = (np.arange(T)[None] < np.array([T, 17, 1])[:, None])[:, None, None, :]  # [B, 1, 1, T]
+    per_head = r.random((B, N, T, T)) < 0.7
+    per_head[1, 0, 5] = False  # a fully masked query: zero output, zero gradient, never NaN
+    per_head[2, 1, :3] = False
+    return {"none": None, "causal": causal, "padding": padding, "per-head": per_head}
+
+
+def _jax_reference(qkv, mask):
+    """Plain JAX softmax attention on q already scaled (scale 1), fully masked rows giving zeros."""
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    s = jnp.einsum("bqnh,bknh->bnqk", q, k)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, -1, keepdims=True))
+    e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    z = e.sum(-1, keepdims=True)
+    return jnp.einsum("bnqk,bknh->bqnh", e / jnp.where(z > 0, z, 1.0), v)
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "padding", "per-head"])
+def test_attention_kernel_matches_references(kind):
+    qkv, mask = _qkv(), _masks()[kind]
+    jmask = None if mask is None else jnp.asarray(mask)
+    f = jax.jit(lambda x: attention._native_self_attention(x, jmask, None, 1))
+    assert "seqjax_attention_forward" in f.lower(qkv).as_text()
+    out = f(qkv)
+    q, k, v = (np.asarray(qkv[:, :, i], np.float64) for i in range(3))
+    expected, _ = np_attention(q * np.sqrt(H), k, v, mask)  # np_attention scales by 1/sqrt(H) itself
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-5, atol=2e-6)
+
+    dout = jax.random.normal(jax.random.key(1), out.shape)
+    grad = lambda fn: jax.jit(jax.grad(lambda x: jnp.sum(fn(x) * dout)))(qkv)
+    ours, theirs = (
+        grad(lambda x: attention._native_self_attention(x, jmask, None, 1)),
+        grad(lambda x: _jax_reference(x, jmask)),
+    )
+    assert not np.isnan(np.asarray(ours)).any()
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=2e-4, atol=2e-5)
+    if kind == "per-head":  # the fully masked query has zero output and passes no gradient to its own q
+        np.testing.assert_array_equal(np.asarray(out[1, 5, 0]), 0.0)
+        np.testing.assert_array_equal(np.asarray(ours[1, 5, 0, 0]), 0.0)
+
+
+def test_attention_kernel_masked_keys_get_no_gradient():
+    """Keys that no query may attend receive exactly zero gradient: the mask truly blocks them."""
+    qkv = _qkv(4)
+    mask = jnp.asarray(np.arange(T) < 30)[None, None, None, :]  # keys 30.. are padding for every query
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(attention._native_self_attention(x, mask, None, 1))))(qkv)
+    np.testing.assert_array_equal(np.asarray(g[:, 30:, 1:]), 0.0)  # dk and dv of the padded keys
+    assert np.abs(np.asarray(g[:, :30, 1:])).max() > 0
+
+
+def test_attention_fallback_branch_is_the_same_function(monkeypatch):
+    """Lowered for a platform other than CPU, the forward and backward take the XLA kernel's branch; run here by
+    making `platform_dependent` pick that branch, it gives the same output and gradients."""
+    qkv, mask = _qkv(5), jnp.asarray(_masks()["per-head"])
+    loss = lambda x: jnp.sum(jnp.sin(attention._native_self_attention(x, mask, None, 1)))
+    native = jax.value_and_grad(loss)(qkv)
+    monkeypatch.setattr(attention.lax, "platform_dependent", lambda *a, default, **kw: default(*a))
+    fallback = jax.jit(jax.value_and_grad(loss))
+    assert "seqjax_attention" not in fallback.lower(qkv).as_text()
+    for u, w in zip(native, fallback(qkv), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
+
+
+def test_attention_kernel_under_vmap():
+    qkvs = jnp.stack([_qkv(6), _qkv(7)])
+    f = lambda x: attention._native_self_attention(x, None, None, 1)
+    batched = jax.vmap(f)(qkvs)
+    for i in range(2):
+        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(f(qkvs[i])), rtol=1e-6, atol=1e-7)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
+
+
+def test_loading_the_kernels_keeps_subnormal_floats():
+    """The library is compiled with -ffast-math but not linked with it: linking with it adds crtfastmath.o, which
+    switches the loading thread to flush-to-zero arithmetic (checked by hand: numpy's 1.4e-45 * 1.5 then gives 0)."""
+    code = """
+import numpy as np
+from seqjax.nn import _native
+assert _native.available(), _native.unavailable_reason()
+tiny = np.finfo(np.float32).smallest_subnormal
+print(np.float32(tiny) * np.float32(1.5) > 0)
+"""
+    proc = _python(code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
+
+
+def test_disabled_kernels_fall_back_to_xla():
+    code = """
+import jax, jax.numpy as jnp
+from seqjax.nn import _native, MultiHeadAttention
+print(_native.available(), _native.unavailable_reason())
+x = jnp.ones((4, 256, 16))
+m = MultiHeadAttention(num_heads=4)
+out = m.apply(m.init(jax.random.key(0), x), x)
+print(out.shape, "seqjax_attention" in jax.jit(m.apply).lower(m.init(jax.random.key(0), x), x).as_text())
+"""
+    proc = _python(code, SEQJAX_NATIVE="0")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "False RuntimeError: disabled by SEQJAX_NATIVE=0"
+    assert lines[1] == "(4, 256, 16) False"
+
+
+def test_kernels_build_into_the_cache_folder(tmp_path):
+    proc = _python("from seqjax.nn import _native; print(_native.available())", SEQJAX_CACHE_DIR=str(tmp_path))
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # the library, and no leftover build folder
