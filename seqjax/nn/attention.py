@@ -410,9 +410,21 @@ _fused_self_attention.defvjp(_fused_fwd, _fused_bwd)
 
 
 def _use_native_attention(qkv: Array, rate: float) -> bool:
-    """Whether self-attention can run seqjax's C++ CPU kernel (`seqjax/nn/_native/attention.cc`): float32, no
-    dropout, on a CPU backend, with the kernel built (BENCHMARKS.md has why it exists)."""
-    return rate == 0.0 and qkv.dtype == jnp.float32 and jax.default_backend() == "cpu" and _native.available()
+    """Whether self-attention runs seqjax's C++ CPU kernel (`seqjax/nn/_native/attention.cc`; BENCHMARKS.md has
+    why): float32, no dropout, a CPU backend with a single device, and the kernel built. With several devices the
+    XLA kernel runs, since XLA cannot partition the custom call: under a batch-sharded `jit` it would gather the
+    whole batch onto every device."""
+    return (
+        rate == 0.0
+        and qkv.dtype == jnp.float32
+        and jax.default_backend() == "cpu"
+        and _single_device()
+        and _native.available()
+    )
+
+
+def _single_device() -> bool:
+    return jax.device_count() == 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -151,6 +151,24 @@ print(out.shape, "seqjax_attention" in jax.jit(m.apply).lower(m.init(jax.random.
     assert lines[1] == "(4, 256, 16) False"
 
 
+def test_module_runs_the_kernel_with_one_device_only():
+    """MultiHeadAttention's self-attention lowers to the custom call in a process with one CPU device, and not in
+    this test process (8 CPU devices), where a batch-sharded jit would have to gather the batch for it."""
+    code = """
+import jax, jax.numpy as jnp
+from seqjax.nn import MultiHeadAttention
+x = jnp.ones((4, 256, 16))
+m = MultiHeadAttention(num_heads=4)
+print(jax.device_count(), "seqjax_attention" in jax.jit(m.apply).lower(m.init(jax.random.key(0), x), x).as_text())
+"""
+    proc = _python(code)
+    assert proc.returncode == 0 and proc.stdout.split() == ["1", "True"], proc.stderr
+    assert jax.device_count() == 8
+    x = jnp.ones((4, 256, 16))
+    m = attention.MultiHeadAttention(num_heads=4)
+    assert "seqjax_attention" not in jax.jit(m.apply).lower(m.init(jax.random.key(0), x), x).as_text()
+
+
 def test_kernels_build_into_the_cache_folder(tmp_path):
     proc = _python("from seqjax.nn import _native; print(_native.available())", SEQJAX_CACHE_DIR=str(tmp_path))
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
