@@ -174,9 +174,15 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return next(d for d in range(cap, 0, -1) if n % d == 0)
 
 
-def _block_sizes(b: int, n: int, tq: int, tk: int, block_elements: int) -> tuple[int, int]:
-    """(batch block, query block) so that one block's scores [bb, N, bq, Tk] hold about `block_elements` floats."""
+def _block_sizes(b: int, n: int, tq: int, tk: int, block_elements: int, split_batch: bool = True) -> tuple[int, int]:
+    """(batch block, query block) so that one block's scores [bb, N, bq, Tk] hold about `block_elements` floats.
+    With split_batch=False every block holds the whole batch and blocks run over queries only: used when the process
+    has several devices, since a loop over blocks of a batch-sharded axis makes XLA gather the operands onto every
+    device."""
     per_row = n * tk
+    if not split_batch:
+        bq = tq if b * tq * per_row <= block_elements else max(8, block_elements // (b * per_row))
+        return b, min(bq, tq)
     bq = tq if tq * per_row <= block_elements else max(8, block_elements // per_row)
     bq = min(bq, tq)
     bb = _largest_divisor_at_most(b, block_elements // max(1, bq * per_row)) if bq == tq else 1
@@ -558,7 +564,7 @@ def _run_blocked(q, k, v, mask, rate, dropout_rng, precision, block_elements, he
     mask [B|1, N|1, Tq|1, Tk]; pads the queries to a whole number of blocks. Returns [B, Tq, N, H]."""
     t_axis = 2 if heads_major else 1
     b, tq, n, tk = q.shape[0], q.shape[t_axis], q.shape[3 - t_axis], k.shape[t_axis]
-    bb, bq = _block_sizes(b, n, tq, tk, block_elements)
+    bb, bq = _block_sizes(b, n, tq, tk, block_elements, _single_device())
     pad = (-tq) % bq
     if pad:
         q = jnp.pad(q, [(0, pad) if i == t_axis else (0, 0) for i in range(4)])
@@ -745,7 +751,7 @@ class MultiHeadAttention(nn.Module):
                 _check_shapes(*(qkv[..., i, :, :] for i in range(3)), mask, None)
                 _check_mask_dtype(mask)
                 flat_mask = _flat_mask(None if mask is None else jnp.asarray(mask), tuple(batch))
-                bb, bq = _block_sizes(b, n, t, t, DEFAULT_BLOCK_ELEMENTS)
+                bb, bq = _block_sizes(b, n, t, t, DEFAULT_BLOCK_ELEMENTS, _single_device())
                 if bq == t:  # whole batch rows per block: the backward emits d(qkv) directly
                     qkv = qkv.reshape(b, t, 3, n, h)
                     if _use_native_attention(qkv, rate):

@@ -13,6 +13,15 @@ from seqjax.nn.attention import _block_sizes
 IMPLS = ["xla", "reference", "jax"]
 
 
+@pytest.fixture(autouse=True)
+def _one_device_policy(monkeypatch):
+    """The suite runs with 8 CPU devices; the layer is tested here as a one-device process runs it (batch blocks, and
+    the C++ kernel where built). `test_batch_sharded_jit_gathers_nothing` tests the several-device policy."""
+    from seqjax.nn import attention
+
+    monkeypatch.setattr(attention, "_single_device", lambda: True)
+
+
 def np_attention(q, k, v, mask=None, bias=None):
     """Textbook attention in float64 numpy; q [B, Tq, N, H], k/v [B, Tk, N, H], mask [B|1, N|1, Tq|1, Tk]."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -423,7 +432,6 @@ def test_mha_above_one_block_matches_flax(rng, shape, heads, native, monkeypatch
     if native:
         if not _native.available():
             pytest.skip(f"CPU kernels unavailable: {_native.unavailable_reason()}")
-        monkeypatch.setattr(attention, "_single_device", lambda: True)  # the suite runs with 8 CPU devices
         kernel = attention._native_self_attention
         monkeypatch.setattr(attention, "_native_self_attention", lambda *a: calls.append(a[-1]) or kernel(*a))
     else:
@@ -480,3 +488,30 @@ def test_fused_self_attention_equals_the_blocked_kernel(rng):
     for f in (lambda g: jnp.sum(jnp.sin(g(qkv))), lambda g: jax.grad(lambda x: jnp.sum(jnp.sin(g(x))))(qkv)):
         np.testing.assert_allclose(np.asarray(jax.jit(f, static_argnums=0)(fused)),
                                    np.asarray(jax.jit(f, static_argnums=0)(blocked)), rtol=1e-6, atol=1e-7)  # fmt: skip
+
+
+@pytest.mark.parametrize("several_devices", [True, False])
+def test_batch_sharded_jit_gathers_nothing(several_devices, monkeypatch):
+    """With several devices the kernel's blocks hold the whole batch and run over queries only, so that under a jit
+    whose batch is sharded over 8 devices XLA partitions the attention without gathering q, k, v (the one-device
+    policy, blocks of batch rows, makes it gather them, which this test shows as the failing case)."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from seqjax.nn import attention
+
+    monkeypatch.setattr(attention, "_single_device", lambda: not several_devices)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x = jax.random.normal(jax.random.key(0), (16, 256, 32))
+    assert _block_sizes(16, 2, 256, 256, 2**19) == (4, 256)  # above one block: blocks of 4 rows
+    assert _block_sizes(16, 2, 256, 256, 2**19, split_batch=False) == (16, 64)  # or of 64 queries of all rows
+    m = MultiHeadAttention(num_heads=2)
+    params = m.init(jax.random.key(1), x)
+    step = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x, mask=causal_mask(256)))), (0, 1)))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    hlo = step.lower(params, sharded).compile().as_text()
+    assert ("all-gather" not in hlo) == several_devices
+    (loss, grads), (ref_loss, ref_grads) = step(params, sharded), step(params, x)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    for u, w in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
