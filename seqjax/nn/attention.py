@@ -415,13 +415,17 @@ def _fused_bwd(dropout_rate, precision, bb, res, dout):
 _fused_self_attention.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _use_native_attention(qkv: Array, rate: float) -> bool:
+NATIVE_MAX_LENGTH = 2048  # the C++ kernel keeps two [T, T] score tiles per thread (32 MB at this length)
+
+
+def _use_native_attention(qkv: Array, rate: float, length: int) -> bool:
     """Whether self-attention runs seqjax's C++ CPU kernel (`seqjax/nn/_native/attention.cc`; BENCHMARKS.md has
-    why): float32, no dropout, a CPU backend with a single device, and the kernel built. With several devices the
-    XLA kernel runs, since XLA cannot partition the custom call: under a batch-sharded `jit` it would gather the
-    whole batch onto every device."""
+    why): float32, no dropout, at most NATIVE_MAX_LENGTH positions, a CPU backend with a single device, and the
+    kernel built. With several devices the XLA kernel runs, since XLA cannot partition the custom call: under a
+    batch-sharded `jit` it would gather the whole batch onto every device."""
     return (
         rate == 0.0
+        and length <= NATIVE_MAX_LENGTH
         and qkv.dtype == jnp.float32
         and jax.default_backend() == "cpu"
         and _single_device()
@@ -433,48 +437,67 @@ def _single_device() -> bool:
     return jax.device_count() == 1
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _native_self_attention(qkv, mask, precision, bb):
-    """`_fused_self_attention` without dropout, by the C++ kernel where it is lowered for a CPU and by the XLA kernel
-    elsewhere (`lax.platform_dependent`; both save the same residuals: qkv, the mask, the output and the
-    log-sum-exp of each query's scores)."""
-    return _native_fwd(qkv, mask, precision, bb)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _native_self_attention(qkv, mask, precision):
+    """Self-attention without dropout from the fused projection qkv [B, T, 3, N, H] (q already scaled) → [B, T, N, H],
+    by the C++ kernel where the program is lowered for a CPU, and by `_qkv_attention_fwd` / `_bwd` elsewhere
+    (`lax.platform_dependent`): the same math in plain JAX ops, which the kernel's tests also use as a reference.
+    Saves qkv, the mask, the output and the log-sum-exp of each query's scores."""
+    return _native_fwd(qkv, mask, precision)[0]
 
 
 def _native_mask(mask: Array | None, t: int) -> Array:
     return jnp.ones((1, 1, 1, t), bool) if mask is None else mask.astype(bool)
 
 
-def _native_fwd(qkv, mask, precision, bb):
+def _qkv_attention_fwd(qkv, mask, precision=None):
+    """(out [B, T, N, H], lse [B, N, T]) of softmax attention on qkv, mask [B|1, N|1, T|1, T]; a fully masked query
+    gets a zero output and lse = +inf."""
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    s = jnp.where(mask, jnp.einsum("bqnh,bknh->bnqk", q, k, precision=precision), -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    l = jnp.sum(e, axis=-1, keepdims=True)  # noqa: E741
+    out = jnp.einsum("bnqk,bknh->bqnh", e / jnp.where(l > 0, l, 1.0), v, precision=precision)
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)[..., 0]
+    return out, lse
+
+
+def _qkv_attention_bwd(qkv, mask, out, lse, dout, precision=None):
+    """d(qkv) of `_qkv_attention_fwd` from its residuals: P recomputed from the scores and lse, D = rowsum(dO ∘ O)."""
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    s = jnp.einsum("bqnh,bknh->bnqk", q, k, precision=precision)
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+    dp = jnp.einsum("bqnh,bknh->bnqk", dout, v, precision=precision)
+    ds = p * (dp - jnp.einsum("bqnh,bqnh->bnq", dout, out)[..., None])
+    dq = jnp.einsum("bnqk,bknh->bqnh", ds, k, precision=precision)
+    dk = jnp.einsum("bnqk,bqnh->bknh", ds, q, precision=precision)
+    dv = jnp.einsum("bnqk,bqnh->bknh", p, dout, precision=precision)
+    return jnp.stack([dq, dk, dv], axis=2)
+
+
+def _native_fwd(qkv, mask, precision):
     b, t, _, n, h = qkv.shape
 
     def cpu(qkv, m):
         out = (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
         return tuple(jax.ffi.ffi_call("seqjax_attention_forward", out, vmap_method="sequential")(qkv, m))
 
-    def xla(qkv, m):
-        out, res = _fused_fwd(qkv, mask, jax.random.key(0), 0.0, precision, bb)
-        return out, res[-1]
-
-    out, lse = lax.platform_dependent(qkv, _native_mask(mask, t), cpu=cpu, default=xla)
+    default = functools.partial(_qkv_attention_fwd, precision=precision)
+    out, lse = lax.platform_dependent(qkv, _native_mask(mask, t), cpu=cpu, default=default)
     return out, (qkv, mask, out, lse)
 
 
-def _native_bwd(precision, bb, res, dout):
+def _native_bwd(precision, res, dout):
     qkv, mask, out, lse = res
 
     def cpu(qkv, m, out, lse, dout):
         result = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
         return jax.ffi.ffi_call("seqjax_attention_backward", result, vmap_method="sequential")(qkv, m, out, lse, dout)
 
-    def xla(qkv, m, out, lse, dout):
-        hm = jnp.moveaxis(qkv, 1, 3)  # [B, 3, N, T, H]
-        xla_res = (hm[:, 0], hm[:, 1], hm[:, 2], mask, jax.random.key(0), out, lse)
-        return _fused_bwd(0.0, precision, bb, xla_res, dout)[0]
-
-    m = _native_mask(mask, qkv.shape[1])
-    dqkv = lax.platform_dependent(qkv, m, out, lse, jnp.asarray(dout, jnp.float32), cpu=cpu, default=xla)
-    return dqkv, None
+    default = functools.partial(_qkv_attention_bwd, precision=precision)
+    args = (qkv, _native_mask(mask, qkv.shape[1]), out, lse, jnp.asarray(dout, jnp.float32))
+    return lax.platform_dependent(*args, cpu=cpu, default=default), None
 
 
 _native_self_attention.defvjp(_native_fwd, _native_bwd)
@@ -752,13 +775,11 @@ class MultiHeadAttention(nn.Module):
                 _check_mask_dtype(mask)
                 flat_mask = _flat_mask(None if mask is None else jnp.asarray(mask), tuple(batch))
                 bb, bq = _block_sizes(b, n, t, t, DEFAULT_BLOCK_ELEMENTS, _single_device())
-                if bq == t:  # whole batch rows per block: the backward emits d(qkv) directly
-                    qkv = qkv.reshape(b, t, 3, n, h)
-                    if _use_native_attention(qkv, rate):
-                        out = _native_self_attention(qkv, flat_mask, self.precision, bb)
-                    else:
-                        rng = dropout_rng if rate > 0.0 else jax.random.key(0)
-                        out = _fused_self_attention(qkv, flat_mask, rng, rate, self.precision, bb)
+                if _use_native_attention(qkv, rate, t):
+                    out = _native_self_attention(qkv.reshape(b, t, 3, n, h), flat_mask, self.precision)
+                elif bq == t:  # whole batch rows per block: the backward emits d(qkv) directly
+                    rng = dropout_rng if rate > 0.0 else jax.random.key(0)
+                    out = _fused_self_attention(qkv.reshape(b, t, 3, n, h), flat_mask, rng, rate, self.precision, bb)
                 else:
                     qkv_hm = jnp.moveaxis(qkv.reshape(b, t, 3, n, h), 1, 3)  # [B, 3, N, T, H]
                     q, k, v = qkv_hm[:, 0], qkv_hm[:, 1], qkv_hm[:, 2]

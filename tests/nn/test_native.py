@@ -59,7 +59,7 @@ def _jax_reference(qkv, mask):
 def test_attention_kernel_matches_references(kind):
     qkv, mask = _qkv(), _masks()[kind]
     jmask = None if mask is None else jnp.asarray(mask)
-    f = jax.jit(lambda x: attention._native_self_attention(x, jmask, None, 1))
+    f = jax.jit(lambda x: attention._native_self_attention(x, jmask, None))
     assert "seqjax_attention_forward" in f.lower(qkv).as_text()
     out = f(qkv)
     q, k, v = (np.asarray(qkv[:, :, i], np.float64) for i in range(3))
@@ -69,7 +69,7 @@ def test_attention_kernel_matches_references(kind):
     dout = jax.random.normal(jax.random.key(1), out.shape)
     grad = lambda fn: jax.jit(jax.grad(lambda x: jnp.sum(fn(x) * dout)))(qkv)
     ours, theirs = (
-        grad(lambda x: attention._native_self_attention(x, jmask, None, 1)),
+        grad(lambda x: attention._native_self_attention(x, jmask, None)),
         grad(lambda x: _jax_reference(x, jmask)),
     )
     assert not np.isnan(np.asarray(ours)).any()
@@ -83,7 +83,7 @@ def test_attention_kernel_masked_keys_get_no_gradient():
     """Keys that no query may attend receive exactly zero gradient: the mask truly blocks them."""
     qkv = _qkv(4)
     mask = jnp.asarray(np.arange(T) < 30)[None, None, None, :]  # keys 30.. are padding for every query
-    g = jax.grad(lambda x: jnp.sum(jnp.sin(attention._native_self_attention(x, mask, None, 1))))(qkv)
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(attention._native_self_attention(x, mask, None))))(qkv)
     np.testing.assert_array_equal(np.asarray(g[:, 30:, 1:]), 0.0)  # dk and dv of the padded keys
     assert np.abs(np.asarray(g[:, :30, 1:])).max() > 0
 
@@ -92,7 +92,7 @@ def test_attention_fallback_branch_is_the_same_function(monkeypatch):
     """Lowered for a platform other than CPU, the forward and backward take the XLA kernel's branch; run here by
     making `platform_dependent` pick that branch, it gives the same output and gradients."""
     qkv, mask = _qkv(5), jnp.asarray(_masks()["per-head"])
-    loss = lambda x: jnp.sum(jnp.sin(attention._native_self_attention(x, mask, None, 1)))
+    loss = lambda x: jnp.sum(jnp.sin(attention._native_self_attention(x, mask, None)))
     native = jax.value_and_grad(loss)(qkv)
     monkeypatch.setattr(attention.lax, "platform_dependent", lambda *a, default, **kw: default(*a))
     fallback = jax.jit(jax.value_and_grad(loss))
@@ -101,9 +101,35 @@ def test_attention_fallback_branch_is_the_same_function(monkeypatch):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
 
 
+def test_long_sequences_run_the_kernel_and_match_the_xla_kernel(monkeypatch):
+    """Past the XLA kernel's whole-row blocks (T=384 with 4 heads blocks queries there), MultiHeadAttention still
+    runs the C++ kernel, up to NATIVE_MAX_LENGTH positions, with the XLA kernel's outputs and gradients."""
+    monkeypatch.setattr(attention, "_single_device", lambda: True)
+    x = jax.random.normal(jax.random.key(8), (2, 384, 16))
+    assert attention._block_sizes(2, 4, 384, 384, 2**19)[1] < 384
+    m = attention.MultiHeadAttention(num_heads=4)
+    params = m.init(jax.random.key(9), x)
+    step = lambda: jax.jit(
+        jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x, mask=causal_mask(384)))), (0, 1))
+    )
+    native = step()
+    assert "seqjax_attention_backward" in native.lower(params, x).as_text()
+    ours = native(params, x)
+    use = attention._use_native_attention
+    monkeypatch.setattr(attention, "_use_native_attention", lambda *a: False)
+    theirs = step()(params, x)
+    for u, w in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
+    q = jnp.ones((1, 8, 3, 1, 4))
+    assert use(q, 0.0, attention.NATIVE_MAX_LENGTH)
+    assert not use(q, 0.0, attention.NATIVE_MAX_LENGTH + 1)
+    assert not use(q, 0.1, 8)  # dropout: the XLA kernel
+    assert not use(q.astype(jnp.bfloat16), 0.0, 8)
+
+
 def test_attention_kernel_under_vmap():
     qkvs = jnp.stack([_qkv(6), _qkv(7)])
-    f = lambda x: attention._native_self_attention(x, None, None, 1)
+    f = lambda x: attention._native_self_attention(x, None, None)
     batched = jax.vmap(f)(qkvs)
     for i in range(2):
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(f(qkvs[i])), rtol=1e-6, atol=1e-7)
