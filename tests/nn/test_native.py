@@ -26,7 +26,7 @@ def _kernels():
         pytest.skip(f"CPU kernels unavailable: {_native.unavailable_reason()}")
 
 
-B, T, N, H = 3, 40, 2, 8
+B, T, N, H = 3, 150, 2, 8  # T: with a mask the kernel takes queries 64 at a time (two whole blocks and a part)
 
 
 def _qkv(seed=0):
@@ -40,6 +40,7 @@ def _masks():
     per_head = r.random((B, N, T, T)) < 0.7
     per_head[1, 0, 5] = False  # a fully masked query: zero output, zero gradient, never NaN
     per_head[2, 1, :3] = False
+    per_head[0, 1, 64:128] = False  # a whole block of queries that attends nothing
     return {"none": None, "causal": causal, "padding": padding, "per-head": per_head}
 
 
@@ -74,18 +75,20 @@ def test_attention_kernel_matches_references(kind):
     )
     assert not np.isnan(np.asarray(ours)).any()
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=2e-4, atol=2e-5)
-    if kind == "per-head":  # the fully masked query has zero output and passes no gradient to its own q
+    if kind == "per-head":  # fully masked queries have zero outputs and pass no gradient to their own q
         np.testing.assert_array_equal(np.asarray(out[1, 5, 0]), 0.0)
         np.testing.assert_array_equal(np.asarray(ours[1, 5, 0, 0]), 0.0)
+        np.testing.assert_array_equal(np.asarray(out[0, 64:128, 1]), 0.0)
+        np.testing.assert_array_equal(np.asarray(ours[0, 64:128, 0, 1]), 0.0)
 
 
 def test_attention_kernel_masked_keys_get_no_gradient():
     """Keys that no query may attend receive exactly zero gradient: the mask truly blocks them."""
     qkv = _qkv(4)
-    mask = jnp.asarray(np.arange(T) < 30)[None, None, None, :]  # keys 30.. are padding for every query
+    mask = jnp.asarray(np.arange(T) < 100)[None, None, None, :]  # keys 100.. are padding for every query
     g = jax.grad(lambda x: jnp.sum(jnp.sin(attention._native_self_attention(x, mask, None))))(qkv)
-    np.testing.assert_array_equal(np.asarray(g[:, 30:, 1:]), 0.0)  # dk and dv of the padded keys
-    assert np.abs(np.asarray(g[:, :30, 1:])).max() > 0
+    np.testing.assert_array_equal(np.asarray(g[:, 100:, 1:]), 0.0)  # dk and dv of the padded keys
+    assert np.abs(np.asarray(g[:, :100, 1:])).max() > 0
 
 
 def test_attention_fallback_branch_is_the_same_function(monkeypatch):

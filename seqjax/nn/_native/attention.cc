@@ -93,13 +93,39 @@ void for_each_head(int64_t heads, int64_t t, int64_t h, Fn fn) {
 
 }  // namespace
 
+// Queries are taken QUERY_BLOCK at a time when a mask is given, each block against only the keys that some of its
+// queries may attend ([lo, hi), from the mask): a causal mask then costs about half the products, a padding mask
+// skips the padded keys. Without a mask a head is one block.
+constexpr int64_t QUERY_BLOCK = 64;
+
+// The keys [lo, hi) that any of the queries [i0, i1) of head (b, n) may attend; lo >= hi when none.
+void key_range(const Mask& m, int64_t b, int64_t n, int64_t i0, int64_t i1, int64_t t, int64_t* lo, int64_t* hi) {
+  *lo = t;
+  *hi = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const bool* row = m.row(b, n, i);
+    if (row == nullptr) {
+      *lo = 0;
+      *hi = t;
+      return;
+    }
+    int64_t first = 0, last = t;
+    while (first < t && !row[first]) ++first;
+    while (last > first && !row[last - 1]) --last;
+    if (first < last) {
+      *lo = std::min(*lo, first);
+      *hi = std::max(*hi, last);
+    }
+  }
+}
+
 static ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
                               ffi::ResultBuffer<ffi::F32> lse) {
   Shape s;
   if (auto e = make_shape(qkv, &s); e.failure()) return e;
   Mask m;
   if (auto e = make_mask(mask, s, &m); e.failure()) return e;
-  const int64_t T = s.T, N = s.N, H = s.H, ld = s.ld();
+  const int64_t T = s.T, N = s.N, H = s.H, ld = s.ld(), qb = m.data == nullptr ? T : QUERY_BLOCK;
   const float* base = qkv.typed_data();
   float *po = out->typed_data(), *pl = lse->typed_data();
   const float inf = positive_infinity();
@@ -107,32 +133,46 @@ static ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED> 
   for_each_head(s.B * N, T, H, [&](int64_t head, Scratch& w) {
     const int64_t b = head / N, n = head % N;
     float *p = w.a.get(), *o = w.c.get(), *inv = w.b.get();
-    const float* q = base + b * T * ld + n * H;
-    gemm(false, true, T, T, H, q, ld, q + N * H, ld, p, T);  // S = Q K^T
-    for (int64_t i = 0; i < T; ++i) {
-      float* row = p + i * T;
-      const bool* allowed = m.row(b, n, i);
-      float mx = 0.0f, l = 0.0f;
-      bool any = allowed == nullptr;
-      if (allowed == nullptr) {
-        mx = *std::max_element(row, row + T);
-        for (int64_t j = 0; j < T; ++j) row[j] = std::exp(row[j] - mx);
-      } else {
-        for (int64_t j = 0; j < T; ++j)
-          if (allowed[j]) {
-            mx = any ? std::max(mx, row[j]) : row[j];
-            any = true;
-          }
-        for (int64_t j = 0; j < T; ++j) row[j] = allowed[j] ? std::exp(row[j] - mx) : 0.0f;
+    const float *q = base + b * T * ld + n * H, *k = q + N * H, *v = q + 2 * N * H;
+    for (int64_t i0 = 0; i0 < T; i0 += qb) {
+      const int64_t i1 = std::min(T, i0 + qb), rows = i1 - i0;
+      int64_t lo, hi;
+      key_range(m, b, n, i0, i1, T, &lo, &hi);
+      if (lo >= hi) {  // no query of the block may attend anything: zero outputs
+        for (int64_t i = i0; i < i1; ++i) {
+          std::memset(po + ((b * T + i) * N + n) * H, 0, H * sizeof(float));
+          pl[head * T + i] = inf;
+        }
+        continue;
       }
-      for (int64_t j = 0; j < T; ++j) l += row[j];
-      inv[i] = any ? 1.0f / l : 0.0f;
-      pl[head * T + i] = any ? mx + std::log(l) : inf;
-    }
-    gemm(false, false, T, H, T, p, T, q + 2 * N * H, ld, o, H);  // O = E V
-    for (int64_t i = 0; i < T; ++i) {
-      float* dst = po + ((b * T + i) * N + n) * H;
-      for (int64_t k = 0; k < H; ++k) dst[k] = o[i * H + k] * inv[i];
+      const int64_t nk = hi - lo;
+      gemm(false, true, rows, nk, H, q + i0 * ld, ld, k + lo * ld, ld, p, nk);  // S = Q K^T on the key range
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = p + r * nk;
+        const bool* allowed = m.row(b, n, i0 + r);
+        float mx = 0.0f, l = 0.0f;
+        bool any = allowed == nullptr;
+        if (allowed == nullptr) {
+          mx = *std::max_element(row, row + nk);
+          for (int64_t j = 0; j < nk; ++j) row[j] = std::exp(row[j] - mx);
+        } else {
+          allowed += lo;
+          for (int64_t j = 0; j < nk; ++j)
+            if (allowed[j]) {
+              mx = any ? std::max(mx, row[j]) : row[j];
+              any = true;
+            }
+          for (int64_t j = 0; j < nk; ++j) row[j] = allowed[j] ? std::exp(row[j] - mx) : 0.0f;
+        }
+        for (int64_t j = 0; j < nk; ++j) l += row[j];
+        inv[r] = any ? 1.0f / l : 0.0f;
+        pl[head * T + i0 + r] = any ? mx + std::log(l) : inf;
+      }
+      gemm(false, false, rows, H, nk, p, nk, v + lo * ld, ld, o, H);  // O = E V
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = po + ((b * T + i0 + r) * N + n) * H;
+        for (int64_t c = 0; c < H; ++c) dst[c] = o[r * H + c] * inv[r];
+      }
     }
   });
   return ffi::Error::Success();
@@ -144,7 +184,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED>
   if (auto e = make_shape(qkv, &s); e.failure()) return e;
   Mask m;
   if (auto e = make_mask(mask, s, &m); e.failure()) return e;
-  const int64_t T = s.T, N = s.N, H = s.H, ld = s.ld(), ldo = N * H;
+  const int64_t T = s.T, N = s.N, H = s.H, ld = s.ld(), ldo = N * H, qb = m.data == nullptr ? T : QUERY_BLOCK;
   const float *base = qkv.typed_data(), *po = out.typed_data(), *pl = lse.typed_data(), *pdo = dout.typed_data();
   float* dbase = dqkv->typed_data();
 
@@ -153,30 +193,49 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED>
     float *p = w.a.get(), *dp = w.b.get(), *delta = w.c.get();
     const float *q = base + b * T * ld + n * H, *k = q + N * H, *v = q + 2 * N * H;
     const float *o = po + b * T * ldo + n * H, *d_o = pdo + b * T * ldo + n * H;
-    float* dq = dbase + b * T * ld + n * H;
-    gemm(false, true, T, T, H, q, ld, k, ld, p, T);  // S = Q K^T
-    for (int64_t i = 0; i < T; ++i) {
-      float* row = p + i * T;
-      const bool* allowed = m.row(b, n, i);
-      const float li = pl[head * T + i];
-      if (allowed == nullptr) {
-        for (int64_t j = 0; j < T; ++j) row[j] = std::exp(row[j] - li);
-      } else {
-        for (int64_t j = 0; j < T; ++j) row[j] = allowed[j] ? std::exp(row[j] - li) : 0.0f;
+    float *dq = dbase + b * T * ld + n * H, *dk = dq + N * H, *dv = dq + 2 * N * H;
+    if (qb < T) {  // dK and dV accumulate over the query blocks
+      for (int64_t j = 0; j < T; ++j) {
+        std::memset(dk + j * ld, 0, H * sizeof(float));
+        std::memset(dv + j * ld, 0, H * sizeof(float));
       }
-      float acc = 0.0f;
-      for (int64_t c = 0; c < H; ++c) acc += d_o[i * ldo + c] * o[i * ldo + c];
-      delta[i] = acc;
     }
-    gemm(false, true, T, T, H, d_o, ldo, v, ld, dp, T);            // dP = dO V^T
-    gemm(true, false, T, H, T, p, T, d_o, ldo, dq + 2 * N * H, ld);  // dV = P^T dO
-    for (int64_t i = 0; i < T; ++i) {
-      float *ds = dp + i * T;
-      const float* pr = p + i * T;
-      for (int64_t j = 0; j < T; ++j) ds[j] = pr[j] * (ds[j] - delta[i]);  // dS
+    const float beta = qb < T ? 1.0f : 0.0f;
+    for (int64_t i0 = 0; i0 < T; i0 += qb) {
+      const int64_t i1 = std::min(T, i0 + qb), rows = i1 - i0;
+      int64_t lo, hi;
+      key_range(m, b, n, i0, i1, T, &lo, &hi);
+      if (lo >= hi) {  // no query of the block attends anything: no gradient from it, none to its queries
+        for (int64_t i = i0; i < i1; ++i) std::memset(dq + i * ld, 0, H * sizeof(float));
+        continue;
+      }
+      const int64_t nk = hi - lo;
+      gemm(false, true, rows, nk, H, q + i0 * ld, ld, k + lo * ld, ld, p, nk);  // S = Q K^T on the key range
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = p + r * nk;
+        const bool* allowed = m.row(b, n, i0 + r);
+        const float li = pl[head * T + i0 + r];
+        if (allowed == nullptr) {
+          for (int64_t j = 0; j < nk; ++j) row[j] = std::exp(row[j] - li);
+        } else {
+          allowed += lo;
+          for (int64_t j = 0; j < nk; ++j) row[j] = allowed[j] ? std::exp(row[j] - li) : 0.0f;
+        }
+        const float *dor = d_o + (i0 + r) * ldo, *orow = o + (i0 + r) * ldo;
+        float acc = 0.0f;
+        for (int64_t c = 0; c < H; ++c) acc += dor[c] * orow[c];
+        delta[r] = acc;
+      }
+      gemm(false, true, rows, nk, H, d_o + i0 * ldo, ldo, v + lo * ld, ld, dp, nk);                // dP = dO V^T
+      gemm(true, false, nk, H, rows, p, nk, d_o + i0 * ldo, ldo, dv + lo * ld, ld, beta);         // dV += P^T dO
+      for (int64_t r = 0; r < rows; ++r) {
+        float* ds = dp + r * nk;
+        const float* pr = p + r * nk;
+        for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - delta[r]);  // dS
+      }
+      gemm(false, false, rows, H, nk, dp, nk, k + lo * ld, ld, dq + i0 * ld, ld);         // dQ = dS K
+      gemm(true, false, nk, H, rows, dp, nk, q + i0 * ld, ld, dk + lo * ld, ld, beta);   // dK += dS^T Q
     }
-    gemm(false, false, T, H, T, dp, T, k, ld, dq, ld);         // dQ = dS K
-    gemm(true, false, T, H, T, dp, T, q, ld, dq + N * H, ld);  // dK = dS^T Q
   });
   return ffi::Error::Success();
 }
