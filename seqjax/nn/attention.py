@@ -447,7 +447,10 @@ def _native_self_attention(qkv, mask, precision):
 
 
 def _native_mask(mask: Array | None, t: int) -> Array:
-    return jnp.ones((1, 1, 1, t), bool) if mask is None else mask.astype(bool)
+    """The kernel's mask: bool [B|1, N|1, T|1, T] (a mask that broadcasts over the keys is spelled out)."""
+    if mask is None:
+        return jnp.ones((1, 1, 1, t), bool)
+    return jnp.broadcast_to(mask.astype(bool), (*mask.shape[:3], t))
 
 
 def _qkv_attention_fwd(qkv, mask, precision=None):
@@ -476,28 +479,56 @@ def _qkv_attention_bwd(qkv, mask, out, lse, dout, precision=None):
     return jnp.stack([dq, dk, dv], axis=2)
 
 
-def _native_fwd(qkv, mask, precision):
+def _differentiable_as(reference: Callable) -> Callable:
+    """Decorates a custom-call wrapper f(x, mask, *rest) that computes what `reference` computes, giving it the
+    reference's derivatives (a custom call has none), so that the attention's own backward pass can be differentiated
+    again (gradients of gradients)."""
+
+    def wrap(call):
+        @jax.custom_vjp
+        def f(x, mask, *rest):
+            return call(x, mask, *rest)
+
+        def fwd(x, mask, *rest):
+            return call(x, mask, *rest), (x, mask, rest)
+
+        def bwd(res, cotangent):
+            x, mask, rest = res
+            _, vjp = jax.vjp(lambda x, *rest: reference(x, mask, *rest), x, *rest)
+            grads = vjp(cotangent)
+            return (grads[0], None, *grads[1:])
+
+        f.defvjp(fwd, bwd)
+        return f
+
+    return wrap
+
+
+@_differentiable_as(_qkv_attention_fwd)
+def _native_forward_call(qkv, m):
     b, t, _, n, h = qkv.shape
+    out = (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
+    return tuple(jax.ffi.ffi_call("seqjax_attention_forward", out, vmap_method="sequential")(qkv, m))
 
-    def cpu(qkv, m):
-        out = (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
-        return tuple(jax.ffi.ffi_call("seqjax_attention_forward", out, vmap_method="sequential")(qkv, m))
 
+@_differentiable_as(_qkv_attention_bwd)
+def _native_backward_call(qkv, m, out, lse, dout):
+    result = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
+    return jax.ffi.ffi_call("seqjax_attention_backward", result, vmap_method="sequential")(qkv, m, out, lse, dout)
+
+
+def _native_fwd(qkv, mask, precision):
     default = functools.partial(_qkv_attention_fwd, precision=precision)
-    out, lse = lax.platform_dependent(qkv, _native_mask(mask, t), cpu=cpu, default=default)
+    m = _native_mask(mask, qkv.shape[1])
+    out, lse = lax.platform_dependent(qkv, m, cpu=_native_forward_call, default=default)
     return out, (qkv, mask, out, lse)
 
 
 def _native_bwd(precision, res, dout):
     qkv, mask, out, lse = res
-
-    def cpu(qkv, m, out, lse, dout):
-        result = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
-        return jax.ffi.ffi_call("seqjax_attention_backward", result, vmap_method="sequential")(qkv, m, out, lse, dout)
-
     default = functools.partial(_qkv_attention_bwd, precision=precision)
     args = (qkv, _native_mask(mask, qkv.shape[1]), out, lse, jnp.asarray(dout, jnp.float32))
-    return lax.platform_dependent(*args, cpu=cpu, default=default), None
+    return lax.platform_dependent(*args, cpu=_native_backward_call, default=default), None
 
 
 _native_self_attention.defvjp(_native_fwd, _native_bwd)

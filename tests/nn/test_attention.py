@@ -501,6 +501,7 @@ def test_batch_sharded_jit_gathers_nothing(several_devices, monkeypatch):
     from seqjax.nn import attention
 
     monkeypatch.setattr(attention, "_single_device", lambda: not several_devices)
+    monkeypatch.setattr(attention, "_use_native_attention", lambda *a: False)  # the XLA kernel's block policies
     mesh = Mesh(np.array(jax.devices()), ("data",))
     x = jax.random.normal(jax.random.key(0), (16, 256, 32))
     assert _block_sizes(16, 2, 256, 256, 2**19) == (4, 256)  # above one block: blocks of 4 rows

@@ -29,19 +29,20 @@ def _kernels():
 B, T, N, H = 3, 150, 2, 8  # T: with a mask the kernel takes queries 64 at a time (two whole blocks and a part)
 
 
-def _qkv(seed=0):
-    return jax.random.normal(jax.random.key(seed), (B, T, 3, N, H), jnp.float32)
+def _qkv(seed=0, t=T):
+    return jax.random.normal(jax.random.key(seed), (B, t, 3, N, H), jnp.float32)
 
 
-def _masks():
+def _masks(t=T):
     r = np.random.default_rng(3)
-    causal = np.asarray(causal_mask(T))  # [1, 1, T, T]
-    padding = (np.arange(T)[None] < np.array([T, 17, 1])[:, None])[:, None, None, :]  # [B, 1, 1, T]
-    per_head = r.random((B, N, T, T)) < 0.7
+    causal = np.asarray(causal_mask(t))  # [1, 1, T, T]
+    padding = (np.arange(t)[None] < np.array([t, 17, 1])[:, None])[:, None, None, :]  # [B, 1, 1, T]
+    per_head = r.random((B, N, t, t)) < 0.7
     per_head[1, 0, 5] = False  # a fully masked query: zero output, zero gradient, never NaN
     per_head[2, 1, :3] = False
-    per_head[0, 1, 64:128] = False  # a whole block of queries that attends nothing
-    return {"none": None, "causal": causal, "padding": padding, "per-head": per_head}
+    per_head[0, 1, 64:128] = False  # (T=150) a whole block of queries that attends nothing
+    queries = (np.arange(t)[None] < np.array([t, 30, 9])[:, None])[:, None, :, None]  # [B, 1, T, 1]: over the keys
+    return {"none": None, "causal": causal, "padding": padding, "per-head": per_head, "queries": queries}
 
 
 def _jax_reference(qkv, mask):
@@ -56,9 +57,10 @@ def _jax_reference(qkv, mask):
     return jnp.einsum("bnqk,bknh->bqnh", e / jnp.where(z > 0, z, 1.0), v)
 
 
-@pytest.mark.parametrize("kind", ["none", "causal", "padding", "per-head"])
-def test_attention_kernel_matches_references(kind):
-    qkv, mask = _qkv(), _masks()[kind]
+@pytest.mark.parametrize("t", [40, T], ids=["one-block", "three-blocks"])
+@pytest.mark.parametrize("kind", ["none", "causal", "padding", "per-head", "queries"])
+def test_attention_kernel_matches_references(kind, t):
+    qkv, mask = _qkv(0, t), _masks(t)[kind]
     jmask = None if mask is None else jnp.asarray(mask)
     f = jax.jit(lambda x: attention._native_self_attention(x, jmask, None))
     assert "seqjax_attention_forward" in f.lower(qkv).as_text()
@@ -80,6 +82,9 @@ def test_attention_kernel_matches_references(kind):
         np.testing.assert_array_equal(np.asarray(ours[1, 5, 0, 0]), 0.0)
         np.testing.assert_array_equal(np.asarray(out[0, 64:128, 1]), 0.0)
         np.testing.assert_array_equal(np.asarray(ours[0, 64:128, 0, 1]), 0.0)
+    if kind == "padding":  # keys that no query may attend get exactly zero dk, dv (here one block can cover all)
+        np.testing.assert_array_equal(np.asarray(ours[1, 17:, 1:]), 0.0)
+        np.testing.assert_array_equal(np.asarray(ours[2, 1:, 1:]), 0.0)
 
 
 def test_attention_kernel_masked_keys_get_no_gradient():
@@ -89,6 +94,19 @@ def test_attention_kernel_masked_keys_get_no_gradient():
     g = jax.grad(lambda x: jnp.sum(jnp.sin(attention._native_self_attention(x, mask, None))))(qkv)
     np.testing.assert_array_equal(np.asarray(g[:, 100:, 1:]), 0.0)  # dk and dv of the padded keys
     assert np.abs(np.asarray(g[:, :100, 1:])).max() > 0
+
+
+def test_attention_kernel_gradients_of_gradients():
+    """The kernel's backward pass can itself be differentiated (its custom calls carry the plain-JAX formulation's
+    derivatives): the gradient of a gradient penalty equals that of autodiff through plain attention."""
+    qkv, mask = _qkv(11, 70), jnp.asarray(_masks(70)["causal"])
+
+    def penalty(attend):
+        return lambda x: jnp.sum(jnp.square(jax.grad(lambda y: jnp.sum(jnp.sin(attend(y))))(x)))
+
+    ours = jax.jit(jax.grad(penalty(lambda y: attention._native_self_attention(y, mask, None))))(qkv)
+    theirs = jax.jit(jax.grad(penalty(lambda y: _jax_reference(y, mask))))(qkv)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=2e-3, atol=2e-4)
 
 
 def test_attention_fallback_branch_is_the_same_function(monkeypatch):
@@ -131,11 +149,13 @@ def test_long_sequences_run_the_kernel_and_match_the_xla_kernel(monkeypatch):
 
 
 def test_attention_kernel_under_vmap():
-    qkvs = jnp.stack([_qkv(6), _qkv(7)])
-    f = lambda x: attention._native_self_attention(x, None, None)
-    batched = jax.vmap(f)(qkvs)
+    qkvs, mask = jnp.stack([_qkv(6), _qkv(7)]), jnp.asarray(_masks()["padding"])
+    f = lambda x: attention._native_self_attention(x, mask, None)
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))
+    batched, batched_grads = jax.vmap(f)(qkvs), jax.vmap(g)(qkvs)
     for i in range(2):
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(f(qkvs[i])), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(batched_grads[i]), np.asarray(g(qkvs[i])), rtol=1e-6, atol=1e-7)
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:

@@ -5,7 +5,8 @@ compiled the first time a module asks for it with the machine's C++ compiler (`$
 `clang++`), for the machine's own CPU, into a cache folder (`$SEQJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/seqjax` or
 `~/.cache/seqjax`), keyed by the source, the flags, the jaxlib version and the CPU; later processes load the built
 library. The matrix products call the `sgemm` of the OpenBLAS that scipy loads (JAX itself depends on scipy),
-single-threaded within each of the kernel's own threads (`openblas_set_num_threads_local`, OpenBLAS >= 0.3.27).
+single-threaded within each of the kernel's own threads (`openblas_set_num_threads_local`, OpenBLAS >= 0.3.27; in
+OpenBLAS's pthreads builds that count is process-wide, so a kernel call restores the previous count when it ends).
 
 Nothing depends on it: where there is no compiler or no such OpenBLAS, the build fails, or `SEQJAX_NATIVE=0` is set,
 `available()` is False (`unavailable_reason()` says why) and the layers run their XLA formulation, which computes the

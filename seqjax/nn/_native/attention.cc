@@ -18,7 +18,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -69,11 +71,24 @@ ffi::Error make_mask(ffi::Buffer<ffi::PRED>& mask, const Shape& s, Mask* out) {
 ffi::Error make_shape(ffi::Buffer<ffi::F32>& qkv, Shape* s) {
   if (seqjax::sgemm == nullptr) return ffi::Error::Internal("seqjax attention kernel: no sgemm was set");
   auto d = qkv.dimensions();
-  if (d.size() != 5 || d[2] != 3) return ffi::Error::InvalidArgument("seqjax attention kernel: qkv must be [B, T, 3, N, H]");
+  if (d.size() != 5 || d[2] != 3)
+    return ffi::Error::InvalidArgument("seqjax attention kernel: qkv must be [B, T, 3, N, H]");
   *s = Shape{d[0], d[1], d[3], d[4]};
   if (s->T * s->T > INT32_MAX || s->T * s->ld() > INT32_MAX)
     return ffi::Error::InvalidArgument("seqjax attention kernel: arrays too large for 32-bit BLAS indices");
   return ffi::Error::Success();
+}
+
+// Runs fn, turning a C++ exception (no memory for the scratch tiles, no thread) into an XLA error instead of
+// letting it end the process.
+template <typename Fn>
+ffi::Error guarded(Fn fn) {
+  try {
+    fn();
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("seqjax attention kernel: ") + e.what());
+  }
 }
 
 // Per-thread working memory for one head: two [T, T] score tiles and a [T, H] product, uninitialised.
@@ -130,52 +145,53 @@ static ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED> 
   float *po = out->typed_data(), *pl = lse->typed_data();
   const float inf = positive_infinity();
 
-  for_each_head(s.B * N, T, H, [&](int64_t head, Scratch& w) {
-    const int64_t b = head / N, n = head % N;
-    float *p = w.a.get(), *o = w.c.get(), *inv = w.b.get();
-    const float *q = base + b * T * ld + n * H, *k = q + N * H, *v = q + 2 * N * H;
-    for (int64_t i0 = 0; i0 < T; i0 += qb) {
-      const int64_t i1 = std::min(T, i0 + qb), rows = i1 - i0;
-      int64_t lo, hi;
-      key_range(m, b, n, i0, i1, T, &lo, &hi);
-      if (lo >= hi) {  // no query of the block may attend anything: zero outputs
-        for (int64_t i = i0; i < i1; ++i) {
-          std::memset(po + ((b * T + i) * N + n) * H, 0, H * sizeof(float));
-          pl[head * T + i] = inf;
+  return guarded([&] {
+    for_each_head(s.B * N, T, H, [&](int64_t head, Scratch& w) {
+      const int64_t b = head / N, n = head % N;
+      float *p = w.a.get(), *o = w.c.get(), *inv = w.b.get();
+      const float *q = base + b * T * ld + n * H, *k = q + N * H, *v = q + 2 * N * H;
+      for (int64_t i0 = 0; i0 < T; i0 += qb) {
+        const int64_t i1 = std::min(T, i0 + qb), rows = i1 - i0;
+        int64_t lo, hi;
+        key_range(m, b, n, i0, i1, T, &lo, &hi);
+        if (lo >= hi) {  // no query of the block may attend anything: zero outputs
+          for (int64_t i = i0; i < i1; ++i) {
+            std::memset(po + ((b * T + i) * N + n) * H, 0, H * sizeof(float));
+            pl[head * T + i] = inf;
+          }
+          continue;
         }
-        continue;
-      }
-      const int64_t nk = hi - lo;
-      gemm(false, true, rows, nk, H, q + i0 * ld, ld, k + lo * ld, ld, p, nk);  // S = Q K^T on the key range
-      for (int64_t r = 0; r < rows; ++r) {
-        float* row = p + r * nk;
-        const bool* allowed = m.row(b, n, i0 + r);
-        float mx = 0.0f, l = 0.0f;
-        bool any = allowed == nullptr;
-        if (allowed == nullptr) {
-          mx = *std::max_element(row, row + nk);
-          for (int64_t j = 0; j < nk; ++j) row[j] = std::exp(row[j] - mx);
-        } else {
-          allowed += lo;
-          for (int64_t j = 0; j < nk; ++j)
-            if (allowed[j]) {
-              mx = any ? std::max(mx, row[j]) : row[j];
-              any = true;
-            }
-          for (int64_t j = 0; j < nk; ++j) row[j] = allowed[j] ? std::exp(row[j] - mx) : 0.0f;
+        const int64_t nk = hi - lo;
+        gemm(false, true, rows, nk, H, q + i0 * ld, ld, k + lo * ld, ld, p, nk);  // S = Q K^T on the key range
+        for (int64_t r = 0; r < rows; ++r) {
+          float* row = p + r * nk;
+          const bool* allowed = m.row(b, n, i0 + r);
+          float mx = 0.0f, l = 0.0f;
+          bool any = allowed == nullptr;
+          if (allowed == nullptr) {
+            mx = *std::max_element(row, row + nk);
+            for (int64_t j = 0; j < nk; ++j) row[j] = std::exp(row[j] - mx);
+          } else {
+            allowed += lo;
+            for (int64_t j = 0; j < nk; ++j)
+              if (allowed[j]) {
+                mx = any ? std::max(mx, row[j]) : row[j];
+                any = true;
+              }
+            for (int64_t j = 0; j < nk; ++j) row[j] = allowed[j] ? std::exp(row[j] - mx) : 0.0f;
+          }
+          for (int64_t j = 0; j < nk; ++j) l += row[j];
+          inv[r] = any ? 1.0f / l : 0.0f;
+          pl[head * T + i0 + r] = any ? mx + std::log(l) : inf;
         }
-        for (int64_t j = 0; j < nk; ++j) l += row[j];
-        inv[r] = any ? 1.0f / l : 0.0f;
-        pl[head * T + i0 + r] = any ? mx + std::log(l) : inf;
+        gemm(false, false, rows, H, nk, p, nk, v + lo * ld, ld, o, H);  // O = E V
+        for (int64_t r = 0; r < rows; ++r) {
+          float* dst = po + ((b * T + i0 + r) * N + n) * H;
+          for (int64_t c = 0; c < H; ++c) dst[c] = o[r * H + c] * inv[r];
+        }
       }
-      gemm(false, false, rows, H, nk, p, nk, v + lo * ld, ld, o, H);  // O = E V
-      for (int64_t r = 0; r < rows; ++r) {
-        float* dst = po + ((b * T + i0 + r) * N + n) * H;
-        for (int64_t c = 0; c < H; ++c) dst[c] = o[r * H + c] * inv[r];
-      }
-    }
+    });
   });
-  return ffi::Error::Success();
 }
 
 static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out,
@@ -188,56 +204,59 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED>
   const float *base = qkv.typed_data(), *po = out.typed_data(), *pl = lse.typed_data(), *pdo = dout.typed_data();
   float* dbase = dqkv->typed_data();
 
-  for_each_head(s.B * N, T, H, [&](int64_t head, Scratch& w) {
-    const int64_t b = head / N, n = head % N;
-    float *p = w.a.get(), *dp = w.b.get(), *delta = w.c.get();
-    const float *q = base + b * T * ld + n * H, *k = q + N * H, *v = q + 2 * N * H;
-    const float *o = po + b * T * ldo + n * H, *d_o = pdo + b * T * ldo + n * H;
-    float *dq = dbase + b * T * ld + n * H, *dk = dq + N * H, *dv = dq + 2 * N * H;
-    if (qb < T) {  // dK and dV accumulate over the query blocks
-      for (int64_t j = 0; j < T; ++j) {
-        std::memset(dk + j * ld, 0, H * sizeof(float));
-        std::memset(dv + j * ld, 0, H * sizeof(float));
-      }
-    }
-    const float beta = qb < T ? 1.0f : 0.0f;
-    for (int64_t i0 = 0; i0 < T; i0 += qb) {
-      const int64_t i1 = std::min(T, i0 + qb), rows = i1 - i0;
-      int64_t lo, hi;
-      key_range(m, b, n, i0, i1, T, &lo, &hi);
-      if (lo >= hi) {  // no query of the block attends anything: no gradient from it, none to its queries
-        for (int64_t i = i0; i < i1; ++i) std::memset(dq + i * ld, 0, H * sizeof(float));
-        continue;
-      }
-      const int64_t nk = hi - lo;
-      gemm(false, true, rows, nk, H, q + i0 * ld, ld, k + lo * ld, ld, p, nk);  // S = Q K^T on the key range
-      for (int64_t r = 0; r < rows; ++r) {
-        float* row = p + r * nk;
-        const bool* allowed = m.row(b, n, i0 + r);
-        const float li = pl[head * T + i0 + r];
-        if (allowed == nullptr) {
-          for (int64_t j = 0; j < nk; ++j) row[j] = std::exp(row[j] - li);
-        } else {
-          allowed += lo;
-          for (int64_t j = 0; j < nk; ++j) row[j] = allowed[j] ? std::exp(row[j] - li) : 0.0f;
+  return guarded([&] {
+    for_each_head(s.B * N, T, H, [&](int64_t head, Scratch& w) {
+      const int64_t b = head / N, n = head % N;
+      float *p = w.a.get(), *dp = w.b.get(), *delta = w.c.get();
+      const float *q = base + b * T * ld + n * H, *k = q + N * H, *v = q + 2 * N * H;
+      const float *o = po + b * T * ldo + n * H, *d_o = pdo + b * T * ldo + n * H;
+      float *dq = dbase + b * T * ld + n * H, *dk = dq + N * H, *dv = dq + 2 * N * H;
+      // With a mask, dK and dV accumulate over the query blocks, and keys outside every block's range get none.
+      const bool masked = m.data != nullptr;
+      if (masked) {
+        for (int64_t j = 0; j < T; ++j) {
+          std::memset(dk + j * ld, 0, H * sizeof(float));
+          std::memset(dv + j * ld, 0, H * sizeof(float));
         }
-        const float *dor = d_o + (i0 + r) * ldo, *orow = o + (i0 + r) * ldo;
-        float acc = 0.0f;
-        for (int64_t c = 0; c < H; ++c) acc += dor[c] * orow[c];
-        delta[r] = acc;
       }
-      gemm(false, true, rows, nk, H, d_o + i0 * ldo, ldo, v + lo * ld, ld, dp, nk);                // dP = dO V^T
-      gemm(true, false, nk, H, rows, p, nk, d_o + i0 * ldo, ldo, dv + lo * ld, ld, beta);         // dV += P^T dO
-      for (int64_t r = 0; r < rows; ++r) {
-        float* ds = dp + r * nk;
-        const float* pr = p + r * nk;
-        for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - delta[r]);  // dS
+      const float beta = masked ? 1.0f : 0.0f;
+      for (int64_t i0 = 0; i0 < T; i0 += qb) {
+        const int64_t i1 = std::min(T, i0 + qb), rows = i1 - i0;
+        int64_t lo, hi;
+        key_range(m, b, n, i0, i1, T, &lo, &hi);
+        if (lo >= hi) {  // no query of the block attends anything: no gradient from it, none to its queries
+          for (int64_t i = i0; i < i1; ++i) std::memset(dq + i * ld, 0, H * sizeof(float));
+          continue;
+        }
+        const int64_t nk = hi - lo;
+        gemm(false, true, rows, nk, H, q + i0 * ld, ld, k + lo * ld, ld, p, nk);  // S = Q K^T on the key range
+        for (int64_t r = 0; r < rows; ++r) {
+          float* row = p + r * nk;
+          const bool* allowed = m.row(b, n, i0 + r);
+          const float li = pl[head * T + i0 + r];
+          if (allowed == nullptr) {
+            for (int64_t j = 0; j < nk; ++j) row[j] = std::exp(row[j] - li);
+          } else {
+            allowed += lo;
+            for (int64_t j = 0; j < nk; ++j) row[j] = allowed[j] ? std::exp(row[j] - li) : 0.0f;
+          }
+          const float *dor = d_o + (i0 + r) * ldo, *orow = o + (i0 + r) * ldo;
+          float acc = 0.0f;
+          for (int64_t c = 0; c < H; ++c) acc += dor[c] * orow[c];
+          delta[r] = acc;
+        }
+        gemm(false, true, rows, nk, H, d_o + i0 * ldo, ldo, v + lo * ld, ld, dp, nk);                // dP = dO V^T
+        gemm(true, false, nk, H, rows, p, nk, d_o + i0 * ldo, ldo, dv + lo * ld, ld, beta);         // dV += P^T dO
+        for (int64_t r = 0; r < rows; ++r) {
+          float* ds = dp + r * nk;
+          const float* pr = p + r * nk;
+          for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - delta[r]);  // dS
+        }
+        gemm(false, false, rows, H, nk, dp, nk, k + lo * ld, ld, dq + i0 * ld, ld);         // dQ = dS K
+        gemm(true, false, nk, H, rows, dp, nk, q + i0 * ld, ld, dk + lo * ld, ld, beta);   // dK += dS^T Q
       }
-      gemm(false, false, rows, H, nk, dp, nk, k + lo * ld, ld, dq + i0 * ld, ld);         // dQ = dS K
-      gemm(true, false, nk, H, rows, dp, nk, q + i0 * ld, ld, dk + lo * ld, ld, beta);   // dK += dS^T Q
-    }
+    });
   });
-  return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxAttentionForward, ForwardImpl,

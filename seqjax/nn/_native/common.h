@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <exception>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -43,20 +45,40 @@ inline int64_t worker_count(int64_t items) {
 }
 
 // Runs fn(worker, workers) on `workers` threads (the BLAS single-threaded in each), or inline when workers == 1.
+// In OpenBLAS's pthreads builds openblas_set_num_threads_local sets the process-wide count, so the count the caller
+// had is restored afterwards (in OpenMP builds the setting is per thread and dies with the workers).
 template <typename Fn>
 void run_workers(int64_t workers, Fn fn) {
   if (workers <= 1) {
     fn(int64_t{0}, int64_t{1});
     return;
   }
+  const int before = set_threads_local(1);
+  struct Restore {
+    int count;
+    ~Restore() { set_threads_local(count); }
+  } restore{before};
   std::vector<std::thread> threads;
-  for (int64_t w = 0; w < workers; ++w) {
-    threads.emplace_back([=] {
-      set_threads_local(1);
+  threads.reserve(workers);
+  std::exception_ptr error;
+  std::mutex error_lock;
+  auto work = [&](int64_t w) {
+    set_threads_local(1);
+    try {
       fn(w, workers);
-    });
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_lock);
+      if (!error) error = std::current_exception();
+    }
+  };
+  try {
+    for (int64_t w = 0; w < workers; ++w) threads.emplace_back(work, w);
+  } catch (...) {  // a thread could not start: let the started ones finish before unwinding
+    for (auto& thread : threads) thread.join();
+    throw;
   }
   for (auto& thread : threads) thread.join();
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace seqjax
