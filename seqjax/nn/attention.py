@@ -442,7 +442,7 @@ def _native_self_attention(qkv, mask, precision):
     """Self-attention without dropout from the fused projection qkv [B, T, 3, N, H] (q already scaled) → [B, T, N, H],
     by the C++ kernel where the program is lowered for a CPU, and by `_qkv_attention_fwd` / `_bwd` elsewhere
     (`lax.platform_dependent`): the same math in plain JAX ops, which the kernel's tests also use as a reference.
-    Saves qkv, the mask, the output and the log-sum-exp of each query's scores."""
+    Saves qkv, the kernel's mask, the output and the log-sum-exp of each query's scores."""
     return _native_fwd(qkv, mask, precision)[0]
 
 
@@ -521,13 +521,13 @@ def _native_fwd(qkv, mask, precision):
     default = functools.partial(_qkv_attention_fwd, precision=precision)
     m = _native_mask(mask, qkv.shape[1])
     out, lse = lax.platform_dependent(qkv, m, cpu=_native_forward_call, default=default)
-    return out, (qkv, mask, out, lse)
+    return out, (qkv, m, out, lse)
 
 
 def _native_bwd(precision, res, dout):
-    qkv, mask, out, lse = res
+    qkv, m, out, lse = res
     default = functools.partial(_qkv_attention_bwd, precision=precision)
-    args = (qkv, _native_mask(mask, qkv.shape[1]), out, lse, jnp.asarray(dout, jnp.float32))
+    args = (qkv, m, out, lse, jnp.asarray(dout, jnp.float32))
     return lax.platform_dependent(*args, cpu=_native_backward_call, default=default), None
 
 

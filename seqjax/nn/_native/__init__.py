@@ -47,23 +47,21 @@ _FLAG_SETS = (
 )
 
 _lock = threading.Lock()
-_loaded: bool | None = None  # None until the first attempt
-_reason = "not built yet"
-_library = None  # keeps the loaded library alive
+_library = None  # the loaded library (kept alive), once loaded
+_reason: str | None = None  # None until the first attempt; then why it failed, or "" when it loaded
 
 
 def available() -> bool:
     """Whether the CPU kernels are registered with XLA, building and loading them on the first call."""
-    global _loaded, _reason, _library
+    global _reason, _library
     with _lock:
-        if _loaded is None:
+        if _reason is None:
             try:
-                _library = _load()
-                _loaded, _reason = True, ""
+                _library, _reason = _load(), ""
             except Exception as e:  # any failure means: use the XLA formulation
-                _loaded, _reason = False, f"{type(e).__name__}: {e}"
+                _reason = f"{type(e).__name__}: {e}"
                 _log.info("seqjax CPU kernels unavailable, using XLA ops: %s", _reason)
-        return _loaded
+        return _library is not None
 
 
 def unavailable_reason() -> str:

@@ -97,98 +97,120 @@ struct Scratch {
   Scratch(int64_t t, int64_t h) : a(new float[t * t]), b(new float[t * t]), c(new float[t * std::max(h, int64_t{1})]) {}
 };
 
-// Runs fn(head, scratch) for head in [0, heads), the heads split between seqjax::run_workers' threads.
-template <typename Fn>
-void for_each_head(int64_t heads, int64_t t, int64_t h, Fn fn) {
-  seqjax::run_workers(seqjax::worker_count(heads), [&](int64_t w, int64_t workers) {
-    Scratch scratch(t, h);
-    for (int64_t i = heads * w / workers; i < heads * (w + 1) / workers; ++i) fn(i, scratch);
-  });
-}
-
-}  // namespace
-
 // Queries are taken QUERY_BLOCK at a time when a mask is given, each block against only the keys that some of its
-// queries may attend ([lo, hi), from the mask): a causal mask then costs about half the products, a padding mask
-// skips the padded keys. Without a mask a head is one block.
+// queries may attend (read off the mask): a causal mask then costs about half the products, a padding mask skips
+// the padded keys. Without a mask a head is one block.
 constexpr int64_t QUERY_BLOCK = 64;
 
-// The keys [lo, hi) that any of the queries [i0, i1) of head (b, n) may attend; lo >= hi when none.
-void key_range(const Mask& m, int64_t b, int64_t n, int64_t i0, int64_t i1, int64_t t, int64_t* lo, int64_t* hi) {
-  *lo = t;
-  *hi = 0;
-  for (int64_t i = i0; i < i1; ++i) {
-    const bool* row = m.row(b, n, i);
+// The queries [i0, i0 + rows) of head (b, n), and the keys [lo, lo + nk) that any of them may attend (nk = 0: none).
+struct Block {
+  int64_t head, b, n, i0, rows, lo = 0, nk = 0;
+};
+
+void set_key_range(const Mask& m, int64_t t, Block* blk) {
+  int64_t lo = t, hi = 0;
+  for (int64_t i = blk->i0; i < blk->i0 + blk->rows; ++i) {
+    const bool* row = m.row(blk->b, blk->n, i);
     if (row == nullptr) {
-      *lo = 0;
-      *hi = t;
-      return;
+      lo = 0;
+      hi = t;
+      break;
     }
     int64_t first = 0, last = t;
     while (first < t && !row[first]) ++first;
     while (last > first && !row[last - 1]) --last;
     if (first < last) {
-      *lo = std::min(*lo, first);
-      *hi = std::max(*hi, last);
+      lo = std::min(lo, first);
+      hi = std::max(hi, last);
     }
   }
+  blk->lo = lo;
+  blk->nk = std::max<int64_t>(hi - lo, 0);
 }
+
+// Runs fn(block, scratch) over every head's query blocks, in order within a head; the heads are split between
+// seqjax::run_workers' threads.
+template <typename Fn>
+void for_each_block(const Shape& s, const Mask& m, Fn fn) {
+  const int64_t heads = s.B * s.N, qb = m.data == nullptr ? s.T : QUERY_BLOCK;
+  seqjax::run_workers(seqjax::worker_count(heads), [&](int64_t w, int64_t workers) {
+    Scratch scratch(s.T, s.H);
+    for (int64_t head = heads * w / workers; head < heads * (w + 1) / workers; ++head) {
+      for (int64_t i0 = 0; i0 < s.T; i0 += qb) {
+        Block blk{head, head / s.N, head % s.N, i0, std::min(qb, s.T - i0)};
+        set_key_range(m, s.T, &blk);
+        fn(blk, scratch);
+      }
+    }
+  });
+}
+
+// row[j] = exp(row[j] - shift) where allowed (allowed == nullptr: everywhere), 0 elsewhere.
+void exp_shifted(float* row, const bool* allowed, int64_t n, float shift) {
+  if (allowed == nullptr) {
+    for (int64_t j = 0; j < n; ++j) row[j] = std::exp(row[j] - shift);
+  } else {
+    for (int64_t j = 0; j < n; ++j) row[j] = allowed[j] ? std::exp(row[j] - shift) : 0.0f;
+  }
+}
+
+// Reads the shapes and the mask of a call; both passes start here.
+ffi::Error prepare(ffi::Buffer<ffi::F32>& qkv, ffi::Buffer<ffi::PRED>& mask, Shape* s, Mask* m) {
+  if (auto e = make_shape(qkv, s); e.failure()) return e;
+  return make_mask(mask, *s, m);
+}
+
+}  // namespace
 
 static ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
                               ffi::ResultBuffer<ffi::F32> lse) {
   Shape s;
-  if (auto e = make_shape(qkv, &s); e.failure()) return e;
   Mask m;
-  if (auto e = make_mask(mask, s, &m); e.failure()) return e;
-  const int64_t T = s.T, N = s.N, H = s.H, ld = s.ld(), qb = m.data == nullptr ? T : QUERY_BLOCK;
+  if (auto e = prepare(qkv, mask, &s, &m); e.failure()) return e;
+  const int64_t T = s.T, N = s.N, H = s.H, ld = s.ld();
   const float* base = qkv.typed_data();
   float *po = out->typed_data(), *pl = lse->typed_data();
   const float inf = positive_infinity();
 
   return guarded([&] {
-    for_each_head(s.B * N, T, H, [&](int64_t head, Scratch& w) {
-      const int64_t b = head / N, n = head % N;
-      float *p = w.a.get(), *o = w.c.get(), *inv = w.b.get();
-      const float *q = base + b * T * ld + n * H, *k = q + N * H, *v = q + 2 * N * H;
-      for (int64_t i0 = 0; i0 < T; i0 += qb) {
-        const int64_t i1 = std::min(T, i0 + qb), rows = i1 - i0;
-        int64_t lo, hi;
-        key_range(m, b, n, i0, i1, T, &lo, &hi);
-        if (lo >= hi) {  // no query of the block may attend anything: zero outputs
-          for (int64_t i = i0; i < i1; ++i) {
-            std::memset(po + ((b * T + i) * N + n) * H, 0, H * sizeof(float));
-            pl[head * T + i] = inf;
-          }
-          continue;
-        }
-        const int64_t nk = hi - lo;
-        gemm(false, true, rows, nk, H, q + i0 * ld, ld, k + lo * ld, ld, p, nk);  // S = Q K^T on the key range
+    for_each_block(s, m, [&](const Block& blk, Scratch& w) {
+      const int64_t rows = blk.rows, lo = blk.lo, nk = blk.nk;
+      const float *q = base + blk.b * T * ld + blk.n * H + blk.i0 * ld, *k = base + blk.b * T * ld + (N + blk.n) * H,
+                  *v = k + N * H;
+      float *p = w.a.get(), *o = w.c.get(), *inv = w.b.get(), *lse_b = pl + blk.head * T + blk.i0;
+      if (nk == 0) {  // no query of the block may attend anything: zero outputs
         for (int64_t r = 0; r < rows; ++r) {
-          float* row = p + r * nk;
-          const bool* allowed = m.row(b, n, i0 + r);
-          float mx = 0.0f, l = 0.0f;
-          bool any = allowed == nullptr;
-          if (allowed == nullptr) {
-            mx = *std::max_element(row, row + nk);
-            for (int64_t j = 0; j < nk; ++j) row[j] = std::exp(row[j] - mx);
-          } else {
-            allowed += lo;
-            for (int64_t j = 0; j < nk; ++j)
-              if (allowed[j]) {
-                mx = any ? std::max(mx, row[j]) : row[j];
-                any = true;
-              }
-            for (int64_t j = 0; j < nk; ++j) row[j] = allowed[j] ? std::exp(row[j] - mx) : 0.0f;
-          }
-          for (int64_t j = 0; j < nk; ++j) l += row[j];
-          inv[r] = any ? 1.0f / l : 0.0f;
-          pl[head * T + i0 + r] = any ? mx + std::log(l) : inf;
+          std::memset(po + ((blk.b * T + blk.i0 + r) * N + blk.n) * H, 0, H * sizeof(float));
+          lse_b[r] = inf;
         }
-        gemm(false, false, rows, H, nk, p, nk, v + lo * ld, ld, o, H);  // O = E V
-        for (int64_t r = 0; r < rows; ++r) {
-          float* dst = po + ((b * T + i0 + r) * N + n) * H;
-          for (int64_t c = 0; c < H; ++c) dst[c] = o[r * H + c] * inv[r];
+        return;
+      }
+      gemm(false, true, rows, nk, H, q, ld, k + lo * ld, ld, p, nk);  // S = Q K^T on the key range
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = p + r * nk;
+        const bool* allowed = m.row(blk.b, blk.n, blk.i0 + r);
+        float mx = 0.0f;
+        bool any = allowed == nullptr;
+        if (allowed == nullptr) {
+          mx = *std::max_element(row, row + nk);
+        } else {
+          allowed += lo;
+          for (int64_t j = 0; j < nk; ++j)
+            if (allowed[j]) {
+              mx = any ? std::max(mx, row[j]) : row[j];
+              any = true;
+            }
         }
+        exp_shifted(row, allowed, nk, mx);
+        float l = 0.0f;
+        for (int64_t j = 0; j < nk; ++j) l += row[j];
+        inv[r] = any ? 1.0f / l : 0.0f;
+        lse_b[r] = any ? mx + std::log(l) : inf;
+      }
+      gemm(false, false, rows, H, nk, p, nk, v + lo * ld, ld, o, H);  // O = E V
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = po + ((blk.b * T + blk.i0 + r) * N + blk.n) * H;
+        for (int64_t c = 0; c < H; ++c) dst[c] = o[r * H + c] * inv[r];
       }
     });
   });
@@ -197,64 +219,50 @@ static ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED> 
 static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out,
                                ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dqkv) {
   Shape s;
-  if (auto e = make_shape(qkv, &s); e.failure()) return e;
   Mask m;
-  if (auto e = make_mask(mask, s, &m); e.failure()) return e;
-  const int64_t T = s.T, N = s.N, H = s.H, ld = s.ld(), ldo = N * H, qb = m.data == nullptr ? T : QUERY_BLOCK;
+  if (auto e = prepare(qkv, mask, &s, &m); e.failure()) return e;
+  const int64_t T = s.T, N = s.N, H = s.H, ld = s.ld(), ldo = N * H;
   const float *base = qkv.typed_data(), *po = out.typed_data(), *pl = lse.typed_data(), *pdo = dout.typed_data();
   float* dbase = dqkv->typed_data();
+  // With a mask, dK and dV accumulate over the query blocks, and keys outside every block's range get none.
+  const bool masked = m.data != nullptr;
+  const float beta = masked ? 1.0f : 0.0f;
 
   return guarded([&] {
-    for_each_head(s.B * N, T, H, [&](int64_t head, Scratch& w) {
-      const int64_t b = head / N, n = head % N;
-      float *p = w.a.get(), *dp = w.b.get(), *delta = w.c.get();
-      const float *q = base + b * T * ld + n * H, *k = q + N * H, *v = q + 2 * N * H;
-      const float *o = po + b * T * ldo + n * H, *d_o = pdo + b * T * ldo + n * H;
-      float *dq = dbase + b * T * ld + n * H, *dk = dq + N * H, *dv = dq + 2 * N * H;
-      // With a mask, dK and dV accumulate over the query blocks, and keys outside every block's range get none.
-      const bool masked = m.data != nullptr;
-      if (masked) {
+    for_each_block(s, m, [&](const Block& blk, Scratch& w) {
+      const int64_t rows = blk.rows, lo = blk.lo, nk = blk.nk, head0 = blk.b * T * ld + blk.n * H;
+      const float *q = base + head0, *k = q + N * H, *v = q + 2 * N * H;
+      const int64_t rows0 = (blk.b * T + blk.i0) * ldo + blk.n * H;  // the block's first row in out and dout
+      const float *o = po + rows0, *d_o = pdo + rows0;
+      float *dq = dbase + head0, *dk = dq + N * H, *dv = dq + 2 * N * H, *p = w.a.get(), *dp = w.b.get(),
+            *delta = w.c.get();
+      if (masked && blk.i0 == 0) {
         for (int64_t j = 0; j < T; ++j) {
           std::memset(dk + j * ld, 0, H * sizeof(float));
           std::memset(dv + j * ld, 0, H * sizeof(float));
         }
       }
-      const float beta = masked ? 1.0f : 0.0f;
-      for (int64_t i0 = 0; i0 < T; i0 += qb) {
-        const int64_t i1 = std::min(T, i0 + qb), rows = i1 - i0;
-        int64_t lo, hi;
-        key_range(m, b, n, i0, i1, T, &lo, &hi);
-        if (lo >= hi) {  // no query of the block attends anything: no gradient from it, none to its queries
-          for (int64_t i = i0; i < i1; ++i) std::memset(dq + i * ld, 0, H * sizeof(float));
-          continue;
-        }
-        const int64_t nk = hi - lo;
-        gemm(false, true, rows, nk, H, q + i0 * ld, ld, k + lo * ld, ld, p, nk);  // S = Q K^T on the key range
-        for (int64_t r = 0; r < rows; ++r) {
-          float* row = p + r * nk;
-          const bool* allowed = m.row(b, n, i0 + r);
-          const float li = pl[head * T + i0 + r];
-          if (allowed == nullptr) {
-            for (int64_t j = 0; j < nk; ++j) row[j] = std::exp(row[j] - li);
-          } else {
-            allowed += lo;
-            for (int64_t j = 0; j < nk; ++j) row[j] = allowed[j] ? std::exp(row[j] - li) : 0.0f;
-          }
-          const float *dor = d_o + (i0 + r) * ldo, *orow = o + (i0 + r) * ldo;
-          float acc = 0.0f;
-          for (int64_t c = 0; c < H; ++c) acc += dor[c] * orow[c];
-          delta[r] = acc;
-        }
-        gemm(false, true, rows, nk, H, d_o + i0 * ldo, ldo, v + lo * ld, ld, dp, nk);                // dP = dO V^T
-        gemm(true, false, nk, H, rows, p, nk, d_o + i0 * ldo, ldo, dv + lo * ld, ld, beta);         // dV += P^T dO
-        for (int64_t r = 0; r < rows; ++r) {
-          float* ds = dp + r * nk;
-          const float* pr = p + r * nk;
-          for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - delta[r]);  // dS
-        }
-        gemm(false, false, rows, H, nk, dp, nk, k + lo * ld, ld, dq + i0 * ld, ld);         // dQ = dS K
-        gemm(true, false, nk, H, rows, dp, nk, q + i0 * ld, ld, dk + lo * ld, ld, beta);   // dK += dS^T Q
+      if (nk == 0) {  // no query of the block attends anything: no gradient from it, none to its queries
+        for (int64_t r = 0; r < rows; ++r) std::memset(dq + (blk.i0 + r) * ld, 0, H * sizeof(float));
+        return;
       }
+      gemm(false, true, rows, nk, H, q + blk.i0 * ld, ld, k + lo * ld, ld, p, nk);  // S = Q K^T on the key range
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool* allowed = m.row(blk.b, blk.n, blk.i0 + r);
+        exp_shifted(p + r * nk, allowed == nullptr ? nullptr : allowed + lo, nk, pl[blk.head * T + blk.i0 + r]);
+        float acc = 0.0f;
+        for (int64_t c = 0; c < H; ++c) acc += d_o[r * ldo + c] * o[r * ldo + c];
+        delta[r] = acc;
+      }
+      gemm(false, true, rows, nk, H, d_o, ldo, v + lo * ld, ld, dp, nk);                  // dP = dO V^T
+      gemm(true, false, nk, H, rows, p, nk, d_o, ldo, dv + lo * ld, ld, beta);            // dV += P^T dO
+      for (int64_t r = 0; r < rows; ++r) {
+        float* ds = dp + r * nk;
+        const float* pr = p + r * nk;
+        for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - delta[r]);  // dS
+      }
+      gemm(false, false, rows, H, nk, dp, nk, k + lo * ld, ld, dq + blk.i0 * ld, ld);        // dQ = dS K
+      gemm(true, false, nk, H, rows, dp, nk, q + blk.i0 * ld, ld, dk + lo * ld, ld, beta);  // dK += dS^T Q
     });
   });
 }
