@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from seqjax.nn import _native
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -253,6 +255,115 @@ def _fused_lstm_bwd(precision, res, cotangents):
 fused_lstm.defvjp(_fused_lstm_fwd, _fused_lstm_bwd)
 
 
+def lstm_layer(x: Array, c0: Array, h0: Array, w_ih: Array, w_hh: Array, b: Array, precision=None):
+    """`fused_lstm`'s function (same arguments and results), computed by seqjax's C++ CPU kernel
+    (`seqjax/nn/_native/lstm.cc`) where `use_native_lstm` allows it and by `fused_lstm` elsewhere."""
+    if use_native_lstm(x, c0, h0, w_ih, w_hh, b):
+        bsz, hdim = x.shape[0], w_hh.shape[0]
+        c0, h0 = (jnp.broadcast_to(a, (bsz, hdim)) for a in (c0, h0))
+        return _native_lstm(x, c0, h0, w_ih, w_hh, b)
+    return fused_lstm(x, c0, h0, w_ih, w_hh, b, precision)
+
+
+def use_native_lstm(*arrays: Array) -> bool:
+    """Whether an LSTM layer on these arrays runs the C++ kernel: all float32, a CPU backend with a single device
+    (XLA cannot partition a custom call: under a batch-sharded `jit` it would gather the batch onto every device),
+    and the kernel built with its AVX2/FMA micro-kernel (`seqjax.nn._native`)."""
+    return (
+        all(jnp.dtype(a.dtype) == jnp.float32 for a in arrays)
+        and jax.default_backend() == "cpu"
+        and _single_device()
+        and _native.available()
+        and _native.lstm_vectorised()
+    )
+
+
+def _single_device() -> bool:
+    return jax.device_count() == 1
+
+
+def _with_derivatives_of(reference: Callable) -> Callable:
+    """Gives a custom-call wrapper the derivatives of `reference`, the same function in JAX ops (a custom call has
+    none), so that the layer's backward pass can itself be differentiated."""
+
+    def wrap(call):
+        f = jax.custom_vjp(call)
+        f.defvjp(lambda *args: (call(*args), args), lambda args, ct: jax.vjp(reference, *args)[1](ct))
+        return f
+
+    return wrap
+
+
+def _lstm_reference_forward(xs, c0, h0, w_ih, w_hh, b):
+    """The kernel's forward in JAX ops, time-major: (hs [T, B, H], c_T, h_T, acts [T, B, 4H], cs [T, B, H])."""
+    (c, h), (i, f, g, o, cs, hs) = _lstm_forward(jnp.swapaxes(xs, 0, 1), c0, h0, w_ih, w_hh, b, None)
+    return hs, c, h, jnp.concatenate([i, f, g, o], -1), cs
+
+
+def _lstm_reference_inference(xs, c0, h0, w_ih, w_hh, b):
+    return _lstm_reference_forward(xs, c0, h0, w_ih, w_hh, b)[:3]
+
+
+def _lstm_reference_backward(xs, c0, h0, w_ih, w_hh, hs, acts, cs, dys, dc, dh):
+    """The kernel's backward in JAX ops: (dxs [T, B, F], dc0, dh0, dw_ih, dw_hh, db), by `fused_lstm`'s."""
+    gates = jnp.split(acts, 4, axis=-1)
+    res = (jnp.swapaxes(xs, 0, 1), c0, h0, w_ih, w_hh, jnp.zeros(acts.shape[-1], acts.dtype), (*gates, cs, hs))
+    dx, *rest = _fused_lstm_bwd(None, res, (jnp.swapaxes(dys, 0, 1), (dc, dh)))
+    return (jnp.swapaxes(dx, 0, 1), *rest)
+
+
+def _f32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+@_with_derivatives_of(_lstm_reference_forward)
+def _native_lstm_forward(xs, c0, h0, w_ih, w_hh, b):
+    t, bsz, _ = xs.shape
+    hdim = w_hh.shape[0]
+    out = (_f32(t, bsz, hdim), _f32(bsz, hdim), _f32(bsz, hdim), _f32(t, bsz, 4 * hdim), _f32(t, bsz, hdim))
+    return tuple(jax.ffi.ffi_call("seqjax_lstm_forward", out, vmap_method="sequential")(xs, c0, h0, w_ih, w_hh, b))
+
+
+@_with_derivatives_of(_lstm_reference_inference)
+def _native_lstm_inference(xs, c0, h0, w_ih, w_hh, b):
+    t, bsz, _ = xs.shape
+    hdim = w_hh.shape[0]
+    out = (_f32(t, bsz, hdim), _f32(bsz, hdim), _f32(bsz, hdim))
+    return tuple(jax.ffi.ffi_call("seqjax_lstm_inference", out, vmap_method="sequential")(xs, c0, h0, w_ih, w_hh, b))
+
+
+@_with_derivatives_of(_lstm_reference_backward)
+def _native_lstm_backward(xs, c0, h0, w_ih, w_hh, hs, acts, cs, dys, dc, dh):
+    out = (_f32(*xs.shape), _f32(*c0.shape), _f32(*h0.shape), _f32(*w_ih.shape), _f32(*w_hh.shape))
+    call = jax.ffi.ffi_call("seqjax_lstm_backward", (*out, _f32(w_hh.shape[1])), vmap_method="sequential")
+    return tuple(call(xs, c0, h0, w_ih, w_hh, hs, acts, cs, dys, dc, dh))
+
+
+@jax.custom_vjp
+def _native_lstm(x, c0, h0, w_ih, w_hh, b):
+    """`fused_lstm` without `precision` (float32 only): the C++ kernel where the program is lowered for a CPU, the
+    same math in JAX ops elsewhere (`lax.platform_dependent`). Without differentiation it saves nothing."""
+    args = (jnp.swapaxes(x, 0, 1), c0, h0, w_ih, w_hh, b)
+    hs, c, h = lax.platform_dependent(*args, cpu=_native_lstm_inference, default=_lstm_reference_inference)
+    return jnp.swapaxes(hs, 0, 1), (c, h)
+
+
+def _native_lstm_fwd(x, c0, h0, w_ih, w_hh, b):
+    args = (jnp.swapaxes(x, 0, 1), c0, h0, w_ih, w_hh, b)
+    hs, c, h, acts, cs = lax.platform_dependent(*args, cpu=_native_lstm_forward, default=_lstm_reference_forward)
+    return (jnp.swapaxes(hs, 0, 1), (c, h)), (*args[:5], hs, acts, cs)
+
+
+def _native_lstm_bwd(res, cotangents):
+    dys, (dc, dh) = cotangents
+    args = (*res, jnp.swapaxes(dys, 0, 1).astype(jnp.float32), dc.astype(jnp.float32), dh.astype(jnp.float32))
+    dxs, *rest = lax.platform_dependent(*args, cpu=_native_lstm_backward, default=_lstm_reference_backward)
+    return (jnp.swapaxes(dxs, 0, 1), *rest)
+
+
+_native_lstm.defvjp(_native_lstm_fwd, _native_lstm_bwd)
+
+
 def _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, precision):
     """Time-major scan; returns (h_T, (r, z, n, hn, h)), each of the five stacked over time [T, B, H]."""
     hdim = w_hh.shape[0]
@@ -397,7 +508,7 @@ class RNN(nn.Module):
             zero = jnp.zeros(w_hh.shape[1], xs.dtype)
             b_ih, b_hh = (p["input"]["bias"], p["hidden"]["bias"]) if self.cell.use_bias else (zero, zero)
             if isinstance(self.cell, LSTMCell):
-                ys, carry = fused_lstm(xs, carry[0], carry[1], w_ih, w_hh, b_ih + b_hh, self.cell.precision)
+                ys, carry = lstm_layer(xs, carry[0], carry[1], w_ih, w_hh, b_ih + b_hh, self.cell.precision)
             else:
                 ys, carry = fused_gru(xs, carry, w_ih, w_hh, b_ih, b_hh, self.cell.precision)
             if self.reverse:

@@ -1,5 +1,6 @@
 """seqjax's C++ CPU kernels (seqjax/nn/_native): the attention kernel against a float64 numpy reference and against
-autodiff of a plain JAX formulation, its XLA fallback branch, vmap, and the build's side conditions.
+autodiff of a plain JAX formulation; the LSTM kernel against the scanned cell's autodiff, `fused_lstm` and torch;
+their XLA fallback branches, vmap, gradients of gradients, and the build's side conditions.
 
 Where the kernels cannot be built (no C++ compiler) these tests skip, except under CI (`CI` set), where the
 kernels are expected and their absence fails."""
@@ -13,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.nn import _native, attention
+from seqjax.nn import _native, attention, recurrent
 from seqjax.nn.attention import causal_mask
+from seqjax.nn.recurrent import RNN, LSTMCell
 from tests.nn.test_attention import np_attention
 
 
@@ -222,3 +224,163 @@ def test_kernels_build_into_the_cache_folder(tmp_path):
     proc = _python("from seqjax.nn import _native; print(_native.available())", SEQJAX_CACHE_DIR=str(tmp_path))
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # the library, and no leftover build folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The LSTM kernel (lstm.cc). Sizes that exercise its edges: batch rows not a multiple of the micro-kernel's 6, hidden
+# units not a multiple of its 16 (a padded last block), and enough blocks for the units to be split between threads.
+
+LSTM_SHAPES = [(7, 9, 5, 20), (13, 4, 33, 70), (1, 3, 2, 1)]  # (B, T, F, H)
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    """The suite runs with 8 CPU devices; the layer is run here as a one-device process runs it."""
+    monkeypatch.setattr(recurrent, "_single_device", lambda: True)
+    if not _native.lstm_vectorised():
+        pytest.skip("the LSTM kernel is built without its AVX2/FMA micro-kernel on this CPU, so it is not used")
+
+
+def _lstm_args(b, t, f, h, seed=0):
+    k = jax.random.split(jax.random.key(seed), 6)
+    return (
+        jax.random.normal(k[0], (b, t, f)),
+        0.5 * jax.random.normal(k[1], (b, h)),
+        0.5 * jax.random.normal(k[2], (b, h)),
+        jax.random.normal(k[3], (f, 4 * h)) / np.sqrt(f),
+        jax.random.normal(k[4], (h, 4 * h)) / np.sqrt(h),
+        0.3 * jax.random.normal(k[5], (4 * h,)),
+    )
+
+
+def _lstm_loss(layer, seed=1):
+    """A loss reaching every output: all steps' outputs (weighted) and both parts of the final carry."""
+
+    def loss(*args):
+        ys, (c, h) = layer(*args)
+        w = jax.random.normal(jax.random.key(seed), ys.shape)
+        return jnp.sum(ys * w) + jnp.sum(jnp.sin(c)) + jnp.sum(h * h)
+
+    return loss
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape", LSTM_SHAPES, ids=str)
+def test_lstm_kernel_equals_the_scanned_cell(one_device, shape, reverse, use_bias):
+    """RNN(LSTMCell) without lengths runs the kernel: outputs, final carry and every gradient (parameters, inputs,
+    initial carry) equal autodiff through the nn.scan of the cell (itself checked against numpy's equations)."""
+    b, t, _, h = shape
+    x, c0, h0 = _lstm_args(*shape)[:3]
+    cell = LSTMCell(h, use_bias=use_bias, forget_bias=1.0)
+    native, plain = (RNN(cell, reverse=reverse, return_carry=True, fused=fu) for fu in (True, False))
+    params = plain.init(jax.random.key(2), x)
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(3), a.shape), params)
+    wy = jax.random.normal(jax.random.key(4), (b, t, h))
+
+    def loss(rnn, p, x, carry0):
+        (c, hh), ys = rnn.apply(p, x, initial_carry=carry0)
+        return jnp.sum(ys * wy) + jnp.sum(jnp.sin(c)) + jnp.sum(hh * hh)
+
+    step = jax.jit(jax.value_and_grad(lambda *a: loss(native, *a), argnums=(0, 1, 2)))
+    assert "seqjax_lstm_backward" in step.lower(params, x, (c0, h0)).as_text()
+    got = step(params, x, (c0, h0))
+    want = jax.value_and_grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(params, x, (c0, h0))
+    for u, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-5, atol=2e-5)
+    # without differentiation: the forward that saves nothing for a backward pass
+    run = jax.jit(lambda p, x: native.apply(p, x, initial_carry=(c0, h0)))
+    text = run.lower(params, x).as_text()
+    assert "seqjax_lstm_inference" in text and "seqjax_lstm_forward" not in text
+    want = plain.apply(params, x, initial_carry=(c0, h0))
+    for u, w in zip(jax.tree.leaves(run(params, x)), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 6, 256, 256), (6, 2, 16, 16)], ids=str)
+def test_lstm_kernel_equals_fused_lstm(one_device, shape):
+    """At the benchmark's widths (two threads of 128 units) and at exact multiples of the tile, the kernel's outputs
+    and gradients equal `fused_lstm`'s, the XLA formulation."""
+    args = _lstm_args(*shape, seed=5)
+    ours = jax.jit(jax.value_and_grad(_lstm_loss(recurrent._native_lstm), argnums=range(6)))(*args)
+    theirs = jax.jit(jax.value_and_grad(_lstm_loss(recurrent.fused_lstm), argnums=range(6)))(*args)
+    for u, w in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+def test_lstm_kernel_gradients_of_gradients(one_device):
+    """The kernel's custom calls carry the JAX formulation's derivatives, so its backward can be differentiated."""
+    args = _lstm_args(5, 4, 3, 18, seed=6)
+
+    def penalty(layer):
+        return lambda w_hh: jnp.sum(jnp.square(jax.grad(_lstm_loss(layer), argnums=0)(*args[:4], w_hh, args[5])))
+
+    ours = jax.jit(jax.grad(penalty(recurrent._native_lstm)))(args[4])
+    theirs = jax.jit(jax.grad(penalty(recurrent.fused_lstm)))(args[4])
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-4)
+
+
+def test_lstm_fallback_branch_is_the_same_function(one_device, monkeypatch):
+    """Lowered for a platform other than CPU, the layer takes the JAX-ops branch of `platform_dependent`; run here by
+    making it pick that branch, it gives the same outputs and gradients, with no custom call."""
+    args = _lstm_args(7, 5, 4, 20, seed=7)
+    step = lambda: jax.jit(jax.value_and_grad(_lstm_loss(recurrent._native_lstm), argnums=range(6)))
+    native = step()(*args)
+    monkeypatch.setattr(recurrent.lax, "platform_dependent", lambda *a, default, **kw: default(*a))
+    fallback = step()
+    assert "seqjax_lstm" not in fallback.lower(*args).as_text()
+    for u, w in zip(jax.tree.leaves(native), jax.tree.leaves(fallback(*args)), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-5, atol=2e-5)
+
+
+def test_lstm_kernel_under_vmap(one_device):
+    args = [jnp.stack([a, b]) for a, b in zip(_lstm_args(3, 4, 5, 17, 8), _lstm_args(3, 4, 5, 17, 9), strict=True)]
+    grad = jax.grad(_lstm_loss(recurrent._native_lstm), argnums=range(6))
+    batched = jax.vmap(grad)(*args)
+    for i in range(2):
+        single = grad(*(a[i] for a in args))
+        for u, w in zip(batched, single, strict=True):
+            np.testing.assert_allclose(np.asarray(u[i]), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+
+def test_lstm_kernel_is_used_only_where_it_applies(monkeypatch):
+    """float32 on one CPU device: the kernel; several devices (this process), float64, or lengths: XLA's paths."""
+    x = jnp.ones((2, 3, 4))
+    rnn = RNN(LSTMCell(16))
+    params = rnn.init(jax.random.key(0), x)
+    lowered = lambda **kw: jax.jit(lambda p, x: rnn.apply(p, x, **kw)).lower(params, x).as_text()
+    assert "seqjax_lstm" not in lowered()  # 8 devices: a batch-sharded jit would gather the batch for the call
+    monkeypatch.setattr(recurrent, "_single_device", lambda: True)
+    assert ("seqjax_lstm" in lowered()) == _native.lstm_vectorised()
+    assert "seqjax_lstm" not in lowered(seq_lengths=jnp.array([3, 1]))
+    with jax.enable_x64(True):  # float64 runs fused_lstm
+        rnn64, x64 = RNN(LSTMCell(16, param_dtype=jnp.float64)), jnp.ones((2, 3, 4), jnp.float64)
+        text = jax.jit(rnn64.apply).lower(rnn64.init(jax.random.key(0), x64), x64).as_text()
+        assert "seqjax_lstm" not in text and "f64" in text
+
+
+def test_stacked_lstm_with_the_kernel_matches_torch(one_device):
+    """Two bidirectional layers loaded from torch.nn.LSTM's weights: outputs, final states and input gradients."""
+    torch = pytest.importorskip("torch")
+    from seqjax.interop.torch import load_lstm
+    from seqjax.nn import LSTM
+
+    torch.manual_seed(0)
+    b, t, f, h = 5, 7, 6, 20
+    module = torch.nn.LSTM(f, h, num_layers=2, bidirectional=True, batch_first=True)
+    x = np.random.default_rng(10).normal(size=(b, t, f)).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    out, (hn, cn) = module(xt)
+    (out.square().sum() + hn.sum() + cn.sin().sum()).backward()
+    layer = LSTM(h, num_layers=2, bidirectional=True)
+    variables = load_lstm(module.state_dict(), num_layers=2, bidirectional=True)
+
+    def loss(x):
+        ys, (hs, cs) = layer.apply(variables, x)
+        return jnp.sum(ys * ys) + jnp.sum(hs) + jnp.sum(jnp.sin(cs)), (ys, hs, cs)
+
+    step = jax.jit(jax.grad(loss, has_aux=True))
+    assert "seqjax_lstm_backward" in step.lower(jnp.asarray(x)).as_text()
+    dx, (ys, hs, cs) = step(jnp.asarray(x))
+    for ours, theirs in [(ys, out), (hs, hn), (cs, cn), (dx, xt.grad)]:
+        np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), rtol=1e-5, atol=1e-5)

@@ -1,10 +1,12 @@
 """seqjax's CPU kernels in C++ (XLA FFI custom calls), built on first use.
 
-`attention.cc` holds multi-head self-attention's forward and backward pass from the fused q/k/v projection. It is
-compiled the first time a module asks for it with the machine's C++ compiler (`$CXX`, else `g++`, `c++` or
-`clang++`), for the machine's own CPU, into a cache folder (`$SEQJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/seqjax` or
-`~/.cache/seqjax`), keyed by the source, the flags, the jaxlib version and the CPU; later processes load the built
-library. The matrix products call the `sgemm` of the OpenBLAS that scipy loads (JAX itself depends on scipy),
+`attention.cc` holds multi-head self-attention's forward and backward pass from the fused q/k/v projection, and
+`lstm.cc` an LSTM layer's forward and backward pass over a whole sequence. They are compiled, as one library, the
+first time a module asks for them with the machine's C++ compiler (`$CXX`, else `g++`, `c++` or `clang++`), for the
+machine's own CPU, into a cache folder (`$SEQJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/seqjax` or `~/.cache/seqjax`),
+keyed by the source, the flags, the jaxlib version and the CPU; later processes load the built library. The LSTM
+kernel's products run on a micro-kernel of its own; the attention kernel's call the `sgemm` of the OpenBLAS that
+scipy loads (JAX itself depends on scipy),
 single-threaded within each of the kernel's own threads (`openblas_set_num_threads_local`, OpenBLAS >= 0.3.27; in
 OpenBLAS's pthreads builds that count is process-wide, so a kernel call restores the previous count when it ends).
 
@@ -31,11 +33,14 @@ import jaxlib
 
 _log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
-_SOURCES = ("blas.cc", "attention.cc")
+_SOURCES = ("blas.cc", "attention.cc", "lstm.cc")
 _HEADERS = ("common.h",)
 _TARGETS = {
     "seqjax_attention_forward": "SeqjaxAttentionForward",
     "seqjax_attention_backward": "SeqjaxAttentionBackward",
+    "seqjax_lstm_forward": "SeqjaxLstmForward",
+    "seqjax_lstm_inference": "SeqjaxLstmInference",
+    "seqjax_lstm_backward": "SeqjaxLstmBackward",
 }
 # Tried in order: (compiler flags, link flags). -ffast-math lets GCC call glibc's vectorised expf (libmvec) in the
 # softmax loops; it is given to the compile step only, since linking with it would add crtfastmath.o, which switches
@@ -62,6 +67,11 @@ def available() -> bool:
                 _reason = f"{type(e).__name__}: {e}"
                 _log.info("seqjax CPU kernels unavailable, using XLA ops: %s", _reason)
         return _library is not None
+
+
+def lstm_vectorised() -> bool:
+    """Whether the LSTM kernel was built with its AVX2/FMA micro-kernel (without it, XLA's dots are faster)."""
+    return available() and bool(_library.seqjax_lstm_vectorised())
 
 
 def unavailable_reason() -> str:

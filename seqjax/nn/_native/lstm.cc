@@ -1,0 +1,731 @@
+// seqjax's CPU kernel for an LSTM layer over a whole sequence, forward and backward, as XLA FFI custom calls
+// (BENCHMARKS.md has why and what it gains).
+//
+// Layouts (row-major, time-major as the layer's scans): xs [T, B, F], c0 and h0 [B, H], w_ih [F, 4H], w_hh [H, 4H],
+// b [4H], gates in PyTorch's order i, f, g, o (column g * H + u is gate g of hidden unit u). The forward writes
+// hs [T, B, H], c_T and h_T [B, H], and, for the backward, acts [T, B, 4H] (the four gates after their
+// non-linearities, same column order) and cs [T, B, H] (the cell states). The backward takes those with the
+// cotangents dys [T, B, H], dc_T, dh_T and writes dxs [T, B, F], dc0, dh0, dw_ih, dw_hh and db.
+//
+// Equations per step: a = x_t W_ih + h W_hh + b; i, f, o = sigmoid(a_i, a_f, a_o); g = tanh(a_g);
+// c' = f c + i g; h' = o tanh(c'). Backward: dc = dc' + dh o (1 - tanh(c')^2); dA = [dc g i (1 - i),
+// dc c f (1 - f), dc i (1 - g^2), dh tanh(c') o (1 - o)]; dh_prev = dA W_hh^T; dc_prev = dc f.
+//
+// Threads: the hidden units are split between one thread per core, in blocks of 16 units; each thread owns the four
+// gates' columns of its units. A forward step is, per thread, x_t W_ih + h W_hh on its columns and then its units'
+// gate loop; a backward step is its units' gate loop (giving dA on its columns), then dA W_hh^T on its units (their
+// dh) and dA W_ih^T on its share of the inputs (dx). One barrier per step makes the step's h (dA) whole before the
+// products read it. After the backward's steps, each thread computes its columns of dW_ih = x^T dA and
+// dW_hh = h_prev^T dA over all steps at once.
+// Every product runs on one register-tiled AVX2/FMA micro-kernel (a 6 x 16 tile), over weights packed once per
+// call and over h, x and dA written packed as they are produced: on the per-step shapes (a [64, 256] x [256, 1024]
+// product) it measured faster than OpenBLAS and than XLA's dots. The working arrays come from a pool kept between
+// calls, so that their pages are not faulted in again on every call.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t MR = 6;   // rows of the micro-kernel's tile
+constexpr int64_t NR = 16;  // columns of the micro-kernel's tile, and the block of hidden units
+
+// ---------------------------------------------------------------------------------------------------------------
+// Packed operands. A [M, K] is packed in blocks of MR rows (the last block has M % MR rows if that is not 0): the
+// block starting at row m0 with mr rows lies at a + m0 * K, as [K][mr]. B [K, N] is packed as panels of NR columns,
+// each [K][NR], zero beyond the matrix.
+
+inline int64_t block_rows(int64_t m0, int64_t M) { return std::min(MR, M - m0); }
+
+inline float& packed_a(float* a, int64_t M, int64_t K, int64_t row, int64_t k) {
+  const int64_t m0 = row / MR * MR;
+  return a[m0 * K + k * block_rows(m0, M) + (row - m0)];
+}
+
+// tile[r][0:NR] = sum_k a[k][r] p[k][0:NR] for r < mr (a: one packed block of mr rows; p: one panel).
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr bool kVectorised = true;
+
+// The tile of two products summed, a1 p1 (depth K1) + a2 p2 (depth K2); K2 = 0 for one product.
+template <int R>
+inline void micro_kernel(const float* __restrict a1, const float* __restrict p1, int64_t K1,
+                         const float* __restrict a2, const float* __restrict p2, int64_t K2, float* __restrict tile) {
+  const __m256 z = _mm256_setzero_ps();
+  __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
+#define SEQJAX_ROW(r)                          \
+  if constexpr (R > r) {                       \
+    x = _mm256_broadcast_ss(a + R * k + r);    \
+    c##r##0 = _mm256_fmadd_ps(x, b0, c##r##0); \
+    c##r##1 = _mm256_fmadd_ps(x, b1, c##r##1); \
+  }
+#define SEQJAX_PRODUCT(a_, p_, K_)                                                       \
+  {                                                                                      \
+    const float* __restrict a = a_;                                                      \
+    const float* __restrict p = p_;                                                      \
+    for (int64_t k = 0; k < K_; ++k) {                                                   \
+      const __m256 b0 = _mm256_load_ps(p + NR * k), b1 = _mm256_load_ps(p + NR * k + 8); \
+      __m256 x;                                                                          \
+      SEQJAX_ROW(0) SEQJAX_ROW(1) SEQJAX_ROW(2) SEQJAX_ROW(3) SEQJAX_ROW(4) SEQJAX_ROW(5) \
+    }                                                                                    \
+  }
+  SEQJAX_PRODUCT(a1, p1, K1)
+  SEQJAX_PRODUCT(a2, p2, K2)
+#undef SEQJAX_PRODUCT
+#undef SEQJAX_ROW
+  const __m256 rows[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(tile + NR * r, rows[2 * r]);
+    _mm256_store_ps(tile + NR * r + 8, rows[2 * r + 1]);
+  }
+}
+#else
+constexpr bool kVectorised = false;
+
+template <int R>
+inline void micro_kernel(const float* __restrict a1, const float* __restrict p1, int64_t K1,
+                         const float* __restrict a2, const float* __restrict p2, int64_t K2, float* __restrict tile) {
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NR; ++j) tile[NR * r + j] = 0.0f;
+  for (int64_t k = 0; k < K1; ++k)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NR; ++j) tile[NR * r + j] += a1[R * k + r] * p1[NR * k + j];
+  for (int64_t k = 0; k < K2; ++k)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NR; ++j) tile[NR * r + j] += a2[R * k + r] * p2[NR * k + j];
+}
+#endif
+
+// tile[0:mr][0:NR] = a1 p1 (+ a2 p2): a1, a2 packed blocks of mr rows, K1 and K2 deep; p1, p2 panels.
+inline void tile_product(const float* a1, const float* p1, int64_t mr, int64_t K1, float* tile,
+                         const float* a2 = nullptr, const float* p2 = nullptr, int64_t K2 = 0) {
+  switch (mr) {
+    case 6: return micro_kernel<6>(a1, p1, K1, a2, p2, K2, tile);
+    case 5: return micro_kernel<5>(a1, p1, K1, a2, p2, K2, tile);
+    case 4: return micro_kernel<4>(a1, p1, K1, a2, p2, K2, tile);
+    case 3: return micro_kernel<3>(a1, p1, K1, a2, p2, K2, tile);
+    case 2: return micro_kernel<2>(a1, p1, K1, a2, p2, K2, tile);
+    default: return micro_kernel<1>(a1, p1, K1, a2, p2, K2, tile);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Working memory: one 64-byte aligned arena per call, taken from a pool that keeps a few between calls (a fresh
+// allocation of tens of MB is a fresh mmap under glibc, its pages faulted in on first touch on every call).
+
+class Pool {
+ public:
+  struct Block {
+    float* data = nullptr;
+    size_t floats = 0;
+  };
+  Block take(size_t floats) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it)
+        if (it->floats >= floats && (best == free_.end() || it->floats < best->floats)) best = it;
+      if (best != free_.end()) {
+        Block b = *best;
+        free_.erase(best);
+        kept_ -= b.floats;
+        return b;
+      }
+    }
+    const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, std::max<size_t>(bytes, 64));
+    if (p == nullptr) throw std::bad_alloc();
+    return Block{static_cast<float*>(p), floats};
+  }
+  void give(Block b) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (kept_ + b.floats <= kKeepFloats && free_.size() < 4) {
+      free_.push_back(b);
+      kept_ += b.floats;
+    } else {
+      std::free(b.data);
+    }
+  }
+
+ private:
+  static constexpr size_t kKeepFloats = size_t{64} << 20;  // at most 256 MiB kept
+  std::mutex mu_;
+  std::vector<Block> free_;
+  size_t kept_ = 0;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: calls may still run while the process exits
+  return *p;
+}
+
+struct Arena {
+  Pool::Block block;
+  size_t used = 0;
+  explicit Arena(size_t floats) : block(pool().take(floats)) {}
+  ~Arena() { pool().give(block); }
+  float* take(size_t floats) {  // 64-byte aligned slices
+    float* p = block.data + used;
+    used += (floats + 15) / 16 * 16;
+    return p;
+  }
+  static size_t size(std::initializer_list<size_t> parts) {
+    size_t total = 0;
+    for (size_t n : parts) total += (n + 15) / 16 * 16;
+    return total;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// A team of threads: fn(w) runs on threads w = 0..n-1 (0 on the caller), all started before any runs, so that a
+// thread that cannot be started leaves no one waiting at a barrier. Barrier: spins briefly, then yields.
+
+class Barrier {
+ public:
+  explicit Barrier(int64_t n) : n_(n) {}
+  void wait() {
+    if (n_ == 1) return;
+    const int64_t gen = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < 2000) {
+#if defined(__x86_64__) || defined(__i386__)
+        _mm_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  const int64_t n_;
+  std::atomic<int64_t> arrived_{0}, generation_{0};
+};
+
+template <typename Fn>
+void run_team(int64_t n, Fn fn) {
+  if (n <= 1) {
+    fn(int64_t{0});
+    return;
+  }
+  std::atomic<int> start{0};  // 1: go; -1: a thread could not be started, return
+  auto body = [&](int64_t w) {
+    int s;
+    while ((s = start.load(std::memory_order_acquire)) == 0) std::this_thread::yield();
+    if (s > 0) fn(w);
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(n - 1);
+  try {
+    for (int64_t w = 1; w < n; ++w) threads.emplace_back(body, w);
+  } catch (...) {
+    start.store(-1, std::memory_order_release);
+    for (auto& t : threads) t.join();
+    throw;
+  }
+  start.store(1, std::memory_order_release);
+  fn(int64_t{0});
+  for (auto& t : threads) t.join();
+}
+
+// The hidden units [u0, u1) of thread w: blocks of NR units split as evenly as possible.
+struct Part {
+  int64_t u0, u1, panels;  // panels: blocks of NR units, the last one padded
+  int64_t units() const { return u1 - u0; }
+};
+
+Part part(int64_t H, int64_t w, int64_t workers) {
+  const int64_t blocks = (H + NR - 1) / NR, b0 = blocks * w / workers, b1 = blocks * (w + 1) / workers;
+  return Part{b0 * NR, std::min(b1 * NR, H), b1 - b0};
+}
+
+// Columns [p.u0, p.u1) of a row-major matrix m [K, cols] as panels: panel q holds column u0 + NR q + j at [k][j]
+// (zeros past the last column).
+void pack_columns_as_panels(const float* m, int64_t K, int64_t cols, const Part& p, float* out) {
+  for (int64_t q = 0; q < p.panels; ++q) {
+    float* panel = out + q * K * NR;
+    const int64_t c0 = p.u0 + NR * q, n = std::min(NR, p.u1 - c0);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t j = 0; j < n; ++j) panel[k * NR + j] = m[k * cols + c0 + j];
+      for (int64_t j = n; j < NR; ++j) panel[k * NR + j] = 0.0f;
+    }
+  }
+}
+
+// Rows [p.u0, p.u1) of a row-major matrix with `cols` columns as panels: panel q holds row u0 + NR q + j at
+// [k][j] (zeros past the last row), so that products take the matrix's transpose as their B operand.
+void pack_rows_as_panels(const float* m, int64_t cols, const Part& p, float* out) {
+  for (int64_t q = 0; q < p.panels; ++q) {
+    float* panel = out + q * cols * NR;
+    const int64_t n = std::min(NR, p.units() - NR * q);
+    for (int64_t j = 0; j < NR; ++j) {
+      const float* row = m + (p.u0 + NR * q + j) * cols;
+      for (int64_t k = 0; k < cols; ++k) panel[k * NR + j] = j < n ? row[k] : 0.0f;
+    }
+  }
+}
+
+// The A operand m^T for the rows [k0, k0 + kk) of m [K, M] (row stride ld), packed in blocks of MR of M: a row of
+// A is a column of m.
+void pack_transposed(const float* m, int64_t M, int64_t k0, int64_t kk, int64_t ld, float* out) {
+  for (int64_t m0 = 0; m0 < M; m0 += MR) {
+    const int64_t mr = block_rows(m0, M);
+    float* block = out + m0 * kk;
+    for (int64_t k = 0; k < kk; ++k) {
+      const float* src = m + (k0 + k) * ld + m0;
+      for (int64_t r = 0; r < mr; ++r) block[k * mr + r] = src[r];
+    }
+  }
+}
+
+// As pack_transposed for h_prev [T * B, H]: row t * B + b is h0[b] at t = 0 and hs[t - 1, b] after.
+void pack_transposed_shifted(const float* hs, const float* h0, int64_t B, int64_t H, int64_t k0, int64_t kk,
+                             float* out) {
+  for (int64_t m0 = 0; m0 < H; m0 += MR) {
+    const int64_t mr = block_rows(m0, H);
+    float* block = out + m0 * kk;
+    for (int64_t k = 0; k < kk; ++k) {
+      const int64_t row = k0 + k;
+      const float* src = (row < B ? h0 + row * H : hs + (row - B) * H) + m0;
+      for (int64_t r = 0; r < mr; ++r) block[k * mr + r] = src[r];
+    }
+  }
+}
+
+// c[M, NR] (row stride ldc) += a p: a packed by pack_transposed (M rows, kk deep), p one panel kk deep.
+void accumulate_product(const float* a, int64_t M, int64_t kk, const float* p, float* c, int64_t ldc, float* tile) {
+  for (int64_t m0 = 0; m0 < M; m0 += MR) {
+    const int64_t mr = block_rows(m0, M);
+    tile_product(a + m0 * kk, p, mr, kk, tile);
+    for (int64_t r = 0; r < mr; ++r) {
+      float* dst = c + (m0 + r) * ldc;
+      for (int64_t j = 0; j < NR; ++j) dst[j] += tile[r * NR + j];
+    }
+  }
+}
+
+constexpr int64_t KC = 256;  // depth of the weight gradients' blocks
+
+int64_t team_size(int64_t H) {
+  return std::max<int64_t>(1, std::min(seqjax::usable_cores(), (H + NR - 1) / NR));
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// One batch row of a step's gates for n units: pre-activations a* plus biases b*, the cell state c (updated in
+// place); writes h and the gates and the new cell state. Separate restrict pointers let GCC vectorise it (libmvec's
+// expf and tanhf under -ffast-math).
+void gate_row(const float* __restrict ai, const float* __restrict af, const float* __restrict ag,
+              const float* __restrict ao, const float* __restrict bi, const float* __restrict bf,
+              const float* __restrict bg, const float* __restrict bo, float* __restrict c, float* __restrict h,
+              float* __restrict oi, float* __restrict of, float* __restrict og, float* __restrict oo,
+              float* __restrict oc, int64_t n) {
+  for (int64_t u = 0; u < n; ++u) {
+    const float i = sigmoid(ai[u] + bi[u]), f = sigmoid(af[u] + bf[u]), g = std::tanh(ag[u] + bg[u]),
+                o = sigmoid(ao[u] + bo[u]);
+    const float cn = f * c[u] + i * g;
+    c[u] = cn;
+    oc[u] = cn;
+    h[u] = o * std::tanh(cn);
+    oi[u] = i;
+    of[u] = f;
+    og[u] = g;
+    oo[u] = o;
+  }
+}
+
+// One batch row of a step's backward for n units: the gates, the cell state and the previous one, the output's
+// cotangent dy; the carried dh and dc (dc updated in place to the previous step's); writes dA's four parts.
+void gate_row_backward(const float* __restrict i_, const float* __restrict f_, const float* __restrict g_,
+                       const float* __restrict o_, const float* __restrict c, const float* __restrict cp,
+                       const float* __restrict dy, const float* __restrict dh, float* __restrict dc,
+                       float* __restrict dai, float* __restrict daf, float* __restrict dag, float* __restrict dao,
+                       int64_t n) {
+  for (int64_t u = 0; u < n; ++u) {
+    const float i = i_[u], f = f_[u], g = g_[u], o = o_[u];
+    const float h = dh[u] + dy[u], tc = std::tanh(c[u]);
+    const float dcn = dc[u] + h * o * (1.0f - tc * tc);
+    dai[u] = dcn * g * i * (1.0f - i);
+    daf[u] = dcn * cp[u] * f * (1.0f - f);
+    dag[u] = dcn * i * (1.0f - g * g);
+    dao[u] = h * tc * o * (1.0f - o);
+    dc[u] = dcn * f;
+  }
+}
+
+template <typename Fn>
+ffi::Error guarded(Fn fn) {
+  try {
+    fn();
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("seqjax LSTM kernel: ") + e.what());
+  }
+}
+
+struct Dims {
+  int64_t T, B, F, H;
+};
+
+ffi::Error check(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_ih, ffi::Buffer<ffi::F32>& w_hh, Dims* d) {
+  auto x = xs.dimensions();
+  auto wi = w_ih.dimensions();
+  auto wh = w_hh.dimensions();
+  if (x.size() != 3 || wi.size() != 2 || wh.size() != 2 || wi[0] != x[2] || wh[1] != 4 * wh[0] || wi[1] != wh[1])
+    return ffi::Error::InvalidArgument("seqjax LSTM kernel: expected xs [T, B, F], w_ih [F, 4H], w_hh [H, 4H]");
+  *d = Dims{x[0], x[1], x[2], wh[0]};
+  return ffi::Error::Success();
+}
+
+// Whether each buffer has the dimensions given beside it.
+ffi::Error check_shapes(std::initializer_list<std::pair<ffi::Buffer<ffi::F32>*, std::vector<int64_t>>> expected) {
+  for (const auto& [buffer, dims] : expected) {
+    auto got = buffer->dimensions();
+    if (got.size() != dims.size() || !std::equal(dims.begin(), dims.end(), got.begin()))
+      return ffi::Error::InvalidArgument("seqjax LSTM kernel: an argument's shape does not match xs and the weights");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+
+static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
+                          ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> bias,
+                          ffi::ResultBuffer<ffi::F32> hs_out, ffi::ResultBuffer<ffi::F32> c_last,
+                          ffi::ResultBuffer<ffi::F32> h_last, ffi::ResultBuffer<ffi::F32> acts_out,
+                          ffi::ResultBuffer<ffi::F32> cs_out, bool save) {
+  Dims d;
+  if (auto e = check(xs, w_ih, w_hh, &d); e.failure()) return e;
+  const int64_t T = d.T, B = d.B, F = d.F, H = d.H, G = 4 * H;
+  if (auto e = check_shapes({{&c0, {B, H}}, {&h0, {B, H}}, {&bias, {G}}}); e.failure()) return e;
+  const float *x = xs.typed_data(), *pc0 = c0.typed_data(), *ph0 = h0.typed_data(), *wi = w_ih.typed_data(),
+              *wh = w_hh.typed_data(), *pb = bias.typed_data();
+  float *hs = hs_out->typed_data(), *cl = c_last->typed_data(), *hl = h_last->typed_data();
+  float *acts = save ? acts_out->typed_data() : nullptr, *cs = save ? cs_out->typed_data() : nullptr;
+  if (T == 0 || B == 0) {
+    std::copy(pc0, pc0 + B * H, cl);
+    std::copy(ph0, ph0 + B * H, hl);
+    return ffi::Error::Success();
+  }
+
+  return guarded([&] {
+    const int64_t workers = team_size(H), blocks = (B + MR - 1) / MR;
+    std::vector<Part> parts;
+    size_t per_thread = 0;
+    for (int64_t w = 0; w < workers; ++w) {
+      parts.push_back(part(H, w, workers));
+      const size_t cols = 4 * parts.back().panels * NR;
+      per_thread += Arena::size({F * cols, H * cols, B * cols, B * cols / 4, 5 * cols / 4});
+    }
+    Arena arena(per_thread + Arena::size({size_t(B * H), size_t(B * H), size_t(B * F), size_t(B * F)}));
+    float* packed_h[2] = {arena.take(B * H), arena.take(B * H)};  // the step's h, packed as an A operand
+    float* packed_x[2] = {arena.take(B * F), arena.take(B * F)};  // the step's x, packed as an A operand
+    struct Work {
+      float *wi_panels, *wh_panels, *pre, *cell, *discard;
+    };
+    std::vector<Work> work(workers);
+    for (int64_t w = 0; w < workers; ++w) {
+      const int64_t cols = 4 * parts[w].panels * NR;
+      // pre: the step's pre-activations [B, 4, up]; discard: where gates go when they are not saved
+      work[w] = Work{arena.take(F * cols), arena.take(H * cols), arena.take(B * cols), arena.take(B * cols / 4),
+                     arena.take(5 * cols / 4)};
+    }
+    Barrier barrier(workers);
+    // Step t's x packed into packed_x[t % 2], thread w doing its share of the row blocks.
+    auto pack_x = [&](int64_t t, int64_t w) {
+      float* out = packed_x[t % 2];
+      for (int64_t blk = blocks * w / workers; blk < blocks * (w + 1) / workers; ++blk) {
+        const int64_t m0 = blk * MR, mr = block_rows(m0, B);
+        float* block = out + m0 * F;
+        for (int64_t r = 0; r < mr; ++r) {
+          const float* src = x + (t * B + m0 + r) * F;
+          for (int64_t k = 0; k < F; ++k) block[k * mr + r] = src[k];
+        }
+      }
+    };
+
+    run_team(workers, [&](int64_t w) {
+      const Part pt = parts[w];
+      const int64_t nu = pt.units(), np = pt.panels, up = np * NR, cols = 4 * up;
+      const Work& k = work[w];
+      // Its columns of W_ih and W_hh as panels, gate-major: panel (g, q) holds units u0 + NR q .. of gate g.
+      for (int64_t g = 0; g < 4; ++g) {
+        const Part gate{g * H + pt.u0, g * H + pt.u1, np};
+        pack_columns_as_panels(wi, F, G, gate, k.wi_panels + g * np * F * NR);
+        pack_columns_as_panels(wh, H, G, gate, k.wh_panels + g * np * H * NR);
+      }
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t u = 0; u < nu; ++u) {
+          k.cell[b * up + u] = pc0[b * H + pt.u0 + u];
+          packed_a(packed_h[0], B, H, b, pt.u0 + u) = ph0[b * H + pt.u0 + u];
+        }
+      pack_x(0, w);
+      barrier.wait();
+      alignas(64) float tile[MR * NR];
+      for (int64_t t = 0; t < T; ++t) {
+        const float *hp = packed_h[t % 2], *xp = packed_x[t % 2];
+        float* hn = packed_h[(t + 1) % 2];
+        for (int64_t pi = 0; pi < 4 * np; ++pi) {  // pre = x W_ih + h W_hh on its columns
+          const float *pw = k.wi_panels + pi * F * NR, *ph = k.wh_panels + pi * H * NR;
+          for (int64_t m0 = 0; m0 < B; m0 += MR) {
+            const int64_t mr = block_rows(m0, B);
+            tile_product(xp + m0 * F, pw, mr, F, tile, hp + m0 * H, ph, H);
+            for (int64_t r = 0; r < mr; ++r) std::copy(tile + r * NR, tile + (r + 1) * NR, k.pre + (m0 + r) * cols + pi * NR);
+          }
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          const float* a = k.pre + b * cols;
+          float* hrow = hs + (t * B + b) * H + pt.u0;
+          float* act = save ? acts + (t * B + b) * G + pt.u0 : k.discard;
+          const int64_t ga = save ? H : up;  // gate stride in act
+          float* crow = save ? cs + (t * B + b) * H + pt.u0 : k.discard + 4 * up;
+          gate_row(a, a + up, a + 2 * up, a + 3 * up, pb + pt.u0, pb + H + pt.u0, pb + 2 * H + pt.u0,
+                   pb + 3 * H + pt.u0, k.cell + b * up, hrow, act, act + ga, act + 2 * ga, act + 3 * ga, crow, nu);
+          const int64_t m0 = b / MR * MR, mr = block_rows(m0, B);
+          float* dst = hn + m0 * H + pt.u0 * mr + (b - m0);
+          for (int64_t u = 0; u < nu; ++u) dst[u * mr] = hrow[u];
+        }
+        if (t + 1 < T) pack_x(t + 1, w);
+        barrier.wait();  // the step's h is whole, and the next step's x packed
+      }
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t u = 0; u < nu; ++u) {
+          cl[b * H + pt.u0 + u] = k.cell[b * up + u];
+          hl[b * H + pt.u0 + u] = hs[((T - 1) * B + b) * H + pt.u0 + u];
+        }
+    });
+  });
+}
+
+static ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
+                              ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> bias,
+                              ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> c_last,
+                              ffi::ResultBuffer<ffi::F32> h_last, ffi::ResultBuffer<ffi::F32> acts,
+                              ffi::ResultBuffer<ffi::F32> cs) {
+  return Forward(xs, c0, h0, w_ih, w_hh, bias, hs, c_last, h_last, acts, cs, true);
+}
+
+static ffi::Error InferenceImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
+                                ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> bias,
+                                ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> c_last,
+                                ffi::ResultBuffer<ffi::F32> h_last) {
+  return Forward(xs, c0, h0, w_ih, w_hh, bias, hs, c_last, h_last, h_last, h_last, false);
+}
+
+static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
+                               ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> hs_in,
+                               ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> cs_in,
+                               ffi::Buffer<ffi::F32> dys_in, ffi::Buffer<ffi::F32> dc_last,
+                               ffi::Buffer<ffi::F32> dh_last, ffi::ResultBuffer<ffi::F32> dxs_out,
+                               ffi::ResultBuffer<ffi::F32> dc0_out, ffi::ResultBuffer<ffi::F32> dh0_out,
+                               ffi::ResultBuffer<ffi::F32> dwi_out, ffi::ResultBuffer<ffi::F32> dwh_out,
+                               ffi::ResultBuffer<ffi::F32> db_out) {
+  Dims d;
+  if (auto e = check(xs, w_ih, w_hh, &d); e.failure()) return e;
+  const int64_t T = d.T, B = d.B, F = d.F, H = d.H, G = 4 * H;
+  if (auto e = check_shapes({{&c0, {B, H}}, {&h0, {B, H}}, {&hs_in, {T, B, H}}, {&acts_in, {T, B, G}},
+                             {&cs_in, {T, B, H}}, {&dys_in, {T, B, H}}, {&dc_last, {B, H}}, {&dh_last, {B, H}}});
+      e.failure())
+    return e;
+  const float *x = xs.typed_data(), *pc0 = c0.typed_data(), *ph0 = h0.typed_data(), *wi = w_ih.typed_data(),
+              *wh = w_hh.typed_data(), *hs = hs_in.typed_data(), *acts = acts_in.typed_data(),
+              *cs = cs_in.typed_data(), *dys = dys_in.typed_data(), *dcl = dc_last.typed_data(),
+              *dhl = dh_last.typed_data();
+  float *dxs = dxs_out->typed_data(), *dc0 = dc0_out->typed_data(), *dh0 = dh0_out->typed_data(),
+        *dwi = dwi_out->typed_data(), *dwh = dwh_out->typed_data(), *db = db_out->typed_data();
+  if (T == 0 || B == 0) {
+    std::copy(dcl, dcl + B * H, dc0);
+    std::copy(dhl, dhl + B * H, dh0);
+    std::fill(dwi, dwi + F * G, 0.0f);
+    std::fill(dwh, dwh + H * G, 0.0f);
+    std::fill(db, db + G, 0.0f);
+    return ffi::Error::Success();
+  }
+
+  return guarded([&] {
+    const int64_t workers = team_size(H), rows = T * B, kc = std::min<int64_t>(KC, rows);
+    std::vector<Part> parts, fparts;
+    size_t per_thread = 0;
+    for (int64_t w = 0; w < workers; ++w) {
+      parts.push_back(part(H, w, workers));
+      fparts.push_back(part(F, w, workers));
+      const size_t up = parts.back().panels * NR, fp = fparts.back().panels * NR;
+      per_thread += Arena::size({G * up, G * fp, rows * 4 * up, B * up, B * up, 4 * up, 4 * up, F * 4 * up,
+                                 H * 4 * up, F * kc, H * kc});
+    }
+    Arena arena(per_thread + Arena::size({size_t(B * G), size_t(B * G)}));
+    float* packed_da[2] = {arena.take(B * G), arena.take(B * G)};  // the step's dA, packed as the A operand
+    struct Work {
+      float *wh_panels, *wi_panels, *da_panels, *dh, *dc, *dbias, *row, *acc_i, *acc_h, *ax, *ah;
+    };
+    std::vector<Work> work(workers);
+    for (int64_t w = 0; w < workers; ++w) {
+      const int64_t up = parts[w].panels * NR, fp = fparts[w].panels * NR;
+      work[w] = Work{arena.take(G * up), arena.take(G * fp), arena.take(rows * 4 * up), arena.take(B * up),
+                     arena.take(B * up), arena.take(4 * up), arena.take(4 * up), arena.take(F * 4 * up),
+                     arena.take(H * 4 * up), arena.take(F * kc), arena.take(H * kc)};
+    }
+    Barrier barrier(workers);
+
+    run_team(workers, [&](int64_t w) {
+      const Part pt = parts[w], fpt = fparts[w];
+      const int64_t nu = pt.units(), up = pt.panels * NR, np = pt.panels;
+      const Work& k = work[w];
+      // Panels of W_hh^T's columns for its units (dh = dA W_hh^T) and of W_ih^T's for its share of the inputs
+      // (dx = dA W_ih^T): panel q holds row u0 + NR q + j of the weight at [k][j].
+      pack_rows_as_panels(wh, G, pt, k.wh_panels);
+      pack_rows_as_panels(wi, G, fpt, k.wi_panels);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t u = 0; u < nu; ++u) {
+          k.dh[b * up + u] = dhl[b * H + pt.u0 + u];
+          k.dc[b * up + u] = dcl[b * H + pt.u0 + u];
+        }
+      std::fill(k.dbias, k.dbias + 4 * up, 0.0f);
+      alignas(64) float tile[MR * NR];
+      for (int64_t t = T - 1; t >= 0; --t) {
+        float* pa = packed_da[t % 2];
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t r = t * B + b;
+          const float *act = acts + r * G + pt.u0, *c = cs + r * H + pt.u0, *dy = dys + r * H + pt.u0;
+          const float* cp = t > 0 ? cs + (r - B) * H + pt.u0 : pc0 + b * H + pt.u0;
+          float* da = k.row;  // [4, up]
+          gate_row_backward(act, act + H, act + 2 * H, act + 3 * H, c, cp, dy, k.dh + b * up, k.dc + b * up, da,
+                            da + up, da + 2 * up, da + 3 * up, nu);
+          const int64_t m0 = b / MR * MR, mr = block_rows(m0, B);
+          float* pa_row = pa + m0 * G + (b - m0);
+          for (int64_t g = 0; g < 4; ++g) {
+            const float* dag = da + g * up;
+            float* dbg = k.dbias + g * up;
+            float* pag = pa_row + (g * H + pt.u0) * mr;
+            for (int64_t u = 0; u < nu; ++u) {
+              dbg[u] += dag[u];
+              pag[u * mr] = dag[u];
+            }
+            for (int64_t q = 0; q < np; ++q) {  // into the weight gradients' B operand, padded with zeros
+              float* dst = k.da_panels + ((g * np + q) * rows + r) * NR;
+              const int64_t n = std::min(NR, nu - NR * q);
+              for (int64_t j = 0; j < n; ++j) dst[j] = dag[NR * q + j];
+              for (int64_t j = n; j < NR; ++j) dst[j] = 0.0f;
+            }
+          }
+        }
+        barrier.wait();  // the step's dA is whole
+        for (int64_t m0 = 0; m0 < B; m0 += MR) {
+          const int64_t mr = block_rows(m0, B);
+          for (int64_t q = 0; q < np; ++q) {  // dh_prev for its units
+            const int64_t n = std::min(NR, nu - NR * q);
+            tile_product(pa + m0 * G, k.wh_panels + q * G * NR, mr, G, tile);
+            for (int64_t i = 0; i < mr; ++i) std::copy(tile + i * NR, tile + i * NR + n, k.dh + (m0 + i) * up + NR * q);
+          }
+          for (int64_t q = 0; q < fpt.panels; ++q) {  // dx for its inputs
+            const int64_t n = std::min(NR, fpt.units() - NR * q);
+            tile_product(pa + m0 * G, k.wi_panels + q * G * NR, mr, G, tile);
+            for (int64_t i = 0; i < mr; ++i)
+              std::copy(tile + i * NR, tile + i * NR + n, dxs + (t * B + m0 + i) * F + fpt.u0 + NR * q);
+          }
+        }
+      }
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t u = 0; u < nu; ++u) {
+          dh0[b * H + pt.u0 + u] = k.dh[b * up + u];
+          dc0[b * H + pt.u0 + u] = k.dc[b * up + u];
+        }
+      for (int64_t g = 0; g < 4; ++g)
+        for (int64_t u = 0; u < nu; ++u) db[g * H + pt.u0 + u] = k.dbias[g * up + u];
+      // dW_ih = x^T dA and dW_hh = h_prev^T dA over all steps at once, for its units' columns, K blocked by kc.
+      std::fill(k.acc_i, k.acc_i + F * 4 * up, 0.0f);
+      std::fill(k.acc_h, k.acc_h + H * 4 * up, 0.0f);
+      for (int64_t k0 = 0; k0 < rows; k0 += kc) {
+        const int64_t kk = std::min(kc, rows - k0);
+        pack_transposed(x, F, k0, kk, F, k.ax);
+        pack_transposed_shifted(hs, ph0, B, H, k0, kk, k.ah);
+        for (int64_t pi = 0; pi < 4 * np; ++pi) {
+          const float* p = k.da_panels + (pi * rows + k0) * NR;
+          accumulate_product(k.ax, F, kk, p, k.acc_i + pi * NR, 4 * up, tile);
+          accumulate_product(k.ah, H, kk, p, k.acc_h + pi * NR, 4 * up, tile);
+        }
+      }
+      for (int64_t g = 0; g < 4; ++g)
+        for (int64_t u = 0; u < nu; ++u) {
+          for (int64_t f = 0; f < F; ++f) dwi[f * G + g * H + pt.u0 + u] = k.acc_i[f * 4 * up + g * up + u];
+          for (int64_t v = 0; v < H; ++v) dwh[v * G + g * H + pt.u0 + u] = k.acc_h[v * 4 * up + g * up + u];
+        }
+    });
+  });
+}
+
+extern "C" int seqjax_lstm_vectorised() { return kVectorised ? 1 : 0; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // acts
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // cs
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmInference, InferenceImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // acts
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dys
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dc_T
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dxs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dc0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_ih
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_hh
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // db
+);
