@@ -257,18 +257,26 @@ fused_lstm.defvjp(_fused_lstm_fwd, _fused_lstm_bwd)
 
 def lstm_layer(x: Array, c0: Array, h0: Array, w_ih: Array, w_hh: Array, b: Array, precision=None):
     """`fused_lstm`'s function (same arguments and results), computed by seqjax's C++ CPU kernel
-    (`seqjax/nn/_native/lstm.cc`) where `use_native_lstm` allows it and by `fused_lstm` elsewhere."""
-    if use_native_lstm(x, c0, h0, w_ih, w_hh, b):
+    (`seqjax/nn/_native/lstm.cc`) where `use_native_rnn` allows it and by `fused_lstm` elsewhere."""
+    if use_native_rnn(x, c0, h0, w_ih, w_hh, b):
         bsz, hdim = x.shape[0], w_hh.shape[0]
         c0, h0 = (jnp.broadcast_to(a, (bsz, hdim)) for a in (c0, h0))
         return _native_lstm(x, c0, h0, w_ih, w_hh, b)
     return fused_lstm(x, c0, h0, w_ih, w_hh, b, precision)
 
 
-def use_native_lstm(*arrays: Array) -> bool:
-    """Whether an LSTM layer on these arrays runs the C++ kernel: all float32, a CPU backend with a single device
-    (XLA cannot partition a custom call: under a batch-sharded `jit` it would gather the batch onto every device),
-    and the kernel built with its AVX2/FMA micro-kernel (`seqjax.nn._native`)."""
+def gru_layer(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, precision=None):
+    """`fused_gru`'s function (same arguments and results), computed by seqjax's C++ CPU kernel
+    (`seqjax/nn/_native/gru.cc`) where `use_native_rnn` allows it and by `fused_gru` elsewhere."""
+    if use_native_rnn(x, h0, w_ih, w_hh, b_ih, b_hh):
+        return _native_gru(x, jnp.broadcast_to(h0, (x.shape[0], w_hh.shape[0])), w_ih, w_hh, b_ih, b_hh)
+    return fused_gru(x, h0, w_ih, w_hh, b_ih, b_hh, precision)
+
+
+def use_native_rnn(*arrays: Array) -> bool:
+    """Whether an LSTM or GRU layer on these arrays runs its C++ kernel: all float32, a CPU backend with a single
+    device (XLA cannot partition a custom call: under a batch-sharded `jit` it would gather the batch onto every
+    device), and the kernels built with their AVX2/FMA micro-kernel (`seqjax.nn._native`)."""
     return (
         all(jnp.dtype(a.dtype) == jnp.float32 for a in arrays)
         and jax.default_backend() == "cpu"
@@ -421,6 +429,73 @@ def _fused_gru_bwd(precision, res, cotangents):
 fused_gru.defvjp(_fused_gru_fwd, _fused_gru_bwd)
 
 
+def _gru_reference_forward(xs, h0, w_ih, w_hh, b_ih, b_hh):
+    """The GRU kernel's forward in JAX ops, time-major: (hs [T, B, H], h_T, acts [T, B, 4H] = r, z, n, hn)."""
+    h, (r, z, n, hn, hs) = _gru_forward(jnp.swapaxes(xs, 0, 1), h0, w_ih, w_hh, b_ih, b_hh, None)
+    return hs, h, jnp.concatenate([r, z, n, hn], -1)
+
+
+def _gru_reference_inference(xs, h0, w_ih, w_hh, b_ih, b_hh):
+    return _gru_reference_forward(xs, h0, w_ih, w_hh, b_ih, b_hh)[:2]
+
+
+def _gru_reference_backward(xs, h0, w_ih, w_hh, hs, acts, dys, dh):
+    """The GRU kernel's backward in JAX ops: (dxs [T, B, F], dh0, dw_ih, dw_hh, db_ih, db_hh), by `fused_gru`'s."""
+    zero = jnp.zeros(w_hh.shape[1], acts.dtype)
+    res = (jnp.swapaxes(xs, 0, 1), h0, w_ih, w_hh, zero, zero, (*jnp.split(acts, 4, axis=-1), hs))
+    dx, *rest = _fused_gru_bwd(None, res, (jnp.swapaxes(dys, 0, 1), dh))
+    return (jnp.swapaxes(dx, 0, 1), *rest)
+
+
+@_with_derivatives_of(_gru_reference_forward)
+def _native_gru_forward(xs, h0, w_ih, w_hh, b_ih, b_hh):
+    t, bsz, _ = xs.shape
+    hdim = w_hh.shape[0]
+    out = (_f32(t, bsz, hdim), _f32(bsz, hdim), _f32(t, bsz, 4 * hdim))
+    return tuple(jax.ffi.ffi_call("seqjax_gru_forward", out, vmap_method="sequential")(xs, h0, w_ih, w_hh, b_ih, b_hh))
+
+
+@_with_derivatives_of(_gru_reference_inference)
+def _native_gru_inference(xs, h0, w_ih, w_hh, b_ih, b_hh):
+    t, bsz, _ = xs.shape
+    out = (_f32(t, bsz, w_hh.shape[0]), _f32(bsz, w_hh.shape[0]))
+    call = jax.ffi.ffi_call("seqjax_gru_inference", out, vmap_method="sequential")
+    return tuple(call(xs, h0, w_ih, w_hh, b_ih, b_hh))
+
+
+@_with_derivatives_of(_gru_reference_backward)
+def _native_gru_backward(xs, h0, w_ih, w_hh, hs, acts, dys, dh):
+    g = w_hh.shape[1]
+    out = (_f32(*xs.shape), _f32(*h0.shape), _f32(*w_ih.shape), _f32(*w_hh.shape), _f32(g), _f32(g))
+    return tuple(
+        jax.ffi.ffi_call("seqjax_gru_backward", out, vmap_method="sequential")(xs, h0, w_ih, w_hh, hs, acts, dys, dh)
+    )
+
+
+@jax.custom_vjp
+def _native_gru(x, h0, w_ih, w_hh, b_ih, b_hh):
+    """`fused_gru` without `precision` (float32 only), as `_native_lstm` is `fused_lstm`."""
+    args = (jnp.swapaxes(x, 0, 1), h0, w_ih, w_hh, b_ih, b_hh)
+    hs, h = lax.platform_dependent(*args, cpu=_native_gru_inference, default=_gru_reference_inference)
+    return jnp.swapaxes(hs, 0, 1), h
+
+
+def _native_gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh):
+    args = (jnp.swapaxes(x, 0, 1), h0, w_ih, w_hh, b_ih, b_hh)
+    hs, h, acts = lax.platform_dependent(*args, cpu=_native_gru_forward, default=_gru_reference_forward)
+    return (jnp.swapaxes(hs, 0, 1), h), (*args[:4], hs, acts)
+
+
+def _native_gru_bwd(res, cotangents):
+    dys, dh = cotangents
+    args = (*res, jnp.swapaxes(dys, 0, 1).astype(jnp.float32), dh.astype(jnp.float32))
+    dxs, *rest = lax.platform_dependent(*args, cpu=_native_gru_backward, default=_gru_reference_backward)
+    return (jnp.swapaxes(dxs, 0, 1), *rest)
+
+
+_native_gru.defvjp(_native_gru_fwd, _native_gru_bwd)
+
+
 def flip_sequences(inputs: Array, seq_lengths: Array | None) -> Array:
     """Reverses each sequence of `inputs [B, T, ...]` within its own length; positions past the length stay put."""
     t = inputs.shape[1]
@@ -457,9 +532,10 @@ class RNN(nn.Module):
         returned in the original time order.
       return_carry: return `(carry, outputs)` instead of `outputs`.
       unroll: time steps per scan iteration (a speed knob).
-      fused: run an `LSTMCell` through `fused_lstm`, a `GRUCell` through `fused_gru` (hand-written backward
-        passes, faster on CPU) when that gives the same function: no `seq_lengths`, `unroll=1`, and inputs, carry
-        and parameters all float32 or all float64.
+      fused: run an `LSTMCell` through `lstm_layer`, a `GRUCell` through `gru_layer` when that gives the same
+        function: no `seq_lengths`, `unroll=1`, and inputs, carry and parameters all float32 or all float64. Those
+        run seqjax's C++ CPU kernels on a one-device CPU backend in float32 (`use_native_rnn`), else `fused_lstm` /
+        `fused_gru` (hand-written backward passes in JAX ops); BENCHMARKS.md has the speeds.
         Both are `jax.custom_vjp`s, so forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) needs `fused=False`.
 
     Call with `initial_carry` (default: the cell's zero state), `seq_lengths [B]` (default: all T) and optionally
@@ -510,7 +586,7 @@ class RNN(nn.Module):
             if isinstance(self.cell, LSTMCell):
                 ys, carry = lstm_layer(xs, carry[0], carry[1], w_ih, w_hh, b_ih + b_hh, self.cell.precision)
             else:
-                ys, carry = fused_gru(xs, carry, w_ih, w_hh, b_ih, b_hh, self.cell.precision)
+                ys, carry = gru_layer(xs, carry, w_ih, w_hh, b_ih, b_hh, self.cell.precision)
             if self.reverse:
                 ys = ys[:, ::-1]
             return (carry, ys) if return_carry else ys

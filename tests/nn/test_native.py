@@ -1,5 +1,6 @@
 """seqjax's C++ CPU kernels (seqjax/nn/_native): the attention kernel against a float64 numpy reference and against
-autodiff of a plain JAX formulation; the LSTM kernel against the scanned cell's autodiff, `fused_lstm` and torch;
+autodiff of a plain JAX formulation; the LSTM and GRU kernels against the scanned cells' autodiff, `fused_lstm` /
+`fused_gru` and torch;
 their XLA fallback branches, vmap, gradients of gradients, and the build's side conditions.
 
 Where the kernels cannot be built (no C++ compiler) these tests skip, except under CI (`CI` set), where the
@@ -16,7 +17,7 @@ import pytest
 
 from seqjax.nn import _native, attention, recurrent
 from seqjax.nn.attention import causal_mask
-from seqjax.nn.recurrent import RNN, LSTMCell
+from seqjax.nn.recurrent import RNN, GRUCell, LSTMCell
 from tests.nn.test_attention import np_attention
 
 
@@ -227,115 +228,137 @@ def test_kernels_build_into_the_cache_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The LSTM kernel (lstm.cc). Sizes that exercise its edges: batch rows not a multiple of the micro-kernel's 6, hidden
-# units not a multiple of its 16 (a padded last block), and enough blocks for the units to be split between threads.
+# The LSTM and GRU kernels (lstm.cc, gru.cc). Sizes that exercise their edges: batch rows not a multiple of the
+# micro-kernel's 6, hidden units not a multiple of its 16 (a padded last block), and enough blocks for the units to
+# be split between threads.
 
-LSTM_SHAPES = [(7, 9, 5, 20), (13, 4, 33, 70), (1, 3, 2, 1)]  # (B, T, F, H)
+RNN_SHAPES = [(7, 9, 5, 20), (13, 4, 33, 70), (1, 3, 2, 1)]  # (B, T, F, H)
+KINDS = ["lstm", "gru"]
 
 
 @pytest.fixture
 def one_device(monkeypatch):
-    """The suite runs with 8 CPU devices; the layer is run here as a one-device process runs it."""
+    """The suite runs with 8 CPU devices; the layers are run here as a one-device process runs them."""
     monkeypatch.setattr(recurrent, "_single_device", lambda: True)
     if not _native.lstm_vectorised():
-        pytest.skip("the LSTM kernel is built without its AVX2/FMA micro-kernel on this CPU, so it is not used")
+        pytest.skip("the recurrent kernels are built without their AVX2/FMA micro-kernel on this CPU, so unused")
 
 
-def _lstm_args(b, t, f, h, seed=0):
-    k = jax.random.split(jax.random.key(seed), 6)
-    return (
-        jax.random.normal(k[0], (b, t, f)),
-        0.5 * jax.random.normal(k[1], (b, h)),
-        0.5 * jax.random.normal(k[2], (b, h)),
-        jax.random.normal(k[3], (f, 4 * h)) / np.sqrt(f),
-        jax.random.normal(k[4], (h, 4 * h)) / np.sqrt(h),
-        0.3 * jax.random.normal(k[5], (4 * h,)),
-    )
+def _layer_args(kind, b, t, f, h, seed=0):
+    """Arguments of fused_lstm (x, c0, h0, w_ih, w_hh, b) or fused_gru (x, h0, w_ih, w_hh, b_ih, b_hh)."""
+    k = jax.random.split(jax.random.key(seed), 7)
+    g = 4 if kind == "lstm" else 3
+    x = jax.random.normal(k[0], (b, t, f))
+    w_ih, w_hh = jax.random.normal(k[3], (f, g * h)) / np.sqrt(f), jax.random.normal(k[4], (h, g * h)) / np.sqrt(h)
+    carry = [0.5 * jax.random.normal(k[i], (b, h)) for i in ((1, 2) if kind == "lstm" else (1,))]
+    biases = [0.3 * jax.random.normal(k[i], (g * h,)) for i in ((5,) if kind == "lstm" else (5, 6))]
+    return (x, *carry, w_ih, w_hh, *biases)
 
 
-def _lstm_loss(layer, seed=1):
-    """A loss reaching every output: all steps' outputs (weighted) and both parts of the final carry."""
+def _layers(kind):
+    """(the kernel's custom_vjp, the XLA formulation) of one kind."""
+    if kind == "lstm":
+        return recurrent._native_lstm, recurrent.fused_lstm
+    return recurrent._native_gru, recurrent.fused_gru
+
+
+def _layer_loss(layer, seed=1):
+    """A loss reaching every output: all steps' outputs (weighted) and the whole final carry."""
 
     def loss(*args):
-        ys, (c, h) = layer(*args)
+        ys, carry = layer(*args)
         w = jax.random.normal(jax.random.key(seed), ys.shape)
-        return jnp.sum(ys * w) + jnp.sum(jnp.sin(c)) + jnp.sum(h * h)
+        return jnp.sum(ys * w) + sum(jnp.sum(jnp.sin((i + 1.0) * c)) for i, c in enumerate(jax.tree.leaves(carry)))
 
     return loss
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("shape", LSTM_SHAPES, ids=str)
-def test_lstm_kernel_equals_the_scanned_cell(one_device, shape, reverse, use_bias):
-    """RNN(LSTMCell) without lengths runs the kernel: outputs, final carry and every gradient (parameters, inputs,
-    initial carry) equal autodiff through the nn.scan of the cell (itself checked against numpy's equations)."""
+@pytest.mark.parametrize("shape", RNN_SHAPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_equals_the_scanned_cell(one_device, kind, shape, reverse, use_bias):
+    """RNN(LSTMCell / GRUCell) without lengths runs the kernel: outputs, final carry and every gradient (parameters,
+    inputs, initial carry) equal autodiff through the nn.scan of the cell (itself checked against numpy's
+    equations); not differentiated, it runs the forward that saves nothing for a backward pass."""
     b, t, _, h = shape
-    x, c0, h0 = _lstm_args(*shape)[:3]
-    cell = LSTMCell(h, use_bias=use_bias, forget_bias=1.0)
+    x, *carry0 = _layer_args(kind, *shape)[: 3 if kind == "lstm" else 2]
+    carry0 = tuple(carry0) if kind == "lstm" else carry0[0]
+    cell = LSTMCell(h, use_bias=use_bias, forget_bias=1.0) if kind == "lstm" else GRUCell(h, use_bias=use_bias)
     native, plain = (RNN(cell, reverse=reverse, return_carry=True, fused=fu) for fu in (True, False))
     params = plain.init(jax.random.key(2), x)
     params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(3), a.shape), params)
     wy = jax.random.normal(jax.random.key(4), (b, t, h))
 
     def loss(rnn, p, x, carry0):
-        (c, hh), ys = rnn.apply(p, x, initial_carry=carry0)
-        return jnp.sum(ys * wy) + jnp.sum(jnp.sin(c)) + jnp.sum(hh * hh)
+        carry, ys = rnn.apply(p, x, initial_carry=carry0)
+        return jnp.sum(ys * wy) + sum(jnp.sum(jnp.sin((i + 1.0) * c)) for i, c in enumerate(jax.tree.leaves(carry)))
 
     step = jax.jit(jax.value_and_grad(lambda *a: loss(native, *a), argnums=(0, 1, 2)))
-    assert "seqjax_lstm_backward" in step.lower(params, x, (c0, h0)).as_text()
-    got = step(params, x, (c0, h0))
-    want = jax.value_and_grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(params, x, (c0, h0))
+    assert f"seqjax_{kind}_backward" in step.lower(params, x, carry0).as_text()
+    got = step(params, x, carry0)
+    want = jax.value_and_grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(params, x, carry0)
     for u, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-5, atol=2e-5)
-    # without differentiation: the forward that saves nothing for a backward pass
-    run = jax.jit(lambda p, x: native.apply(p, x, initial_carry=(c0, h0)))
+    run = jax.jit(lambda p, x: native.apply(p, x, initial_carry=carry0))
     text = run.lower(params, x).as_text()
-    assert "seqjax_lstm_inference" in text and "seqjax_lstm_forward" not in text
-    want = plain.apply(params, x, initial_carry=(c0, h0))
+    assert f"seqjax_{kind}_inference" in text and f"seqjax_{kind}_forward" not in text
+    want = plain.apply(params, x, initial_carry=carry0)
     for u, w in zip(jax.tree.leaves(run(params, x)), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("shape", [(64, 6, 256, 256), (6, 2, 16, 16)], ids=str)
-def test_lstm_kernel_equals_fused_lstm(one_device, shape):
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_equals_the_xla_formulation(one_device, kind, shape):
     """At the benchmark's widths (two threads of 128 units) and at exact multiples of the tile, the kernel's outputs
-    and gradients equal `fused_lstm`'s, the XLA formulation."""
-    args = _lstm_args(*shape, seed=5)
-    ours = jax.jit(jax.value_and_grad(_lstm_loss(recurrent._native_lstm), argnums=range(6)))(*args)
-    theirs = jax.jit(jax.value_and_grad(_lstm_loss(recurrent.fused_lstm), argnums=range(6)))(*args)
+    and gradients equal `fused_lstm`'s / `fused_gru`'s."""
+    args = _layer_args(kind, *shape, seed=5)
+    native, fused = _layers(kind)
+    ours = jax.jit(jax.value_and_grad(_layer_loss(native), argnums=range(6)))(*args)
+    theirs = jax.jit(jax.value_and_grad(_layer_loss(fused), argnums=range(6)))(*args)
     for u, w in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=1e-4, atol=1e-4)
 
 
-def test_lstm_kernel_gradients_of_gradients(one_device):
-    """The kernel's custom calls carry the JAX formulation's derivatives, so its backward can be differentiated."""
-    args = _lstm_args(5, 4, 3, 18, seed=6)
+@pytest.mark.parametrize("kind", KINDS)
+def test_recurrent_kernel_gradients_of_gradients(one_device, kind):
+    """The kernels' custom calls carry the JAX formulation's derivatives, so their backward can be differentiated."""
+    args = _layer_args(kind, 5, 4, 3, 18, seed=6)
+    w = 3 if kind == "lstm" else 2  # w_ih's position
 
     def penalty(layer):
-        return lambda w_hh: jnp.sum(jnp.square(jax.grad(_lstm_loss(layer), argnums=0)(*args[:4], w_hh, args[5])))
+        def f(w_ih):
+            a = (*args[:w], w_ih, *args[w + 1 :])
+            return jnp.sum(jnp.square(jax.grad(_layer_loss(layer), argnums=0)(*a)))
 
-    ours = jax.jit(jax.grad(penalty(recurrent._native_lstm)))(args[4])
-    theirs = jax.jit(jax.grad(penalty(recurrent.fused_lstm)))(args[4])
+        return f
+
+    native, fused = _layers(kind)
+    ours = jax.jit(jax.grad(penalty(native)))(args[w])
+    theirs = jax.jit(jax.grad(penalty(fused)))(args[w])
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-4)
 
 
-def test_lstm_fallback_branch_is_the_same_function(one_device, monkeypatch):
+@pytest.mark.parametrize("kind", KINDS)
+def test_recurrent_fallback_branch_is_the_same_function(one_device, monkeypatch, kind):
     """Lowered for a platform other than CPU, the layer takes the JAX-ops branch of `platform_dependent`; run here by
     making it pick that branch, it gives the same outputs and gradients, with no custom call."""
-    args = _lstm_args(7, 5, 4, 20, seed=7)
-    step = lambda: jax.jit(jax.value_and_grad(_lstm_loss(recurrent._native_lstm), argnums=range(6)))
+    args = _layer_args(kind, 7, 5, 4, 20, seed=7)
+    step = lambda: jax.jit(jax.value_and_grad(_layer_loss(_layers(kind)[0]), argnums=range(6)))
     native = step()(*args)
     monkeypatch.setattr(recurrent.lax, "platform_dependent", lambda *a, default, **kw: default(*a))
     fallback = step()
-    assert "seqjax_lstm" not in fallback.lower(*args).as_text()
+    assert "seqjax_" not in fallback.lower(*args).as_text()
     for u, w in zip(jax.tree.leaves(native), jax.tree.leaves(fallback(*args)), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-5, atol=2e-5)
 
 
-def test_lstm_kernel_under_vmap(one_device):
-    args = [jnp.stack([a, b]) for a, b in zip(_lstm_args(3, 4, 5, 17, 8), _lstm_args(3, 4, 5, 17, 9), strict=True)]
-    grad = jax.grad(_lstm_loss(recurrent._native_lstm), argnums=range(6))
+@pytest.mark.parametrize("kind", KINDS)
+def test_recurrent_kernel_under_vmap(one_device, kind):
+    pairs = zip(_layer_args(kind, 3, 4, 5, 17, 8), _layer_args(kind, 3, 4, 5, 17, 9), strict=True)
+    args = [jnp.stack(pair) for pair in pairs]
+    grad = jax.grad(_layer_loss(_layers(kind)[0]), argnums=range(6))
     batched = jax.vmap(grad)(*args)
     for i in range(2):
         single = grad(*(a[i] for a in args))
@@ -343,44 +366,51 @@ def test_lstm_kernel_under_vmap(one_device):
             np.testing.assert_allclose(np.asarray(u[i]), np.asarray(w), rtol=1e-6, atol=1e-6)
 
 
-def test_lstm_kernel_is_used_only_where_it_applies(monkeypatch):
+@pytest.mark.parametrize("kind", KINDS)
+def test_recurrent_kernel_is_used_only_where_it_applies(monkeypatch, kind):
     """float32 on one CPU device: the kernel; several devices (this process), float64, or lengths: XLA's paths."""
     x = jnp.ones((2, 3, 4))
-    rnn = RNN(LSTMCell(16))
+    make = (lambda **kw: LSTMCell(16, **kw)) if kind == "lstm" else (lambda **kw: GRUCell(16, **kw))
+    rnn = RNN(make())
     params = rnn.init(jax.random.key(0), x)
     lowered = lambda **kw: jax.jit(lambda p, x: rnn.apply(p, x, **kw)).lower(params, x).as_text()
-    assert "seqjax_lstm" not in lowered()  # 8 devices: a batch-sharded jit would gather the batch for the call
+    assert "seqjax_" not in lowered()  # 8 devices: a batch-sharded jit would gather the batch for the call
     monkeypatch.setattr(recurrent, "_single_device", lambda: True)
-    assert ("seqjax_lstm" in lowered()) == _native.lstm_vectorised()
-    assert "seqjax_lstm" not in lowered(seq_lengths=jnp.array([3, 1]))
-    with jax.enable_x64(True):  # float64 runs fused_lstm
-        rnn64, x64 = RNN(LSTMCell(16, param_dtype=jnp.float64)), jnp.ones((2, 3, 4), jnp.float64)
+    assert (f"seqjax_{kind}" in lowered()) == _native.lstm_vectorised()
+    assert "seqjax_" not in lowered(seq_lengths=jnp.array([3, 1]))
+    with jax.enable_x64(True):  # float64 runs fused_lstm / fused_gru
+        rnn64, x64 = RNN(make(param_dtype=jnp.float64)), jnp.ones((2, 3, 4), jnp.float64)
         text = jax.jit(rnn64.apply).lower(rnn64.init(jax.random.key(0), x64), x64).as_text()
-        assert "seqjax_lstm" not in text and "f64" in text
+        assert "seqjax_" not in text and "f64" in text
 
 
-def test_stacked_lstm_with_the_kernel_matches_torch(one_device):
-    """Two bidirectional layers loaded from torch.nn.LSTM's weights: outputs, final states and input gradients."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_stacked_layers_with_the_kernels_match_torch(one_device, kind):
+    """Two bidirectional layers loaded from torch.nn.LSTM / GRU's weights: outputs, final states, input gradients."""
     torch = pytest.importorskip("torch")
-    from seqjax.interop.torch import load_lstm
-    from seqjax.nn import LSTM
+    from seqjax.interop.torch import load_gru, load_lstm
+    from seqjax.nn import GRU, LSTM
 
     torch.manual_seed(0)
     b, t, f, h = 5, 7, 6, 20
-    module = torch.nn.LSTM(f, h, num_layers=2, bidirectional=True, batch_first=True)
+    module = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(
+        f, h, num_layers=2, bidirectional=True, batch_first=True
+    )
     x = np.random.default_rng(10).normal(size=(b, t, f)).astype(np.float32)
     xt = torch.from_numpy(x).requires_grad_(True)
-    out, (hn, cn) = module(xt)
-    (out.square().sum() + hn.sum() + cn.sin().sum()).backward()
-    layer = LSTM(h, num_layers=2, bidirectional=True)
-    variables = load_lstm(module.state_dict(), num_layers=2, bidirectional=True)
+    out, state = module(xt)
+    state = list(state) if kind == "lstm" else [state]
+    (out.square().sum() + sum(s.sin().sum() * (i + 1) for i, s in enumerate(state))).backward()
+    layer = (LSTM if kind == "lstm" else GRU)(h, num_layers=2, bidirectional=True)
+    variables = (load_lstm if kind == "lstm" else load_gru)(module.state_dict(), num_layers=2, bidirectional=True)
 
     def loss(x):
-        ys, (hs, cs) = layer.apply(variables, x)
-        return jnp.sum(ys * ys) + jnp.sum(hs) + jnp.sum(jnp.sin(cs)), (ys, hs, cs)
+        ys, st = layer.apply(variables, x)
+        st = list(st) if kind == "lstm" else [st]
+        return jnp.sum(ys * ys) + sum(jnp.sum(jnp.sin(s)) * (i + 1) for i, s in enumerate(st)), (ys, st)
 
     step = jax.jit(jax.grad(loss, has_aux=True))
-    assert "seqjax_lstm_backward" in step.lower(jnp.asarray(x)).as_text()
-    dx, (ys, hs, cs) = step(jnp.asarray(x))
-    for ours, theirs in [(ys, out), (hs, hn), (cs, cn), (dx, xt.grad)]:
+    assert f"seqjax_{kind}_backward" in step.lower(jnp.asarray(x)).as_text()
+    dx, (ys, st) = step(jnp.asarray(x))
+    for ours, theirs in [(ys, out), *zip(st, state, strict=True), (dx, xt.grad)]:
         np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), rtol=1e-5, atol=1e-5)

@@ -1,11 +1,12 @@
 """seqjax's CPU kernels in C++ (XLA FFI custom calls), built on first use.
 
 `attention.cc` holds multi-head self-attention's forward and backward pass from the fused q/k/v projection, and
-`lstm.cc` an LSTM layer's forward and backward pass over a whole sequence. They are compiled, as one library, the
+`lstm.cc` and `gru.cc` an LSTM's and a GRU layer's forward and backward pass over a whole sequence (`recurrent.h`
+holds what those two share). They are compiled, as one library, the
 first time a module asks for them with the machine's C++ compiler (`$CXX`, else `g++`, `c++` or `clang++`), for the
 machine's own CPU, into a cache folder (`$SEQJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/seqjax` or `~/.cache/seqjax`),
-keyed by the source, the flags, the jaxlib version and the CPU; later processes load the built library. The LSTM
-kernel's products run on a micro-kernel of its own; the attention kernel's call the `sgemm` of the OpenBLAS that
+keyed by the source, the flags, the jaxlib version and the CPU; later processes load the built library. The recurrent
+kernels' products run on a micro-kernel of their own; the attention kernel's call the `sgemm` of the OpenBLAS that
 scipy loads (JAX itself depends on scipy),
 single-threaded within each of the kernel's own threads (`openblas_set_num_threads_local`, OpenBLAS >= 0.3.27; in
 OpenBLAS's pthreads builds that count is process-wide, so a kernel call restores the previous count when it ends).
@@ -33,14 +34,17 @@ import jaxlib
 
 _log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
-_SOURCES = ("blas.cc", "attention.cc", "lstm.cc")
-_HEADERS = ("common.h",)
+_SOURCES = ("blas.cc", "attention.cc", "lstm.cc", "gru.cc")
+_HEADERS = ("common.h", "recurrent.h")
 _TARGETS = {
     "seqjax_attention_forward": "SeqjaxAttentionForward",
     "seqjax_attention_backward": "SeqjaxAttentionBackward",
     "seqjax_lstm_forward": "SeqjaxLstmForward",
     "seqjax_lstm_inference": "SeqjaxLstmInference",
     "seqjax_lstm_backward": "SeqjaxLstmBackward",
+    "seqjax_gru_forward": "SeqjaxGruForward",
+    "seqjax_gru_inference": "SeqjaxGruInference",
+    "seqjax_gru_backward": "SeqjaxGruBackward",
 }
 # Tried in order: (compiler flags, link flags). -ffast-math lets GCC call glibc's vectorised expf (libmvec) in the
 # softmax loops; it is given to the compile step only, since linking with it would add crtfastmath.o, which switches
@@ -70,7 +74,8 @@ def available() -> bool:
 
 
 def lstm_vectorised() -> bool:
-    """Whether the LSTM kernel was built with its AVX2/FMA micro-kernel (without it, XLA's dots are faster)."""
+    """Whether the LSTM and GRU kernels were built with their AVX2/FMA micro-kernel (without it, XLA's dots are
+    faster)."""
     return available() and bool(_library.seqjax_lstm_vectorised())
 
 
