@@ -479,39 +479,14 @@ def _qkv_attention_bwd(qkv, mask, out, lse, dout, precision=None):
     return jnp.stack([dq, dk, dv], axis=2)
 
 
-def _differentiable_as(reference: Callable) -> Callable:
-    """Decorates a custom-call wrapper f(x, mask, *rest) that computes what `reference` computes, giving it the
-    reference's derivatives (a custom call has none), so that the attention's own backward pass can be differentiated
-    again (gradients of gradients)."""
-
-    def wrap(call):
-        @jax.custom_vjp
-        def f(x, mask, *rest):
-            return call(x, mask, *rest)
-
-        def fwd(x, mask, *rest):
-            return call(x, mask, *rest), (x, mask, rest)
-
-        def bwd(res, cotangent):
-            x, mask, rest = res
-            _, vjp = jax.vjp(lambda x, *rest: reference(x, mask, *rest), x, *rest)
-            grads = vjp(cotangent)
-            return (grads[0], None, *grads[1:])
-
-        f.defvjp(fwd, bwd)
-        return f
-
-    return wrap
-
-
-@_differentiable_as(_qkv_attention_fwd)
+@_native.with_derivatives_of(_qkv_attention_fwd)
 def _native_forward_call(qkv, m):
     b, t, _, n, h = qkv.shape
     out = (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
     return tuple(jax.ffi.ffi_call("seqjax_attention_forward", out, vmap_method="sequential")(qkv, m))
 
 
-@_differentiable_as(_qkv_attention_bwd)
+@_native.with_derivatives_of(_qkv_attention_bwd)
 def _native_backward_call(qkv, m, out, lse, dout):
     result = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
     return jax.ffi.ffi_call("seqjax_attention_backward", result, vmap_method="sequential")(qkv, m, out, lse, dout)

@@ -261,7 +261,7 @@ def lstm_layer(x: Array, c0: Array, h0: Array, w_ih: Array, w_hh: Array, b: Arra
     if use_native_rnn(x, c0, h0, w_ih, w_hh, b):
         bsz, hdim = x.shape[0], w_hh.shape[0]
         c0, h0 = (jnp.broadcast_to(a, (bsz, hdim)) for a in (c0, h0))
-        return _native_lstm(x, c0, h0, w_ih, w_hh, b)
+        return _native_lstm(x, c0, h0, w_ih, w_hh, b, precision)
     return fused_lstm(x, c0, h0, w_ih, w_hh, b, precision)
 
 
@@ -269,14 +269,15 @@ def gru_layer(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: 
     """`fused_gru`'s function (same arguments and results), computed by seqjax's C++ CPU kernel
     (`seqjax/nn/_native/gru.cc`) where `use_native_rnn` allows it and by `fused_gru` elsewhere."""
     if use_native_rnn(x, h0, w_ih, w_hh, b_ih, b_hh):
-        return _native_gru(x, jnp.broadcast_to(h0, (x.shape[0], w_hh.shape[0])), w_ih, w_hh, b_ih, b_hh)
+        return _native_gru(x, jnp.broadcast_to(h0, (x.shape[0], w_hh.shape[0])), w_ih, w_hh, b_ih, b_hh, precision)
     return fused_gru(x, h0, w_ih, w_hh, b_ih, b_hh, precision)
 
 
 def use_native_rnn(*arrays: Array) -> bool:
     """Whether an LSTM or GRU layer on these arrays runs its C++ kernel: all float32, a CPU backend with a single
     device (XLA cannot partition a custom call: under a batch-sharded `jit` it would gather the batch onto every
-    device), and the kernels built with their AVX2/FMA micro-kernel (`seqjax.nn._native`)."""
+    device), and the kernels built with their AVX2/FMA micro-kernel (`seqjax.nn._native`; they call no BLAS, but
+    are built into one library with the attention kernel, which needs scipy's OpenBLAS to load)."""
     return (
         all(jnp.dtype(a.dtype) == jnp.float32 for a in arrays)
         and jax.default_backend() == "cpu"
@@ -290,33 +291,21 @@ def _single_device() -> bool:
     return jax.device_count() == 1
 
 
-def _with_derivatives_of(reference: Callable) -> Callable:
-    """Gives a custom-call wrapper the derivatives of `reference`, the same function in JAX ops (a custom call has
-    none), so that the layer's backward pass can itself be differentiated."""
-
-    def wrap(call):
-        f = jax.custom_vjp(call)
-        f.defvjp(lambda *args: (call(*args), args), lambda args, ct: jax.vjp(reference, *args)[1](ct))
-        return f
-
-    return wrap
-
-
-def _lstm_reference_forward(xs, c0, h0, w_ih, w_hh, b):
+def _lstm_reference_forward(xs, c0, h0, w_ih, w_hh, b, precision=None):
     """The kernel's forward in JAX ops, time-major: (hs [T, B, H], c_T, h_T, acts [T, B, 4H], cs [T, B, H])."""
-    (c, h), (i, f, g, o, cs, hs) = _lstm_forward(jnp.swapaxes(xs, 0, 1), c0, h0, w_ih, w_hh, b, None)
+    (c, h), (i, f, g, o, cs, hs) = _lstm_forward(jnp.swapaxes(xs, 0, 1), c0, h0, w_ih, w_hh, b, precision)
     return hs, c, h, jnp.concatenate([i, f, g, o], -1), cs
 
 
-def _lstm_reference_inference(xs, c0, h0, w_ih, w_hh, b):
-    return _lstm_reference_forward(xs, c0, h0, w_ih, w_hh, b)[:3]
+def _lstm_reference_inference(xs, c0, h0, w_ih, w_hh, b, precision=None):
+    return _lstm_reference_forward(xs, c0, h0, w_ih, w_hh, b, precision)[:3]
 
 
-def _lstm_reference_backward(xs, c0, h0, w_ih, w_hh, hs, acts, cs, dys, dc, dh):
+def _lstm_reference_backward(xs, c0, h0, w_ih, w_hh, hs, acts, cs, dys, dc, dh, precision=None):
     """The kernel's backward in JAX ops: (dxs [T, B, F], dc0, dh0, dw_ih, dw_hh, db), by `fused_lstm`'s."""
     gates = jnp.split(acts, 4, axis=-1)
     res = (jnp.swapaxes(xs, 0, 1), c0, h0, w_ih, w_hh, jnp.zeros(acts.shape[-1], acts.dtype), (*gates, cs, hs))
-    dx, *rest = _fused_lstm_bwd(None, res, (jnp.swapaxes(dys, 0, 1), (dc, dh)))
+    dx, *rest = _fused_lstm_bwd(precision, res, (jnp.swapaxes(dys, 0, 1), (dc, dh)))
     return (jnp.swapaxes(dx, 0, 1), *rest)
 
 
@@ -324,7 +313,7 @@ def _f32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-@_with_derivatives_of(_lstm_reference_forward)
+@_native.with_derivatives_of(_lstm_reference_forward)
 def _native_lstm_forward(xs, c0, h0, w_ih, w_hh, b):
     t, bsz, _ = xs.shape
     hdim = w_hh.shape[0]
@@ -332,7 +321,7 @@ def _native_lstm_forward(xs, c0, h0, w_ih, w_hh, b):
     return tuple(jax.ffi.ffi_call("seqjax_lstm_forward", out, vmap_method="sequential")(xs, c0, h0, w_ih, w_hh, b))
 
 
-@_with_derivatives_of(_lstm_reference_inference)
+@_native.with_derivatives_of(_lstm_reference_inference)
 def _native_lstm_inference(xs, c0, h0, w_ih, w_hh, b):
     t, bsz, _ = xs.shape
     hdim = w_hh.shape[0]
@@ -340,32 +329,36 @@ def _native_lstm_inference(xs, c0, h0, w_ih, w_hh, b):
     return tuple(jax.ffi.ffi_call("seqjax_lstm_inference", out, vmap_method="sequential")(xs, c0, h0, w_ih, w_hh, b))
 
 
-@_with_derivatives_of(_lstm_reference_backward)
+@_native.with_derivatives_of(_lstm_reference_backward)
 def _native_lstm_backward(xs, c0, h0, w_ih, w_hh, hs, acts, cs, dys, dc, dh):
     out = (_f32(*xs.shape), _f32(*c0.shape), _f32(*h0.shape), _f32(*w_ih.shape), _f32(*w_hh.shape))
     call = jax.ffi.ffi_call("seqjax_lstm_backward", (*out, _f32(w_hh.shape[1])), vmap_method="sequential")
     return tuple(call(xs, c0, h0, w_ih, w_hh, hs, acts, cs, dys, dc, dh))
 
 
-@jax.custom_vjp
-def _native_lstm(x, c0, h0, w_ih, w_hh, b):
-    """`fused_lstm` without `precision` (float32 only): the C++ kernel where the program is lowered for a CPU, the
-    same math in JAX ops elsewhere (`lax.platform_dependent`). Without differentiation it saves nothing."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _native_lstm(x, c0, h0, w_ih, w_hh, b, precision=None):
+    """`fused_lstm` for float32: the C++ kernel where the program is lowered for a CPU (where `precision` changes
+    nothing for float32), the same math in JAX ops elsewhere (`lax.platform_dependent`). Without differentiation it
+    saves nothing."""
     args = (jnp.swapaxes(x, 0, 1), c0, h0, w_ih, w_hh, b)
-    hs, c, h = lax.platform_dependent(*args, cpu=_native_lstm_inference, default=_lstm_reference_inference)
+    default = functools.partial(_lstm_reference_inference, precision=precision)
+    hs, c, h = lax.platform_dependent(*args, cpu=_native_lstm_inference, default=default)
     return jnp.swapaxes(hs, 0, 1), (c, h)
 
 
-def _native_lstm_fwd(x, c0, h0, w_ih, w_hh, b):
+def _native_lstm_fwd(x, c0, h0, w_ih, w_hh, b, precision):
     args = (jnp.swapaxes(x, 0, 1), c0, h0, w_ih, w_hh, b)
-    hs, c, h, acts, cs = lax.platform_dependent(*args, cpu=_native_lstm_forward, default=_lstm_reference_forward)
+    default = functools.partial(_lstm_reference_forward, precision=precision)
+    hs, c, h, acts, cs = lax.platform_dependent(*args, cpu=_native_lstm_forward, default=default)
     return (jnp.swapaxes(hs, 0, 1), (c, h)), (*args[:5], hs, acts, cs)
 
 
-def _native_lstm_bwd(res, cotangents):
+def _native_lstm_bwd(precision, res, cotangents):
     dys, (dc, dh) = cotangents
     args = (*res, jnp.swapaxes(dys, 0, 1).astype(jnp.float32), dc.astype(jnp.float32), dh.astype(jnp.float32))
-    dxs, *rest = lax.platform_dependent(*args, cpu=_native_lstm_backward, default=_lstm_reference_backward)
+    default = functools.partial(_lstm_reference_backward, precision=precision)
+    dxs, *rest = lax.platform_dependent(*args, cpu=_native_lstm_backward, default=default)
     return (jnp.swapaxes(dxs, 0, 1), *rest)
 
 
@@ -429,25 +422,25 @@ def _fused_gru_bwd(precision, res, cotangents):
 fused_gru.defvjp(_fused_gru_fwd, _fused_gru_bwd)
 
 
-def _gru_reference_forward(xs, h0, w_ih, w_hh, b_ih, b_hh):
+def _gru_reference_forward(xs, h0, w_ih, w_hh, b_ih, b_hh, precision=None):
     """The GRU kernel's forward in JAX ops, time-major: (hs [T, B, H], h_T, acts [T, B, 4H] = r, z, n, hn)."""
-    h, (r, z, n, hn, hs) = _gru_forward(jnp.swapaxes(xs, 0, 1), h0, w_ih, w_hh, b_ih, b_hh, None)
+    h, (r, z, n, hn, hs) = _gru_forward(jnp.swapaxes(xs, 0, 1), h0, w_ih, w_hh, b_ih, b_hh, precision)
     return hs, h, jnp.concatenate([r, z, n, hn], -1)
 
 
-def _gru_reference_inference(xs, h0, w_ih, w_hh, b_ih, b_hh):
-    return _gru_reference_forward(xs, h0, w_ih, w_hh, b_ih, b_hh)[:2]
+def _gru_reference_inference(xs, h0, w_ih, w_hh, b_ih, b_hh, precision=None):
+    return _gru_reference_forward(xs, h0, w_ih, w_hh, b_ih, b_hh, precision)[:2]
 
 
-def _gru_reference_backward(xs, h0, w_ih, w_hh, hs, acts, dys, dh):
+def _gru_reference_backward(xs, h0, w_ih, w_hh, hs, acts, dys, dh, precision=None):
     """The GRU kernel's backward in JAX ops: (dxs [T, B, F], dh0, dw_ih, dw_hh, db_ih, db_hh), by `fused_gru`'s."""
     zero = jnp.zeros(w_hh.shape[1], acts.dtype)
     res = (jnp.swapaxes(xs, 0, 1), h0, w_ih, w_hh, zero, zero, (*jnp.split(acts, 4, axis=-1), hs))
-    dx, *rest = _fused_gru_bwd(None, res, (jnp.swapaxes(dys, 0, 1), dh))
+    dx, *rest = _fused_gru_bwd(precision, res, (jnp.swapaxes(dys, 0, 1), dh))
     return (jnp.swapaxes(dx, 0, 1), *rest)
 
 
-@_with_derivatives_of(_gru_reference_forward)
+@_native.with_derivatives_of(_gru_reference_forward)
 def _native_gru_forward(xs, h0, w_ih, w_hh, b_ih, b_hh):
     t, bsz, _ = xs.shape
     hdim = w_hh.shape[0]
@@ -455,7 +448,7 @@ def _native_gru_forward(xs, h0, w_ih, w_hh, b_ih, b_hh):
     return tuple(jax.ffi.ffi_call("seqjax_gru_forward", out, vmap_method="sequential")(xs, h0, w_ih, w_hh, b_ih, b_hh))
 
 
-@_with_derivatives_of(_gru_reference_inference)
+@_native.with_derivatives_of(_gru_reference_inference)
 def _native_gru_inference(xs, h0, w_ih, w_hh, b_ih, b_hh):
     t, bsz, _ = xs.shape
     out = (_f32(t, bsz, w_hh.shape[0]), _f32(bsz, w_hh.shape[0]))
@@ -463,7 +456,7 @@ def _native_gru_inference(xs, h0, w_ih, w_hh, b_ih, b_hh):
     return tuple(call(xs, h0, w_ih, w_hh, b_ih, b_hh))
 
 
-@_with_derivatives_of(_gru_reference_backward)
+@_native.with_derivatives_of(_gru_reference_backward)
 def _native_gru_backward(xs, h0, w_ih, w_hh, hs, acts, dys, dh):
     g = w_hh.shape[1]
     out = (_f32(*xs.shape), _f32(*h0.shape), _f32(*w_ih.shape), _f32(*w_hh.shape), _f32(g), _f32(g))
@@ -472,24 +465,27 @@ def _native_gru_backward(xs, h0, w_ih, w_hh, hs, acts, dys, dh):
     )
 
 
-@jax.custom_vjp
-def _native_gru(x, h0, w_ih, w_hh, b_ih, b_hh):
-    """`fused_gru` without `precision` (float32 only), as `_native_lstm` is `fused_lstm`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _native_gru(x, h0, w_ih, w_hh, b_ih, b_hh, precision=None):
+    """`fused_gru` for float32, as `_native_lstm` is `fused_lstm`."""
     args = (jnp.swapaxes(x, 0, 1), h0, w_ih, w_hh, b_ih, b_hh)
-    hs, h = lax.platform_dependent(*args, cpu=_native_gru_inference, default=_gru_reference_inference)
+    default = functools.partial(_gru_reference_inference, precision=precision)
+    hs, h = lax.platform_dependent(*args, cpu=_native_gru_inference, default=default)
     return jnp.swapaxes(hs, 0, 1), h
 
 
-def _native_gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh):
+def _native_gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, precision):
     args = (jnp.swapaxes(x, 0, 1), h0, w_ih, w_hh, b_ih, b_hh)
-    hs, h, acts = lax.platform_dependent(*args, cpu=_native_gru_forward, default=_gru_reference_forward)
+    default = functools.partial(_gru_reference_forward, precision=precision)
+    hs, h, acts = lax.platform_dependent(*args, cpu=_native_gru_forward, default=default)
     return (jnp.swapaxes(hs, 0, 1), h), (*args[:4], hs, acts)
 
 
-def _native_gru_bwd(res, cotangents):
+def _native_gru_bwd(precision, res, cotangents):
     dys, dh = cotangents
     args = (*res, jnp.swapaxes(dys, 0, 1).astype(jnp.float32), dh.astype(jnp.float32))
-    dxs, *rest = lax.platform_dependent(*args, cpu=_native_gru_backward, default=_gru_reference_backward)
+    default = functools.partial(_gru_reference_backward, precision=precision)
+    dxs, *rest = lax.platform_dependent(*args, cpu=_native_gru_backward, default=default)
     return (jnp.swapaxes(dxs, 0, 1), *rest)
 
 

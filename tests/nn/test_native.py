@@ -110,6 +110,17 @@ def test_attention_kernel_gradients_of_gradients():
     ours = jax.jit(jax.grad(penalty(lambda y: attention._native_self_attention(y, mask, None))))(qkv)
     theirs = jax.jit(jax.grad(penalty(lambda y: _jax_reference(y, mask))))(qkv)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=2e-3, atol=2e-4)
+    # forward over reverse (Hessian-vector products)
+    v = jax.random.normal(jax.random.key(12), qkv.shape)
+
+    def hvp(attend):
+        grad = jax.grad(lambda y: jnp.sum(jnp.sin(attend(y))))
+        return jax.jit(lambda: jax.jvp(grad, (qkv,), (v,))[1])()
+
+    ours = hvp(lambda y: attention._native_self_attention(y, mask, None))
+    np.testing.assert_allclose(
+        np.asarray(ours), np.asarray(hvp(lambda y: _jax_reference(y, mask))), rtol=2e-3, atol=2e-4
+    )
 
 
 def test_attention_fallback_branch_is_the_same_function(monkeypatch):
@@ -338,6 +349,27 @@ def test_recurrent_kernel_gradients_of_gradients(one_device, kind):
     ours = jax.jit(jax.grad(penalty(native)))(args[w])
     theirs = jax.jit(jax.grad(penalty(fused)))(args[w])
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-4)
+    # forward over reverse (Hessian-vector products, jax.hessian): the custom calls' JVP is the reference's
+    v = jax.random.normal(jax.random.key(12), args[w].shape)
+
+    def hvp(layer):
+        grad = lambda w_ih: jax.grad(_layer_loss(layer), argnums=w)(*args[:w], w_ih, *args[w + 1 :])
+        return jax.jit(lambda: jax.jvp(grad, (args[w],), (v,))[1])()
+
+    np.testing.assert_allclose(np.asarray(hvp(native)), np.asarray(hvp(fused)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recurrent_kernel_with_saturated_gates(one_device, kind):
+    """Pre-activations far beyond ±88 (where exp overflows float32) give the XLA formulation's finite values."""
+    args = list(_layer_args(kind, 7, 4, 5, 20, seed=13))
+    args[0] = args[0] * 500.0
+    native, fused = _layers(kind)
+    ours = jax.jit(jax.value_and_grad(_layer_loss(native), argnums=range(6)))(*args)
+    theirs = jax.jit(jax.value_and_grad(_layer_loss(fused), argnums=range(6)))(*args)
+    for u, w in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        assert np.isfinite(np.asarray(u)).all()
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("kind", KINDS)

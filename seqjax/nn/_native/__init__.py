@@ -73,6 +73,20 @@ def available() -> bool:
         return _library is not None
 
 
+def with_derivatives_of(reference):
+    """Decorates a custom-call wrapper `call(*args)` that computes what `reference(*args)` computes (in JAX ops),
+    giving it the reference's derivatives, since a custom call has none: a `jax.custom_jvp` whose rule is the
+    reference's JVP, so that a layer's hand-written backward pass that calls kernels can itself be differentiated in
+    either mode (gradients of gradients, `jax.hessian`). Only derivatives of the call run the reference."""
+
+    def wrap(call):
+        f = jax.custom_jvp(call)
+        f.defjvp(lambda primals, tangents: jax.jvp(reference, primals, tangents))
+        return f
+
+    return wrap
+
+
 def lstm_vectorised() -> bool:
     """Whether the LSTM and GRU kernels were built with their AVX2/FMA micro-kernel (without it, XLA's dots are
     faster)."""

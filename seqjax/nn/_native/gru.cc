@@ -103,7 +103,7 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h0, ff
   }
 
   return guarded(kName, [&] {
-    const int64_t workers = team_size(H), blocks = (B + MR - 1) / MR;
+    const int64_t workers = team_size(H, B * 3 * H * (F + H)), blocks = (B + MR - 1) / MR;
     std::vector<Part> parts;
     size_t per_thread = 0;
     for (int64_t w = 0; w < workers; ++w) {
@@ -239,7 +239,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h
   }
 
   return guarded(kName, [&] {
-    const int64_t workers = team_size(H), rows = T * B, kc = std::min<int64_t>(KC, rows);
+    const int64_t workers = team_size(H, B * 3 * H * (F + H)), rows = T * B, kc = std::min<int64_t>(KC, rows);
     std::vector<Part> parts, fparts;
     size_t per_thread = 0;
     for (int64_t w = 0; w < workers; ++w) {
@@ -247,7 +247,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h
       fparts.push_back(part(F, w, workers));
       const size_t up = parts.back().panels * NR, fp = fparts.back().panels * NR;
       per_thread += Arena::size({G * up, G * fp, rows * 4 * up, B * up, 4 * up, 4 * up, F * 3 * up, H * 3 * up,
-                                 F * kc, H * kc});
+                                 size_t(F * kc), size_t(H * kc)});
     }
     Arena arena(per_thread + Arena::size({size_t(B * G), size_t(B * G), size_t(B * G), size_t(B * G)}));
     // The step's dA of the input side (for dx) and of the hidden side (for dh), packed as A operands.

@@ -109,7 +109,7 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ff
   }
 
   return guarded("seqjax LSTM kernel", [&] {
-    const int64_t workers = team_size(H), blocks = (B + MR - 1) / MR;
+    const int64_t workers = team_size(H, B * 4 * H * (F + H)), blocks = (B + MR - 1) / MR;
     std::vector<Part> parts;
     size_t per_thread = 0;
     for (int64_t w = 0; w < workers; ++w) {
@@ -243,7 +243,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c
   }
 
   return guarded("seqjax LSTM kernel", [&] {
-    const int64_t workers = team_size(H), rows = T * B, kc = std::min<int64_t>(KC, rows);
+    const int64_t workers = team_size(H, B * 4 * H * (F + H)), rows = T * B, kc = std::min<int64_t>(KC, rows);
     std::vector<Part> parts, fparts;
     size_t per_thread = 0;
     for (int64_t w = 0; w < workers; ++w) {
@@ -251,7 +251,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c
       fparts.push_back(part(F, w, workers));
       const size_t up = parts.back().panels * NR, fp = fparts.back().panels * NR;
       per_thread += Arena::size({G * up, G * fp, rows * 4 * up, B * up, B * up, 4 * up, 4 * up, F * 4 * up,
-                                 H * 4 * up, F * kc, H * kc});
+                                 H * 4 * up, size_t(F * kc), size_t(H * kc)});
     }
     Arena arena(per_thread + Arena::size({size_t(B * G), size_t(B * G)}));
     float* packed_da[2] = {arena.take(B * G), arena.take(B * G)};  // the step's dA, packed as the A operand

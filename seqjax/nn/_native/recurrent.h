@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -179,7 +180,7 @@ struct Arena {
 
 // ---------------------------------------------------------------------------------------------------------------
 // A team of threads: fn(w) runs on threads w = 0..n-1 (0 on the caller), all started before any runs, so that a
-// thread that cannot be started leaves no one waiting at a barrier. Barrier: spins briefly, then yields.
+// thread that cannot be started leaves no one waiting at a barrier. Barrier: spins briefly, then sleeps.
 
 class Barrier {
  public:
@@ -189,23 +190,30 @@ class Barrier {
     const int64_t gen = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        generation_.fetch_add(1, std::memory_order_release);
+      }
+      cv_.notify_all();
       return;
     }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (spins < 2000) {
+    for (int spins = 0; spins < 2000; ++spins) {  // a step's threads usually arrive within microseconds
+      if (generation_.load(std::memory_order_acquire) != gen) return;
 #if defined(__x86_64__) || defined(__i386__)
-        _mm_pause();
+      _mm_pause();
 #endif
-      } else {
-        std::this_thread::yield();
-      }
     }
+    // Then sleep: with more runnable threads than cores (another kernel call at the same time, XLA's own threads),
+    // spinning would take the core from the thread being waited for.
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != gen; });
   }
 
  private:
   const int64_t n_;
   std::atomic<int64_t> arrived_{0}, generation_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
 };
 
 template <typename Fn>
@@ -242,7 +250,7 @@ struct Part {
 
 inline Part part(int64_t H, int64_t w, int64_t workers) {
   const int64_t blocks = (H + NR - 1) / NR, b0 = blocks * w / workers, b1 = blocks * (w + 1) / workers;
-  return Part{b0 * NR, std::min(b1 * NR, H), b1 - b0};
+  return Part{std::min(b0 * NR, H), std::min(b1 * NR, H), b1 - b0};  // no blocks: an empty range
 }
 
 // Columns [p.u0, p.u1) of a row-major matrix m [K, cols] as panels: panel q holds column u0 + NR q + j at [k][j]
@@ -265,8 +273,12 @@ inline void pack_rows_as_panels(const float* m, int64_t cols, const Part& p, flo
     float* panel = out + q * cols * NR;
     const int64_t n = std::min(NR, p.units() - NR * q);
     for (int64_t j = 0; j < NR; ++j) {
+      if (j >= n) {
+        for (int64_t k = 0; k < cols; ++k) panel[k * NR + j] = 0.0f;
+        continue;
+      }
       const float* row = m + (p.u0 + NR * q + j) * cols;
-      for (int64_t k = 0; k < cols; ++k) panel[k * NR + j] = j < n ? row[k] : 0.0f;
+      for (int64_t k = 0; k < cols; ++k) panel[k * NR + j] = row[k];
     }
   }
 }
@@ -312,11 +324,19 @@ inline void accumulate_product(const float* a, int64_t M, int64_t kk, const floa
 
 constexpr int64_t KC = 256;  // depth of the weight gradients' blocks
 
-inline int64_t team_size(int64_t H) {
-  return std::max<int64_t>(1, std::min(seqjax::usable_cores(), (H + NR - 1) / NR));
+// Threads for a layer whose step does `step_flops` multiply-adds: one per core, at most one per block of units, and
+// none with less than kMinStepWork of a step's products to do, since below that the barrier costs more than the
+// thread gains (measured: B=8 H=64 F=32 ran 3-6x slower on two threads than on one).
+constexpr int64_t kMinStepWork = int64_t{1} << 20;
+
+inline int64_t team_size(int64_t H, int64_t step_flops) {
+  const int64_t by_work = std::max<int64_t>(1, step_flops / kMinStepWork);
+  return std::max<int64_t>(1, std::min({seqjax::usable_cores(), (H + NR - 1) / NR, by_work}));
 }
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// Clamped: under -ffast-math GCC vectorises 1 / (1 + e) as a reciprocal estimate and a Newton step, which gives NaN
+// for e = inf (x < -88.7); the logistic of +-80 is already 1 and 1.8e-35.
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-std::min(std::max(x, -80.0f), 80.0f))); }
 
 // Runs fn, turning a C++ exception (no memory for the working arrays, no thread) into an XLA error.
 template <typename Fn>
