@@ -30,6 +30,8 @@ namespace {
 
 using namespace seqjax::rnn;  // NOLINT: the kernels' shared vocabulary
 
+constexpr const char* kName = "seqjax LSTM kernel";
+
 // One batch row of a step's gates for n units: pre-activations a* plus biases b*, the cell state c (updated in
 // place); writes h and the gates and the new cell state. Separate restrict pointers let GCC vectorise it (libmvec's
 // expf and tanhf under -ffast-math).
@@ -97,7 +99,7 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ff
   Dims d;
   if (auto e = check(xs, w_ih, w_hh, &d); e.failure()) return e;
   const int64_t T = d.T, B = d.B, F = d.F, H = d.H, G = 4 * H;
-  if (auto e = check_shapes("seqjax LSTM kernel", {{&c0, {B, H}}, {&h0, {B, H}}, {&bias, {G}}}); e.failure()) return e;
+  if (auto e = check_shapes(kName, {{&c0, {B, H}}, {&h0, {B, H}}, {&bias, {G}}}); e.failure()) return e;
   const float *x = xs.typed_data(), *pc0 = c0.typed_data(), *ph0 = h0.typed_data(), *wi = w_ih.typed_data(),
               *wh = w_hh.typed_data(), *pb = bias.typed_data();
   float *hs = hs_out->typed_data(), *cl = c_last->typed_data(), *hl = h_last->typed_data();
@@ -108,7 +110,7 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ff
     return ffi::Error::Success();
   }
 
-  return guarded("seqjax LSTM kernel", [&] {
+  return guarded(kName, [&] {
     const int64_t workers = team_size(H, B * 4 * H * (F + H)), blocks = (B + MR - 1) / MR;
     std::vector<Part> parts;
     size_t per_thread = 0;
@@ -170,7 +172,8 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ff
           for (int64_t m0 = 0; m0 < B; m0 += MR) {
             const int64_t mr = block_rows(m0, B);
             tile_product(xp + m0 * F, pw, mr, F, tile, hp + m0 * H, ph, H);
-            for (int64_t r = 0; r < mr; ++r) std::copy(tile + r * NR, tile + (r + 1) * NR, k.pre + (m0 + r) * cols + pi * NR);
+            for (int64_t r = 0; r < mr; ++r)
+              std::copy(tile + r * NR, tile + (r + 1) * NR, k.pre + (m0 + r) * cols + pi * NR);
           }
         }
         for (int64_t b = 0; b < B; ++b) {
@@ -223,8 +226,8 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c
   Dims d;
   if (auto e = check(xs, w_ih, w_hh, &d); e.failure()) return e;
   const int64_t T = d.T, B = d.B, F = d.F, H = d.H, G = 4 * H;
-  if (auto e = check_shapes("seqjax LSTM kernel", {{&c0, {B, H}}, {&h0, {B, H}}, {&hs_in, {T, B, H}}, {&acts_in, {T, B, G}},
-                             {&cs_in, {T, B, H}}, {&dys_in, {T, B, H}}, {&dc_last, {B, H}}, {&dh_last, {B, H}}});
+  if (auto e = check_shapes(kName, {{&c0, {B, H}}, {&h0, {B, H}}, {&hs_in, {T, B, H}}, {&acts_in, {T, B, G}},
+                                    {&cs_in, {T, B, H}}, {&dys_in, {T, B, H}}, {&dc_last, {B, H}}, {&dh_last, {B, H}}});
       e.failure())
     return e;
   const float *x = xs.typed_data(), *pc0 = c0.typed_data(), *ph0 = h0.typed_data(), *wi = w_ih.typed_data(),
@@ -242,7 +245,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c
     return ffi::Error::Success();
   }
 
-  return guarded("seqjax LSTM kernel", [&] {
+  return guarded(kName, [&] {
     const int64_t workers = team_size(H, B * 4 * H * (F + H)), rows = T * B, kc = std::min<int64_t>(KC, rows);
     std::vector<Part> parts, fparts;
     size_t per_thread = 0;

@@ -311,7 +311,8 @@ inline void pack_transposed_shifted(const float* hs, const float* h0, int64_t B,
 }
 
 // c[M, NR] (row stride ldc) += a p: a packed by pack_transposed (M rows, kk deep), p one panel kk deep.
-inline void accumulate_product(const float* a, int64_t M, int64_t kk, const float* p, float* c, int64_t ldc, float* tile) {
+inline void accumulate_product(const float* a, int64_t M, int64_t kk, const float* p, float* c, int64_t ldc,
+                               float* tile) {
   for (int64_t m0 = 0; m0 < M; m0 += MR) {
     const int64_t mr = block_rows(m0, M);
     tile_product(a + m0 * kk, p, mr, kk, tile);
@@ -350,12 +351,13 @@ ffi::Error guarded(const char* kernel, Fn fn) {
 }
 
 // Whether each buffer has the dimensions given beside it.
-inline ffi::Error check_shapes(const char* kernel,
-                               std::initializer_list<std::pair<ffi::Buffer<ffi::F32>*, std::vector<int64_t>>> expected) {
+using ExpectedShapes = std::initializer_list<std::pair<ffi::Buffer<ffi::F32>*, std::vector<int64_t>>>;
+
+inline ffi::Error check_shapes(const char* kernel, ExpectedShapes expected) {
   for (const auto& [buffer, dims] : expected) {
     auto got = buffer->dimensions();
     if (got.size() != dims.size() || !std::equal(dims.begin(), dims.end(), got.begin()))
-      return ffi::Error::InvalidArgument(std::string(kernel) + ": an argument's shape does not match xs and the weights");
+      return ffi::Error::InvalidArgument(std::string(kernel) + ": an argument's shape does not match xs and weights");
   }
   return ffi::Error::Success();
 }
