@@ -283,7 +283,7 @@ def use_native_rnn(*arrays: Array) -> bool:
         and jax.default_backend() == "cpu"
         and _single_device()
         and _native.available()
-        and _native.lstm_vectorised()
+        and _native.recurrent_vectorised()
     )
 
 

@@ -251,7 +251,7 @@ KINDS = ["lstm", "gru"]
 def one_device(monkeypatch):
     """The suite runs with 8 CPU devices; the layers are run here as a one-device process runs them."""
     monkeypatch.setattr(recurrent, "_single_device", lambda: True)
-    if not _native.lstm_vectorised():
+    if not _native.recurrent_vectorised():
         pytest.skip("the recurrent kernels are built without their AVX2/FMA micro-kernel on this CPU, so unused")
 
 
@@ -411,7 +411,7 @@ def test_recurrent_kernel_is_used_only_where_it_applies(monkeypatch, kind):
     lowered = lambda **kw: jax.jit(lambda p, x: rnn.apply(p, x, **kw)).lower(params, x).as_text()
     assert "seqjax_" not in lowered()  # 8 devices: a batch-sharded jit would gather the batch for the call
     monkeypatch.setattr(recurrent, "_single_device", lambda: True)
-    assert (f"seqjax_{kind}" in lowered()) == _native.lstm_vectorised()
+    assert (f"seqjax_{kind}" in lowered()) == _native.recurrent_vectorised()
     assert "seqjax_" not in lowered(seq_lengths=jnp.array([3, 1]))
     with jax.enable_x64(True):  # float64 runs fused_lstm / fused_gru
         rnn64, x64 = RNN(make(param_dtype=jnp.float64)), jnp.ones((2, 3, 4), jnp.float64)

@@ -87,10 +87,10 @@ def with_derivatives_of(reference):
     return wrap
 
 
-def lstm_vectorised() -> bool:
+def recurrent_vectorised() -> bool:
     """Whether the LSTM and GRU kernels were built with their AVX2/FMA micro-kernel (without it, XLA's dots are
     faster)."""
-    return available() and bool(_library.seqjax_lstm_vectorised())
+    return available() and bool(_library.seqjax_recurrent_vectorised())
 
 
 def unavailable_reason() -> str:

@@ -79,18 +79,6 @@ ffi::Error make_shape(ffi::Buffer<ffi::F32>& qkv, Shape* s) {
   return ffi::Error::Success();
 }
 
-// Runs fn, turning a C++ exception (no memory for the scratch tiles, no thread) into an XLA error instead of
-// letting it end the process.
-template <typename Fn>
-ffi::Error guarded(Fn fn) {
-  try {
-    fn();
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("seqjax attention kernel: ") + e.what());
-  }
-}
-
 // Per-thread working memory for one head: two [T, T] score tiles and a [T, H] product, uninitialised.
 struct Scratch {
   std::unique_ptr<float[]> a, b, c;
@@ -172,7 +160,7 @@ static ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED> 
   float *po = out->typed_data(), *pl = lse->typed_data();
   const float inf = positive_infinity();
 
-  return guarded([&] {
+  return seqjax::guarded("seqjax attention kernel", [&] {
     for_each_block(s, m, [&](const Block& blk, Scratch& w) {
       const int64_t rows = blk.rows, lo = blk.lo, nk = blk.nk;
       const float *q = base + blk.b * T * ld + blk.n * H + blk.i0 * ld, *k = base + blk.b * T * ld + (N + blk.n) * H,
@@ -228,7 +216,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED>
   const bool masked = m.data != nullptr;
   const float beta = masked ? 1.0f : 0.0f;
 
-  return guarded([&] {
+  return seqjax::guarded("seqjax attention kernel", [&] {
     for_each_block(s, m, [&](const Block& blk, Scratch& w) {
       const int64_t rows = blk.rows, lo = blk.lo, nk = blk.nk, head0 = blk.b * T * ld + blk.n * H;
       const float *q = base + head0, *k = q + N * H, *v = q + 2 * N * H;

@@ -1,4 +1,5 @@
-// Shared by seqjax's CPU kernels: the BLAS they call, a row-major GEMM on top of it, and the threads they run on.
+// Shared by seqjax's CPU kernels: the BLAS they call, a row-major GEMM on top of it, the threads they run on, and
+// the wrapper that turns their C++ exceptions into XLA errors.
 #pragma once
 
 #include <sched.h>
@@ -7,8 +8,11 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
+
+#include "xla/ffi/api/ffi.h"
 
 namespace seqjax {
 
@@ -30,6 +34,18 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
             lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
   const float one = 1.0f;
   sgemm(&tb, &ta, &nn, &mm, &kk, &one, b, &lb, a, &la, &beta, c, &lc);
+}
+
+// Runs fn, turning a C++ exception (no memory for working arrays, no thread) into an XLA error naming the kernel
+// instead of letting it end the process.
+template <typename Fn>
+xla::ffi::Error guarded(const char* kernel, Fn fn) {
+  try {
+    fn();
+    return xla::ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return xla::ffi::Error::Internal(std::string(kernel) + ": " + e.what());
+  }
 }
 
 inline int64_t usable_cores() {

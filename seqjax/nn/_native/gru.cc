@@ -63,26 +63,7 @@ void gate_row_backward(const float* __restrict r_, const float* __restrict z_, c
   }
 }
 
-struct Dims {
-  int64_t T, B, F, H;
-};
 
-ffi::Error check(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_ih, ffi::Buffer<ffi::F32>& w_hh, Dims* d) {
-  auto x = xs.dimensions();
-  auto wi = w_ih.dimensions();
-  auto wh = w_hh.dimensions();
-  if (x.size() != 3 || wi.size() != 2 || wh.size() != 2 || wi[0] != x[2] || wh[1] != 3 * wh[0] || wi[1] != wh[1])
-    return ffi::Error::InvalidArgument("seqjax GRU kernel: expected xs [T, B, F], w_ih [F, 3H], w_hh [H, 3H]");
-  *d = Dims{x[0], x[1], x[2], wh[0]};
-  return ffi::Error::Success();
-}
-
-// h (or dA) row b's values for units [u0, u0 + n) into the packed A operand a [B, K] at columns k0 + u.
-inline void put_packed(float* a, int64_t B, int64_t K, int64_t b, int64_t k0, const float* v, int64_t n) {
-  const int64_t m0 = b / MR * MR, mr = block_rows(m0, B);
-  float* dst = a + m0 * K + k0 * mr + (b - m0);
-  for (int64_t u = 0; u < n; ++u) dst[u * mr] = v[u];
-}
 
 }  // namespace
 
@@ -91,7 +72,7 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h0, ff
                           ffi::ResultBuffer<ffi::F32> hs_out, ffi::ResultBuffer<ffi::F32> h_last,
                           ffi::ResultBuffer<ffi::F32> acts_out, bool save) {
   Dims d;
-  if (auto e = check(xs, w_ih, w_hh, &d); e.failure()) return e;
+  if (auto e = check_layer(kName, 3, xs, w_ih, w_hh, &d); e.failure()) return e;
   const int64_t T = d.T, B = d.B, F = d.F, H = d.H, G = 3 * H;
   if (auto e = check_shapes(kName, {{&h0, {B, H}}, {&b_ih, {G}}, {&b_hh, {G}}}); e.failure()) return e;
   const float *x = xs.typed_data(), *ph0 = h0.typed_data(), *wi = w_ih.typed_data(), *wh = w_hh.typed_data(),
@@ -102,7 +83,7 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h0, ff
     return ffi::Error::Success();
   }
 
-  return guarded(kName, [&] {
+  return seqjax::guarded(kName, [&] {
     const int64_t workers = team_size(H, B * 3 * H * (F + H)), blocks = (B + MR - 1) / MR;
     std::vector<Part> parts;
     size_t per_thread = 0;
@@ -126,15 +107,7 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h0, ff
     }
     Barrier barrier(workers);
     auto pack_x = [&](int64_t t, int64_t w) {  // step t's x into packed_x[t % 2], w's share of the row blocks
-      float* out = packed_x[t % 2];
-      for (int64_t blk = blocks * w / workers; blk < blocks * (w + 1) / workers; ++blk) {
-        const int64_t m0 = blk * MR, mr = block_rows(m0, B);
-        float* block = out + m0 * F;
-        for (int64_t r = 0; r < mr; ++r) {
-          const float* src = x + (t * B + m0 + r) * F;
-          for (int64_t k = 0; k < F; ++k) block[k * mr + r] = src[k];
-        }
-      }
+      pack_row_blocks(x + t * B * F, B, F, blocks * w / workers, blocks * (w + 1) / workers, packed_x[t % 2]);
     };
 
     run_team(workers, [&](int64_t w) {
@@ -218,7 +191,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h
                                ffi::ResultBuffer<ffi::F32> dwi_out, ffi::ResultBuffer<ffi::F32> dwh_out,
                                ffi::ResultBuffer<ffi::F32> dbi_out, ffi::ResultBuffer<ffi::F32> dbh_out) {
   Dims d;
-  if (auto e = check(xs, w_ih, w_hh, &d); e.failure()) return e;
+  if (auto e = check_layer(kName, 3, xs, w_ih, w_hh, &d); e.failure()) return e;
   const int64_t T = d.T, B = d.B, F = d.F, H = d.H, G = 3 * H;
   if (auto e = check_shapes(kName, {{&h0, {B, H}}, {&hs_in, {T, B, H}}, {&acts_in, {T, B, 4 * H}},
                                     {&dys_in, {T, B, H}}, {&dh_last, {B, H}}});
@@ -238,7 +211,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h
     return ffi::Error::Success();
   }
 
-  return guarded(kName, [&] {
+  return seqjax::guarded(kName, [&] {
     const int64_t workers = team_size(H, B * 3 * H * (F + H)), rows = T * B, kc = std::min<int64_t>(KC, rows);
     std::vector<Part> parts, fparts;
     size_t per_thread = 0;
@@ -294,12 +267,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h
             const float* dag = da + g * up;
             float* dbg = k.dbias + g * up;
             for (int64_t u = 0; u < nu; ++u) dbg[u] += dag[u];
-            for (int64_t q = 0; q < np; ++q) {  // into the weight gradients' B operand, padded with zeros
-              float* dst = k.da_panels + ((g * np + q) * rows + r) * NR;
-              const int64_t n = std::min(NR, nu - NR * q);
-              for (int64_t j = 0; j < n; ++j) dst[j] = dag[NR * q + j];
-              for (int64_t j = n; j < NR; ++j) dst[j] = 0.0f;
-            }
+            put_panel_row(k.da_panels + g * np * rows * NR, np, rows, r, dag, nu);  // for the weight gradients
           }
         }
         barrier.wait();  // the step's dA is whole
@@ -327,25 +295,11 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h
           dbi[g * H + pt.u0 + u] = k.dbias[g * up + u];
           dbh[g * H + pt.u0 + u] = k.dbias[(g == 2 ? 3 : g) * up + u];
         }
-      // dW_ih = x^T dA_input and dW_hh = h_prev^T dA_hidden over all steps, for its units' columns.
-      std::fill(k.acc_i, k.acc_i + F * 3 * up, 0.0f);
-      std::fill(k.acc_h, k.acc_h + H * 3 * up, 0.0f);
-      for (int64_t k0 = 0; k0 < rows; k0 += kc) {
-        const int64_t kk = std::min(kc, rows - k0);
-        pack_transposed(x, F, k0, kk, F, k.ax);
-        pack_transposed_shifted(hs, ph0, B, H, k0, kk, k.ah);
-        for (int64_t pi = 0; pi < 3 * np; ++pi) {
-          const float* p_in = k.da_panels + (pi * rows + k0) * NR;
-          const float* p_hid = k.da_panels + ((pi < 2 * np ? pi : pi + np) * rows + k0) * NR;
-          accumulate_product(k.ax, F, kk, p_in, k.acc_i + pi * NR, 3 * up, tile);
-          accumulate_product(k.ah, H, kk, p_hid, k.acc_h + pi * NR, 3 * up, tile);
-        }
-      }
-      for (int64_t g = 0; g < 3; ++g)
-        for (int64_t u = 0; u < nu; ++u) {
-          for (int64_t f = 0; f < F; ++f) dwi[f * G + g * H + pt.u0 + u] = k.acc_i[f * 3 * up + g * up + u];
-          for (int64_t v = 0; v < H; ++v) dwh[v * G + g * H + pt.u0 + u] = k.acc_h[v * 3 * up + g * up + u];
-        }
+      // dW_ih = x^T dA_input and dW_hh = h_prev^T dA_hidden over all steps, for its units' columns: the hidden
+      // side's n panels are the dA_n r ones.
+      auto hidden_panel = [np](int64_t i) { return i < 2 * np ? i : i + np; };
+      weight_gradients(x, hs, ph0, B, F, H, rows, kc, 3, pt, k.da_panels, hidden_panel, k.acc_i, k.acc_h, k.ax, k.ah,
+                       tile, dwi, dwh);
     });
   });
 }

@@ -73,19 +73,6 @@ void gate_row_backward(const float* __restrict i_, const float* __restrict f_, c
   }
 }
 
-struct Dims {
-  int64_t T, B, F, H;
-};
-
-ffi::Error check(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_ih, ffi::Buffer<ffi::F32>& w_hh, Dims* d) {
-  auto x = xs.dimensions();
-  auto wi = w_ih.dimensions();
-  auto wh = w_hh.dimensions();
-  if (x.size() != 3 || wi.size() != 2 || wh.size() != 2 || wi[0] != x[2] || wh[1] != 4 * wh[0] || wi[1] != wh[1])
-    return ffi::Error::InvalidArgument("seqjax LSTM kernel: expected xs [T, B, F], w_ih [F, 4H], w_hh [H, 4H]");
-  *d = Dims{x[0], x[1], x[2], wh[0]};
-  return ffi::Error::Success();
-}
 
 }  // namespace
 
@@ -97,7 +84,7 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ff
                           ffi::ResultBuffer<ffi::F32> h_last, ffi::ResultBuffer<ffi::F32> acts_out,
                           ffi::ResultBuffer<ffi::F32> cs_out, bool save) {
   Dims d;
-  if (auto e = check(xs, w_ih, w_hh, &d); e.failure()) return e;
+  if (auto e = check_layer(kName, 4, xs, w_ih, w_hh, &d); e.failure()) return e;
   const int64_t T = d.T, B = d.B, F = d.F, H = d.H, G = 4 * H;
   if (auto e = check_shapes(kName, {{&c0, {B, H}}, {&h0, {B, H}}, {&bias, {G}}}); e.failure()) return e;
   const float *x = xs.typed_data(), *pc0 = c0.typed_data(), *ph0 = h0.typed_data(), *wi = w_ih.typed_data(),
@@ -110,7 +97,7 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ff
     return ffi::Error::Success();
   }
 
-  return guarded(kName, [&] {
+  return seqjax::guarded(kName, [&] {
     const int64_t workers = team_size(H, B * 4 * H * (F + H)), blocks = (B + MR - 1) / MR;
     std::vector<Part> parts;
     size_t per_thread = 0;
@@ -133,17 +120,8 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ff
                      arena.take(5 * cols / 4)};
     }
     Barrier barrier(workers);
-    // Step t's x packed into packed_x[t % 2], thread w doing its share of the row blocks.
-    auto pack_x = [&](int64_t t, int64_t w) {
-      float* out = packed_x[t % 2];
-      for (int64_t blk = blocks * w / workers; blk < blocks * (w + 1) / workers; ++blk) {
-        const int64_t m0 = blk * MR, mr = block_rows(m0, B);
-        float* block = out + m0 * F;
-        for (int64_t r = 0; r < mr; ++r) {
-          const float* src = x + (t * B + m0 + r) * F;
-          for (int64_t k = 0; k < F; ++k) block[k * mr + r] = src[k];
-        }
-      }
+    auto pack_x = [&](int64_t t, int64_t w) {  // step t's x into packed_x[t % 2], w's share of the row blocks
+      pack_row_blocks(x + t * B * F, B, F, blocks * w / workers, blocks * (w + 1) / workers, packed_x[t % 2]);
     };
 
     run_team(workers, [&](int64_t w) {
@@ -156,11 +134,10 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ff
         pack_columns_as_panels(wi, F, G, gate, k.wi_panels + g * np * F * NR);
         pack_columns_as_panels(wh, H, G, gate, k.wh_panels + g * np * H * NR);
       }
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t u = 0; u < nu; ++u) {
-          k.cell[b * up + u] = pc0[b * H + pt.u0 + u];
-          packed_a(packed_h[0], B, H, b, pt.u0 + u) = ph0[b * H + pt.u0 + u];
-        }
+      for (int64_t b = 0; b < B; ++b) {
+        std::copy(pc0 + b * H + pt.u0, pc0 + b * H + pt.u1, k.cell + b * up);
+        put_packed(packed_h[0], B, H, b, pt.u0, ph0 + b * H + pt.u0, nu);
+      }
       pack_x(0, w);
       barrier.wait();
       alignas(64) float tile[MR * NR];
@@ -184,9 +161,7 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c0, ff
           float* crow = save ? cs + (t * B + b) * H + pt.u0 : k.discard + 4 * up;
           gate_row(a, a + up, a + 2 * up, a + 3 * up, pb + pt.u0, pb + H + pt.u0, pb + 2 * H + pt.u0,
                    pb + 3 * H + pt.u0, k.cell + b * up, hrow, act, act + ga, act + 2 * ga, act + 3 * ga, crow, nu);
-          const int64_t m0 = b / MR * MR, mr = block_rows(m0, B);
-          float* dst = hn + m0 * H + pt.u0 * mr + (b - m0);
-          for (int64_t u = 0; u < nu; ++u) dst[u * mr] = hrow[u];
+          put_packed(hn, B, H, b, pt.u0, hrow, nu);
         }
         if (t + 1 < T) pack_x(t + 1, w);
         barrier.wait();  // the step's h is whole, and the next step's x packed
@@ -224,7 +199,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c
                                ffi::ResultBuffer<ffi::F32> dwi_out, ffi::ResultBuffer<ffi::F32> dwh_out,
                                ffi::ResultBuffer<ffi::F32> db_out) {
   Dims d;
-  if (auto e = check(xs, w_ih, w_hh, &d); e.failure()) return e;
+  if (auto e = check_layer(kName, 4, xs, w_ih, w_hh, &d); e.failure()) return e;
   const int64_t T = d.T, B = d.B, F = d.F, H = d.H, G = 4 * H;
   if (auto e = check_shapes(kName, {{&c0, {B, H}}, {&h0, {B, H}}, {&hs_in, {T, B, H}}, {&acts_in, {T, B, G}},
                                     {&cs_in, {T, B, H}}, {&dys_in, {T, B, H}}, {&dc_last, {B, H}}, {&dh_last, {B, H}}});
@@ -245,7 +220,7 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c
     return ffi::Error::Success();
   }
 
-  return guarded(kName, [&] {
+  return seqjax::guarded(kName, [&] {
     const int64_t workers = team_size(H, B * 4 * H * (F + H)), rows = T * B, kc = std::min<int64_t>(KC, rows);
     std::vector<Part> parts, fparts;
     size_t per_thread = 0;
@@ -294,22 +269,12 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c
           float* da = k.row;  // [4, up]
           gate_row_backward(act, act + H, act + 2 * H, act + 3 * H, c, cp, dy, k.dh + b * up, k.dc + b * up, da,
                             da + up, da + 2 * up, da + 3 * up, nu);
-          const int64_t m0 = b / MR * MR, mr = block_rows(m0, B);
-          float* pa_row = pa + m0 * G + (b - m0);
           for (int64_t g = 0; g < 4; ++g) {
             const float* dag = da + g * up;
             float* dbg = k.dbias + g * up;
-            float* pag = pa_row + (g * H + pt.u0) * mr;
-            for (int64_t u = 0; u < nu; ++u) {
-              dbg[u] += dag[u];
-              pag[u * mr] = dag[u];
-            }
-            for (int64_t q = 0; q < np; ++q) {  // into the weight gradients' B operand, padded with zeros
-              float* dst = k.da_panels + ((g * np + q) * rows + r) * NR;
-              const int64_t n = std::min(NR, nu - NR * q);
-              for (int64_t j = 0; j < n; ++j) dst[j] = dag[NR * q + j];
-              for (int64_t j = n; j < NR; ++j) dst[j] = 0.0f;
-            }
+            for (int64_t u = 0; u < nu; ++u) dbg[u] += dag[u];
+            put_packed(pa, B, G, b, g * H + pt.u0, dag, nu);
+            put_panel_row(k.da_panels + g * np * rows * NR, np, rows, r, dag, nu);  // for the weight gradients
           }
         }
         barrier.wait();  // the step's dA is whole
@@ -335,29 +300,14 @@ static ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> c
         }
       for (int64_t g = 0; g < 4; ++g)
         for (int64_t u = 0; u < nu; ++u) db[g * H + pt.u0 + u] = k.dbias[g * up + u];
-      // dW_ih = x^T dA and dW_hh = h_prev^T dA over all steps at once, for its units' columns, K blocked by kc.
-      std::fill(k.acc_i, k.acc_i + F * 4 * up, 0.0f);
-      std::fill(k.acc_h, k.acc_h + H * 4 * up, 0.0f);
-      for (int64_t k0 = 0; k0 < rows; k0 += kc) {
-        const int64_t kk = std::min(kc, rows - k0);
-        pack_transposed(x, F, k0, kk, F, k.ax);
-        pack_transposed_shifted(hs, ph0, B, H, k0, kk, k.ah);
-        for (int64_t pi = 0; pi < 4 * np; ++pi) {
-          const float* p = k.da_panels + (pi * rows + k0) * NR;
-          accumulate_product(k.ax, F, kk, p, k.acc_i + pi * NR, 4 * up, tile);
-          accumulate_product(k.ah, H, kk, p, k.acc_h + pi * NR, 4 * up, tile);
-        }
-      }
-      for (int64_t g = 0; g < 4; ++g)
-        for (int64_t u = 0; u < nu; ++u) {
-          for (int64_t f = 0; f < F; ++f) dwi[f * G + g * H + pt.u0 + u] = k.acc_i[f * 4 * up + g * up + u];
-          for (int64_t v = 0; v < H; ++v) dwh[v * G + g * H + pt.u0 + u] = k.acc_h[v * 4 * up + g * up + u];
-        }
+      // dW_ih = x^T dA and dW_hh = h_prev^T dA over all steps at once, for its units' columns.
+      weight_gradients(x, hs, ph0, B, F, H, rows, kc, 4, pt, k.da_panels, [](int64_t i) { return i; }, k.acc_i,
+                       k.acc_h, k.ax, k.ah, tile, dwi, dwh);
     });
   });
 }
 
-extern "C" int seqjax_lstm_vectorised() { return kVectorised ? 1 : 0; }
+extern "C" int seqjax_recurrent_vectorised() { return kVectorised ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, ForwardImpl,
                               ffi::Ffi::Bind()

@@ -39,9 +39,31 @@ constexpr int64_t NR = 16;  // columns of the micro-kernel's tile, and the block
 
 inline int64_t block_rows(int64_t m0, int64_t M) { return std::min(MR, M - m0); }
 
-inline float& packed_a(float* a, int64_t M, int64_t K, int64_t row, int64_t k) {
-  const int64_t m0 = row / MR * MR;
-  return a[m0 * K + k * block_rows(m0, M) + (row - m0)];
+// Row b's values for the columns [k0, k0 + n) of the packed A operand a [B, K].
+inline void put_packed(float* a, int64_t B, int64_t K, int64_t b, int64_t k0, const float* v, int64_t n) {
+  const int64_t m0 = b / MR * MR, mr = block_rows(m0, B);
+  float* dst = a + m0 * K + k0 * mr + (b - m0);
+  for (int64_t u = 0; u < n; ++u) dst[u * mr] = v[u];
+}
+
+// The row blocks [blk0, blk1) of rows [B, K] (row-major) packed as the A operand a.
+inline void pack_row_blocks(const float* rows, int64_t B, int64_t K, int64_t blk0, int64_t blk1, float* a) {
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t m0 = blk * MR, mr = block_rows(m0, B);
+    float* block = a + m0 * K;
+    for (int64_t r = 0; r < mr; ++r)
+      for (int64_t k = 0; k < K; ++k) block[k * mr + r] = rows[(m0 + r) * K + k];
+  }
+}
+
+// Row r of np panels ([np][rows][NR], as products take a B operand) from n values, zeros past them.
+inline void put_panel_row(float* panels, int64_t np, int64_t rows, int64_t r, const float* v, int64_t n) {
+  for (int64_t q = 0; q < np; ++q) {
+    float* dst = panels + (q * rows + r) * NR;
+    const int64_t m = std::min(NR, n - NR * q);
+    for (int64_t j = 0; j < m; ++j) dst[j] = v[NR * q + j];
+    for (int64_t j = m; j < NR; ++j) dst[j] = 0.0f;
+  }
 }
 
 // tile[r][0:NR] = sum_k a[k][r] p[k][0:NR] for r < mr (a: one packed block of mr rows; p: one panel).
@@ -323,7 +345,35 @@ inline void accumulate_product(const float* a, int64_t M, int64_t kk, const floa
   }
 }
 
-constexpr int64_t KC = 256;  // depth of the weight gradients' blocks
+constexpr int64_t KC = 256;
+
+// A layer's weight gradients over all steps, for one thread's units pt of `gates` gates: dW_ih = x^T dA_in and
+// dW_hh = h_prev^T dA_hidden (h_prev row t * B + b: h0[b] at t = 0, hs[t - 1, b] after), K blocked by kc.
+// panels: dA in panel layout [.][rows][NR]; panel gate * np + q holds dA_in's block q of that gate, and
+// hidden_panel(i) names the panel holding dA_hidden's i-th. Working memory: acc_i [F][gates up], acc_h [H][gates up],
+// ax [F kc], ah [H kc]. Writes its units' columns of dwi [F, gates H] and dwh [H, gates H].
+template <typename HiddenPanel>
+void weight_gradients(const float* x, const float* hs, const float* h0, int64_t B, int64_t F, int64_t H, int64_t rows,
+                      int64_t kc, int64_t gates, const Part& pt, const float* panels, HiddenPanel hidden_panel,
+                      float* acc_i, float* acc_h, float* ax, float* ah, float* tile, float* dwi, float* dwh) {
+  const int64_t np = pt.panels, up = np * NR, cols = gates * up, G = gates * H;
+  std::fill(acc_i, acc_i + F * cols, 0.0f);
+  std::fill(acc_h, acc_h + H * cols, 0.0f);
+  for (int64_t k0 = 0; k0 < rows; k0 += kc) {
+    const int64_t kk = std::min(kc, rows - k0);
+    pack_transposed(x, F, k0, kk, F, ax);
+    pack_transposed_shifted(hs, h0, B, H, k0, kk, ah);
+    for (int64_t pi = 0; pi < gates * np; ++pi) {
+      accumulate_product(ax, F, kk, panels + (pi * rows + k0) * NR, acc_i + pi * NR, cols, tile);
+      accumulate_product(ah, H, kk, panels + (hidden_panel(pi) * rows + k0) * NR, acc_h + pi * NR, cols, tile);
+    }
+  }
+  for (int64_t g = 0; g < gates; ++g)
+    for (int64_t u = 0; u < pt.units(); ++u) {
+      for (int64_t f = 0; f < F; ++f) dwi[f * G + g * H + pt.u0 + u] = acc_i[f * cols + g * up + u];
+      for (int64_t v = 0; v < H; ++v) dwh[v * G + g * H + pt.u0 + u] = acc_h[v * cols + g * up + u];
+    }
+}  // depth of the weight gradients' blocks
 
 // Threads for a layer whose step does `step_flops` multiply-adds: one per core, at most one per block of units, and
 // none with less than kMinStepWork of a step's products to do, since below that the barrier costs more than the
@@ -339,15 +389,21 @@ inline int64_t team_size(int64_t H, int64_t step_flops) {
 // for e = inf (x < -88.7); the logistic of +-80 is already 1 and 1.8e-35.
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-std::min(std::max(x, -80.0f), 80.0f))); }
 
-// Runs fn, turning a C++ exception (no memory for the working arrays, no thread) into an XLA error.
-template <typename Fn>
-ffi::Error guarded(const char* kernel, Fn fn) {
-  try {
-    fn();
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string(kernel) + ": " + e.what());
-  }
+struct Dims {
+  int64_t T, B, F, H;
+};
+
+// The layer's sizes from xs [T, B, F], w_ih [F, gates H] and w_hh [H, gates H].
+inline ffi::Error check_layer(const char* kernel, int64_t gates, ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_ih,
+                              ffi::Buffer<ffi::F32>& w_hh, Dims* d) {
+  auto x = xs.dimensions();
+  auto wi = w_ih.dimensions();
+  auto wh = w_hh.dimensions();
+  if (x.size() != 3 || wi.size() != 2 || wh.size() != 2 || wi[0] != x[2] || wh[1] != gates * wh[0] ||
+      wi[1] != wh[1])
+    return ffi::Error::InvalidArgument(std::string(kernel) + ": expected xs [T, B, F], w_ih [F, G H], w_hh [H, G H]");
+  *d = Dims{x[0], x[1], x[2], wh[0]};
+  return ffi::Error::Success();
 }
 
 // Whether each buffer has the dimensions given beside it.
