@@ -91,7 +91,8 @@ class TextLMTask(PipelineTask):
     # -- the task ------------------------------------------------------------------------------------------------
     def _loss(self, params, batch, rng=None):
         logits = self._logits(params, batch["inputs"], rng)
-        return cross_entropy(logits, batch["targets"], weights=batch["weights"])
+        # Means: summed over devices and eval batches before dividing by the real tokens (seqjax.training.metrics).
+        return cross_entropy(logits, batch["targets"], weights=batch["weights"], as_mean=True)
 
     def loss_fn(self, params, model_state, batch, rng):
         loss, aux = self._loss(params, batch, rng)
@@ -99,7 +100,7 @@ class TextLMTask(PipelineTask):
 
     def metric_fn(self, params, model_state, batch):
         loss, aux = self._loss(params, batch)
-        return {"loss": loss, "perplexity": jnp.exp(loss), "accuracy": aux["accuracy"]}
+        return {"loss": loss, "perplexity": loss.then(jnp.exp), "accuracy": aux["accuracy"]}
 
     def report(self, params, model_state, workdir):
         tokens = self._sample(params, self.config.num_samples, jax.random.key(self.config.seed + 1))

@@ -37,6 +37,7 @@ from seqjax.data.tokenizers import WordTokenizer
 from seqjax.models.image_decoder import ImageDecoderConfig, ImageTokenDecoder, image_prompt, image_state, image_step
 from seqjax.plotting import plot_image_grid
 from seqjax.training import Checkpointer, TrainState, make_optimizer, train_and_evaluate
+from seqjax.training.metrics import Mean
 
 
 def train_stage(config, workdir: str, task_cls) -> tuple:
@@ -127,19 +128,28 @@ class DalleTask(PipelineTask):
         image = jnp.zeros((1, self.model.config.num_image_tokens), jnp.int32)
         return jax.jit(self.model.init)(rng, text, image)["params"], {}
 
-    def loss_fn(self, params, model_state, batch, rng):
-        loss, aux = self.model.apply(
-            {"params": params}, batch["text"], batch["image"], False, method="loss", rngs={"dropout": rng}
+    def _losses(self, params, batch, rng=None):
+        """(text, image) cross-entropies as Means, reduced over devices and batches before dividing by their tokens
+        (seqjax.training.metrics); the loss is their sum weighted by `image_loss_weight`."""
+        kwargs = {} if rng is None else {"rngs": {"dropout": rng}}
+        _, aux = self.model.apply(
+            {"params": params}, batch["text"], batch["image"], rng is None, method="loss", **kwargs
         )
-        return loss, (aux, model_state)
+        text, image = Mean(aux["text_sum"], aux["text_tokens"]), Mean(aux["image_sum"], aux["image_tokens"])
+        w = self.model.config.image_loss_weight
+        return (text.scaled(1.0 - w), image.scaled(w)), {"text_loss": text, "image_loss": image}
+
+    def loss_fn(self, params, model_state, batch, rng):
+        loss, metrics = self._losses(params, batch, rng)
+        return loss, (metrics, model_state)
 
     def eval_batches(self):
         n = self.config.eval_batch_size
         return [{k: v[-n:] for k, v in self.tokens.items()}]  # training examples: a fit check, not a test
 
     def metric_fn(self, params, model_state, batch):
-        loss, aux = self.model.apply({"params": params}, batch["text"], batch["image"], method="loss")
-        return {"loss": loss, **aux}
+        loss, metrics = self._losses(params, batch)
+        return {"loss": loss, **metrics}  # a pair of Means: its value is their sum
 
     def generate(self, params, captions, rng) -> np.ndarray:
         """Images [B, H, W, C] in [0, 1] for `captions`."""

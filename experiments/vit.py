@@ -84,7 +84,7 @@ class ViTTask(PipelineTask):
     def _loss(self, params, batch, rng=None):
         logits = self.model.apply({"params": params}, images_to_float(batch["image"]), **dropout_kwargs(rng))
         smoothing = self.config.label_smoothing if rng is not None else 0.0
-        return cross_entropy(logits, batch["label"], label_smoothing=smoothing)
+        return cross_entropy(logits, batch["label"], label_smoothing=smoothing, as_mean=True)
 
     def loss_fn(self, params, model_state, batch, rng):
         loss, aux = self._loss(params, batch, rng)

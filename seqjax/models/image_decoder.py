@@ -173,7 +173,11 @@ class ImageTokenDecoder(nn.Module):
         return self.image_head(self._run(self.embed(tokens, start), None, deterministic))
 
     def loss(self, text: Array, image: Array, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
-        """Weighted cross-entropy: (1 - w) * text (padding excluded) + w * image, w = `image_loss_weight`."""
+        """Weighted cross-entropy: (1 - w) * text (padding excluded) + w * image, w = `image_loss_weight`.
+
+        Returns `(loss, aux)`: aux holds both means ("text_loss", "image_loss") and, for reducing over devices or
+        batches before dividing, their sums and token counts ("text_sum", "text_tokens", "image_sum",
+        "image_tokens")."""
         cfg = self.config
         text = jnp.asarray(text)
         text = jnp.pad(text, ((0, 0), (0, cfg.text_len - text.shape[1])))
@@ -184,10 +188,14 @@ class ImageTokenDecoder(nn.Module):
         image_nll = _nll(image_logits, image)
         text_nll = _nll(text_logits, text[:, 1:])
         valid = (text[:, 1:] > 0).astype(jnp.float32)
-        text_loss = jnp.sum(text_nll * valid) / jnp.maximum(valid.sum(), 1.0)
-        image_loss = image_nll.mean()
+        text_sum, text_tokens = jnp.sum(text_nll * valid), valid.sum()
+        text_loss = text_sum / jnp.maximum(text_tokens, 1.0)
+        image_sum, image_tokens = image_nll.sum(), jnp.asarray(image_nll.size, jnp.float32)
+        image_loss = image_sum / image_tokens
         w = cfg.image_loss_weight
-        return (1.0 - w) * text_loss + w * image_loss, {"text_loss": text_loss, "image_loss": image_loss}
+        aux = {"text_loss": text_loss, "image_loss": image_loss, "text_sum": text_sum, "text_tokens": text_tokens,
+               "image_sum": image_sum, "image_tokens": image_tokens}  # fmt: skip
+        return (1.0 - w) * text_loss + w * image_loss, aux
 
 
 def _nll(logits: Array, labels: Array) -> Array:

@@ -43,6 +43,7 @@ from typing import Any
 import jax
 
 from seqjax.training.checkpoint import Checkpointer
+from seqjax.training.metrics import accumulate
 from seqjax.training.optim import learning_rate, make_optimizer, with_hyperparameters_of
 from seqjax.training.parallel import MODES, Parallel, initialize_distributed
 from seqjax.training.state import TrainState
@@ -172,13 +173,9 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     def evaluate(dev_state) -> dict[str, float]:
         if eval_step is None:
             return {}
-        sums, count = {}, 0
-        for batch in task.eval_batches():
-            m = jax.device_get(eval_step(dev_state, par.put_batch(batch)))
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
-        return {f"eval_{k}": v / max(count, 1) for k, v in sums.items()}
+        # Sums over sums: a batch with fewer real tokens weighs less (seqjax.training.metrics).
+        results = accumulate(eval_step(dev_state, par.put_batch(batch)) for batch in task.eval_batches())
+        return {f"eval_{k}": v for k, v in results.items()}
 
     step, total = int(par.get_state(dev_state).step), config.num_train_steps
     profile = _profile_window(config)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from seqjax.training.metrics import Mean, values
+
 Array = jax.Array
 
 
@@ -45,8 +47,13 @@ def _layout(x, labels, weights, chunk_size):
     return x, labels, weights, c
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _fused(x, kernel, bias, labels, weights, chunk_size, precision):
+def _scale(weights, normalize):
+    """What the summed loss is multiplied by: 1 / the total weight for the mean, 1 for the sum."""
+    return 1.0 / jnp.maximum(weights.sum(), 1e-12) if normalize else jnp.ones((), jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fused(x, kernel, bias, labels, weights, chunk_size, precision, normalize):
     xp, lp, wp, c = _layout(x, labels, weights, chunk_size)
     kernel = kernel.astype(x.dtype)
 
@@ -56,10 +63,10 @@ def _fused(x, kernel, bias, labels, weights, chunk_size, precision):
         return total + loss, None
 
     total, _ = lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(xp.shape[0] // c))
-    return total / jnp.maximum(weights.sum(), 1e-12)
+    return total * _scale(weights, normalize)
 
 
-def _fused_fwd(x, kernel, bias, labels, weights, chunk_size, precision):
+def _fused_fwd(x, kernel, bias, labels, weights, chunk_size, precision, normalize):
     n, d = x.shape
     xp, lp, wp, c = _layout(x, labels, weights, chunk_size)
     k = kernel.astype(x.dtype)  # matmuls in the inputs' dtype, accumulated in float32
@@ -83,7 +90,7 @@ def _fused_fwd(x, kernel, bias, labels, weights, chunk_size, precision):
         None if bias is None else jnp.zeros(bias.shape, jnp.float32),
     )
     (total, dkernel, dbias), dx = lax.scan(body, init, jnp.arange(xp.shape[0] // c))
-    scale = 1.0 / jnp.maximum(weights.sum(), 1e-12)
+    scale = _scale(weights, normalize)
     grads = (
         (dx.reshape(-1, d)[:n].astype(jnp.float32) * scale).astype(x.dtype),
         (dkernel * scale).astype(kernel.dtype),
@@ -92,7 +99,7 @@ def _fused_fwd(x, kernel, bias, labels, weights, chunk_size, precision):
     return total * scale, (grads, labels, weights)
 
 
-def _fused_bwd(chunk_size, precision, res, ct):
+def _fused_bwd(chunk_size, precision, normalize, res, ct):
     (dx, dkernel, dbias), labels, weights = res
     scale = lambda g: None if g is None else (g * ct.astype(g.dtype))
     return scale(dx), scale(dkernel), scale(dbias), jnp.zeros(labels.shape, jax.dtypes.float0), jnp.zeros_like(weights)
@@ -110,7 +117,8 @@ def fused_linear_cross_entropy(
     where: Array | None = None,
     chunk_size: int = 512,
     precision: lax.PrecisionLike = None,
-) -> Array:
+    as_mean: bool = False,
+) -> Array | Mean:
     """Mean softmax cross-entropy of `x @ kernel + bias` against integer `labels`, without `[N, V]` logits.
 
     Args:
@@ -120,6 +128,8 @@ def fused_linear_cross_entropy(
       labels: integer `[N...]` in [0, V) (a label outside it picks no logit: the loss is then the log-sum-exp).
       where: optional bool `[N...]`: tokens to average over (e.g. not padding); the others count for nothing.
       chunk_size: tokens per chunk (N is padded up to a multiple); chunk logits `[C, V]` should fit in cache.
+      as_mean: return a `seqjax.training.metrics.Mean` (the summed loss, differentiable, and the number of selected
+        tokens), for the steps to reduce over devices before dividing (see `cross_entropy`).
 
     Returns:
       The mean loss over the selected tokens (float32 scalar). Differentiable in x, kernel and bias.
@@ -135,9 +145,10 @@ def fused_linear_cross_entropy(
     if where is not None and jnp.shape(where) != labels.shape:
         raise ValueError(f"fused_linear_cross_entropy: where {jnp.shape(where)} must match labels {labels.shape}")
     weights = jnp.ones(labels.shape, jnp.float32) if where is None else jnp.asarray(where).astype(jnp.float32)
-    return _fused(
-        x.reshape(-1, x.shape[-1]), kernel, bias, labels.reshape(-1), weights.reshape(-1), chunk_size, precision
-    )
+    args = (x.reshape(-1, x.shape[-1]), kernel, bias, labels.reshape(-1), weights.reshape(-1), chunk_size, precision)
+    if as_mean:
+        return Mean(_fused(*args, False), weights.sum())
+    return _fused(*args, True)
 
 
 def cross_entropy(
@@ -147,7 +158,8 @@ def cross_entropy(
     weights: Array | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-) -> tuple[Array, dict[str, Array]]:
+    as_mean: bool = False,
+) -> tuple[Array | Mean, dict[str, Array | Mean]]:
     """Weighted softmax cross-entropy with label smoothing and z-loss, averaged over the weights.
 
     Args:
@@ -156,6 +168,9 @@ def cross_entropy(
       weights: `[N...]` (e.g. 0 on padding); None: all 1.
       label_smoothing: ε: the target is (1 - ε) one-hot + ε / V uniform (Szegedy et al. 2016).
       z_loss: coefficient of log(Z)² (PaLM), which keeps the softmax normaliser near 1.
+      as_mean: return the loss and the averaged aux entries as `seqjax.training.metrics.Mean`s (weighted sums and
+        their weight, not yet divided): a task's `loss_fn` / `metric_fn` returns these so that the steps reduce them
+        over devices and batches before dividing (the same numbers under every parallel mode).
 
     Returns:
       `(loss, aux)`: the weighted mean of cross-entropy + z-loss; aux "cross_entropy", "z_loss", "accuracy" (all
@@ -172,26 +187,28 @@ def cross_entropy(
     lse = jax.nn.logsumexp(logits, axis=-1)
     target = jax.nn.one_hot(labels, v, dtype=jnp.float32) * (1.0 - label_smoothing) + label_smoothing / v
     ce = lse - jnp.sum(target * logits, axis=-1)
-    total = w.sum()
-    denom = jnp.maximum(total, 1e-12)
-    mean = lambda x: jnp.sum(x * w) / denom
     zl = z_loss * lse**2
-    aux = {
-        "cross_entropy": mean(ce),
-        "z_loss": mean(zl),
-        "accuracy": mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-        "weight": total,
+    means = {
+        "loss": Mean.of(ce + zl, w),
+        "cross_entropy": Mean.of(ce, w),
+        "z_loss": Mean.of(zl, w),
+        "accuracy": Mean.of((jnp.argmax(logits, -1) == labels).astype(jnp.float32), w),
     }
-    return mean(ce + zl), aux
+    if not as_mean:
+        means = values(means)
+    loss = means.pop("loss")
+    return loss, {**means, "weight": w.sum()}
 
 
-def mean_squared_error(predictions: Array, targets: Array, *, weights: Array | None = None) -> Array:
-    """Weighted mean of the squared error, averaged over all elements (weights broadcast to them)."""
+def mean_squared_error(
+    predictions: Array, targets: Array, *, weights: Array | None = None, as_mean: bool = False
+) -> Array | Mean:
+    """Weighted mean of the squared error, averaged over all elements (weights broadcast to them); `as_mean`: as a
+    `seqjax.training.metrics.Mean` (see `cross_entropy`)."""
     err = (jnp.asarray(predictions) - jnp.asarray(targets)).astype(jnp.float32) ** 2
     if weights is None:
-        return err.mean()
-    w = jnp.broadcast_to(
-        jnp.asarray(weights).astype(jnp.float32).reshape(weights.shape + (1,) * (err.ndim - jnp.ndim(weights))),
-        err.shape,
-    )
-    return jnp.sum(err * w) / jnp.maximum(w.sum(), 1e-12)
+        mean = Mean.of(err)
+    else:
+        w = jnp.asarray(weights).astype(jnp.float32)
+        mean = Mean.of(err, w.reshape(w.shape + (1,) * (err.ndim - w.ndim)))
+    return mean if as_mean else mean.value()

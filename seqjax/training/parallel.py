@@ -10,8 +10,9 @@
   divides evenly (arrays under `fsdp_min_size` elements stay replicated). XLA inserts the all-gathers and the
   gradient reductions.
 
-The global batch and the results are the same in every mode up to float reassociation (the loss must be a mean
-over equally sized shards, as the built-in losses are).
+The global batch and the results are the same in every mode up to float reassociation: weighted losses and metrics
+(`seqjax.training.metrics.Mean`) are summed over the devices before they are divided by the global weight, so padded
+batches whose devices hold different numbers of real tokens give one device's numbers too.
 
 Multi-host (`jit` only): `initialize_distributed(config)` calls `jax.distributed.initialize` when the environment
 says the run is one of several processes (JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a

@@ -5,7 +5,9 @@ the run's PRNG key and any mutable model state (batch statistics, a VQ codebook)
 `fold_in(state.rng, state.step)`, so a resumed run draws the same keys as an uninterrupted one.
 
 Glossary: a loss function is `loss_fn(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))`;
-a metric function is `metric_fn(params, model_state, batch) -> metrics`.
+a metric function is `metric_fn(params, model_state, batch) -> metrics`. Losses and metrics are scalars or, for
+weighted quantities (token losses over padded batches), `seqjax.training.metrics.Mean`s, which the steps reduce as a
+sum over the global batch divided by the global weight.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from seqjax.training.metrics import TINY, Mean, parts, reduce_over, values
 
 Array = jax.Array
 
@@ -42,17 +46,35 @@ class TrainState(flax.struct.PyTreeNode):
 def make_train_step(
     loss_fn: Callable, tx: optax.GradientTransformation, *, axis_name: str | None = None
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Array]]]:
-    """`train_step(state, batch) -> (state, metrics)`, pure. With `axis_name` (under `jax.pmap`), gradients, the
-    loss, the metrics and the new model state are averaged over that axis; otherwise the batch is global."""
+    """`train_step(state, batch) -> (state, metrics)`, pure.
+
+    The loss is a plain scalar (a mean over an equally sized shard), a `Mean` (a weighted sum and its weight,
+    `seqjax.training.metrics`), or a tuple of them whose values add up (e.g. a text and an image loss, each averaged
+    over its own tokens). Each `Mean` is divided by the weight of the whole batch: with `axis_name` (under
+    `jax.pmap`), the weights are summed over that axis first and each device's share of the loss and of the
+    gradients is summed after, so a device holding fewer real tokens weighs less, exactly as in one device's global
+    batch. Metrics are reduced the same way (`Mean`s sum, plain scalars average); the model state (batch statistics,
+    a codebook) is averaged over the axis."""
+
+    def objective(params, model_state, batch, rng):
+        loss, (metrics, model_state) = loss_fn(params, model_state, batch, rng)
+        terms = parts(loss)
+        weights = [jax.lax.stop_gradient(p.weight).astype(jnp.float32) for p in terms]
+        if axis_name is not None:
+            weights = jax.lax.psum(weights, axis_name)
+        share = sum(p.total.astype(jnp.float32) / jnp.maximum(w, TINY) for p, w in zip(terms, weights, strict=True))
+        return share, (metrics, model_state)  # this device's share of the global batch's loss
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
         if axis_name is not None:  # each device its own dropout stream
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
         (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
+        metrics = reduce_over(metrics, axis_name)
         if axis_name is not None:
-            grads, loss, metrics, model_state = jax.lax.pmean((grads, loss, metrics, model_state), axis_name)
+            loss, grads = jax.lax.psum((loss, grads), axis_name)
+            model_state = jax.lax.pmean(model_state, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = state.replace(
             step=state.step + 1,
@@ -60,16 +82,16 @@ def make_train_step(
             opt_state=opt_state,
             model_state=model_state,
         )
-        return new, {**metrics, "train_loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return new, {**values(metrics), "train_loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 
 
 def make_eval_step(metric_fn: Callable, *, axis_name: str | None = None) -> Callable[[TrainState, Any], dict]:
-    """`eval_step(state, batch) -> metrics` (averaged over `axis_name` under `jax.pmap`)."""
+    """`eval_step(state, batch) -> metrics`, each as its `Mean` parts (summed over `axis_name` under `jax.pmap`):
+    the loop adds them over the evaluation batches before dividing (`seqjax.training.metrics.Accumulator`)."""
 
-    def eval_step(state: TrainState, batch: Any) -> dict[str, Array]:
-        metrics = metric_fn(state.params, state.model_state, batch)
-        return metrics if axis_name is None else jax.lax.pmean(metrics, axis_name)
+    def eval_step(state: TrainState, batch: Any) -> dict[str, tuple[Mean, ...]]:
+        return reduce_over(metric_fn(state.params, state.model_state, batch), axis_name)
 
     return eval_step

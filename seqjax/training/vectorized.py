@@ -38,6 +38,7 @@ import numpy as np
 
 from seqjax.training.checkpoint import Checkpointer
 from seqjax.training.loop import _progress, _Stop, plot_curves, validate_config
+from seqjax.training.metrics import Accumulator
 from seqjax.training.optim import (
     HYPERPARAMETERS,
     learning_rate,
@@ -198,14 +199,12 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
     def evaluate(state) -> list[dict[str, float]]:
         if veval is None:
             return [{} for _ in range(K)]
-        sums, count = [{} for _ in range(K)], 0
+        accs = [Accumulator() for _ in range(K)]  # per trial, sums over sums as in train_and_evaluate
         for batches in zip(*(t.eval_batches() for t in readers), strict=True):
             m = jax.device_get(veval(state, _stack_host(list(batches)), hps))
             for k in range(K):
-                for name, v in m.items():
-                    sums[k][name] = sums[k].get(name, 0.0) + float(v[k])
-            count += 1
-        return [{f"eval_{n}": v / max(count, 1) for n, v in s.items()} for s in sums]
+                accs[k].add(jax.tree.map(lambda x, k=k: x[k], m))
+        return [{f"eval_{n}": v for n, v in acc.result().items()} for acc in accs]
 
     def next_batch(i):
         return jax.device_put(_stack_host([t.train_batch(i) for t in readers]))
