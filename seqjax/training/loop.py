@@ -158,7 +158,9 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
         best_mode=config.get("keep_best_mode", "min"),
     )
     # Under "jit" the checkpoint is read straight into the mesh's shardings (each process its own shards).
-    restored = ckpt.restore(state, shardings=par.state_shardings(state))
+    restored = ckpt.restore(state, shardings=par.state_shardings(state))  # skips damaged steps, or raises
+    for line in ckpt.skipped if primary else ():
+        print(line, flush=True)
     if restored is None:
         dev_state = par.put_state(state)
     else:  # the optimizer's numbers come from this config, not from the checkpoint
