@@ -9,9 +9,12 @@ resuming from DIR when it holds a checkpoint. `experiments.sweep` finds TASK and
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
-from typing import Any
+import re
+import sys
+from typing import Any, NoReturn
 
 import ml_collections
 import numpy as np
@@ -86,33 +89,133 @@ class PipelineTask:
 
 
 def run(task_cls: type, default_config: str) -> None:
-    """Parses the command line (flags are defined here, once, when run as a program) and trains."""
+    """Parses the command line (flags are defined here, once, when run as a program) and trains.
+
+    A mistake in the command line or the config (an unknown key, a value of the wrong type or out of range, a batch
+    the devices cannot split, a dataset missing from data_dir, a workdir that cannot be written or that another run
+    holds) ends the program before anything compiles with one line on stderr, `error: config.KEY: what is wrong
+    (what is allowed)`, and exit status 2; other errors keep their traceback."""
+    from absl import app
+
+    argv = parse_command_line(default_config, sys.argv)
+    app.run(lambda _: _train(task_cls), argv=argv, flags_parser=lambda _: argv)
+
+
+def _train(task_cls: type) -> None:
+    from absl import flags, logging
+
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    import jax
+
+    from seqjax.errors import ConfigError
+    from seqjax.training import train_and_evaluate, validate_config
+    from seqjax.training.parallel import Parallel, initialize_distributed
+    from seqjax.training.workdir import workdir_lock
+
+    config, workdir = flags.FLAGS.config, os.path.abspath(flags.FLAGS.workdir)
+    try:
+        validate_config(config)
+        initialize_distributed(config)
+        Parallel.from_config(config).check_batch_size(config.batch_size)
+        # One writer per workdir, taken before the task is built: tasks with stages of their own train them into
+        # WORKDIR/<stage> before the main loop. train_and_evaluate takes it again (re-entrant).
+        with workdir_lock(workdir, enabled=jax.process_index() == 0):
+            wants_workdir = "workdir" in inspect.signature(task_cls).parameters
+            task = task_cls(config, workdir=workdir) if wants_workdir else task_cls(config)
+            summary = train_and_evaluate(config, workdir, task)
+    except ConfigError as e:
+        exit_with_error(e)
+    print(json.dumps(_jsonable(summary), indent=2))
+
+
+def exit_with_error(error: Any) -> NoReturn:
+    """Prints `error: MESSAGE` (one line) to stderr and exits with status 2: for a mistake in the command line or
+    the config, which a traceback would only bury."""
+    print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def parse_command_line(default_config: str, argv: list[str]) -> list[str]:
+    """Defines --workdir and --config (an ml_collections config file, `--config.KEY=VALUE` overrides) and parses
+    `argv` into them, returning the arguments left; a mistake exits through `exit_with_error`."""
     from absl import app, flags
     from ml_collections import config_flags
 
-    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and pictures go (reruns resume)", required=True)
-    config_file = os.path.join(CONFIGS, default_config)  # a name in experiments/configs, or an absolute path
-    config_flags.DEFINE_config_file("config", config_file, "experiment config")
+    from seqjax.errors import ConfigError
 
-    def main(argv):
-        del argv
-        from absl import logging
+    app.define_help_flags()  # --help, as app.run would define them
+    try:
+        help_text = "where checkpoints, metrics and pictures go (reruns resume)"
+        flags.DEFINE_string("workdir", None, help_text, required=True)
+        config_file = os.path.join(CONFIGS, default_config)  # a name in experiments/configs, or an absolute path
+        # The default config file (with the overrides of argv) is read here, the one of --config when parsing.
+        config_flags.DEFINE_config_file("config", config_file, "experiment config")
+        rest = flags.FLAGS(argv)
+        flags.FLAGS.config.keys()  # a config file that cannot be read raises at its first use
+        return rest
+    except OSError as e:
+        exit_with_error(f"--config: {str(e).strip().splitlines()[-1].strip()} (a config file, FILE or FILE:VARIANT)")
+    except (flags.Error, ConfigError) as e:
+        exit_with_error(_flag_error(e))
+    except (KeyError, AttributeError) as e:  # ml_collections: an override of a key the config does not have
+        message = _unknown_key(e, argv)
+        if message is None:
+            raise
+        exit_with_error(message)
 
-        if not any(a.startswith(("--verbosity", "-v")) for a in __import__("sys").argv):
-            logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-        import inspect
 
-        from seqjax.training import train_and_evaluate
-        from seqjax.training.parallel import initialize_distributed
+def _flag_error(error: Exception) -> str:
+    """absl's message for a flag it could not parse, as `NAME: what is wrong (what is allowed)`."""
+    raw = str(error).strip()
+    if "Traceback (most recent call last)" in raw:  # ml_collections: the config file raised; its last line says why
+        why = re.sub(r"^[\w.]+: ", "", raw.splitlines()[-1])  # without the exception's type
+        return why if why.startswith("config.") else f"--config: {why}"  # a ConfigError names its key itself
+    text = " ".join(raw.split())
+    m = re.match(r"flag --([\w.-]+)=(.*?): (.*)$", text)
+    if m is None:
+        return text
+    name, value, why = m.groups()
+    if name.startswith("config."):  # an override whose value does not parse as the field's type
+        default = _config_value(name.split(".", 1)[1])
+        allowed = why if default is None else f"{type(default).__name__}, like {default!r}"
+        return f"{name}: {value!r} has the wrong type ({allowed})"
+    if value == "None":
+        return f"--{name}: missing ({why})"
+    return f"--{name}: {why}"
 
-        config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-        initialize_distributed(config)
-        wants_workdir = "workdir" in inspect.signature(task_cls).parameters  # tasks with stages of their own
-        task = task_cls(config, workdir=os.path.abspath(workdir)) if wants_workdir else task_cls(config)
-        summary = train_and_evaluate(config, workdir, task)
-        print(json.dumps(_jsonable(summary), indent=2))
 
-    app.run(main)
+def _config_value(key: str) -> Any:
+    """The value of `key` in the config parsed so far (None when there is none)."""
+    from absl import flags
+
+    node = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    for part in key.split("."):
+        if node is None or not hasattr(node, "keys") or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _unknown_key(error: BaseException, argv: list[str]) -> str | None:
+    """ml_collections' KeyError / AttributeError for `--config.A.B=...` where the config has no A (or A no B) as
+    `config.A: no such key (did you mean ...?)`; None when it is not about an override on the command line."""
+    texts, e = [], error
+    while e is not None:  # ml_collections wraps the KeyError that names the key (and its suggestion) twice
+        texts.append(str(e.args[0]) if e.args else "")
+        e = e.__cause__ or e.__context__
+    text = " ".join(texts)
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        parts = arg.split("=", 1)[0][len("--config.") :].split(".")
+        for depth, part in enumerate(parts):
+            if f"'{part}'" in text:
+                near = re.search(rf'Did you mean "([\w-]+)" instead of "{re.escape(part)}"', text)
+                suggestion = ".".join([*parts[:depth], near.group(1)]) if near else None
+                hint = f"did you mean config.{suggestion}?" if near else "not in the config file"
+                return f"config.{'.'.join(parts[: depth + 1])}: no such key ({hint})"
+    return None
 
 
 def _jsonable(d: dict) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 from experiments._common import PipelineTask, data_dir, head
 from seqjax import decoding
 from seqjax.data import datasets
+from seqjax.errors import ConfigError
 from seqjax.data.builders import build, synthetic_text
 from seqjax.data.pipeline import Mapped, Pipeline, pad, stack
 from seqjax.data.tokenizers import BOS, EOS, PAD, CharTokenizer, WordTokenizer
@@ -48,7 +49,7 @@ class TextLMTask(PipelineTask):
     def __init__(self, config):
         self.config = config
         if config.dataset not in DATASETS:
-            raise ValueError(f"config.dataset={config.dataset!r} is unknown; use one of {DATASETS}")
+            raise ConfigError("dataset", f"{config.dataset!r} is unknown (one of {', '.join(DATASETS)})")
         n, d = config.seq_len, data_dir(config)
         if config.dataset == "synthetic_text":
             data = synthetic_text.SyntheticTextConfig(
@@ -61,7 +62,7 @@ class TextLMTask(PipelineTask):
             sources = build("synthetic_text", d, data).as_data_source()
             train_texts = [ex["text"] for ex in head(sources["train"])]
             if config.tokens not in ("char", "word"):
-                raise ValueError(f"config.tokens={config.tokens!r} is unknown; use 'char' or 'word'")
+                raise ConfigError("tokens", f"{config.tokens!r} is unknown ('char' or 'word')")
             self.tokenizer = (CharTokenizer if config.tokens == "char" else WordTokenizer).fit(train_texts)
             encode = lambda ex: _shift(self.tokenizer.encode(ex["text"], bos=True, eos=True), n)
             train, test = Mapped(sources["train"], encode), Mapped(sources["test"], encode)

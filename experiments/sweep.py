@@ -40,7 +40,9 @@ import time
 
 from absl import app, flags
 
+from seqjax.errors import ConfigError
 from seqjax.training import sweep as sw
+from seqjax.training.workdir import workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", None, "experiment module: a name under experiments/ or a dotted module path")
@@ -87,6 +89,8 @@ def prepare(workdir: str, experiment: str, base: str, variant: str | None, sweep
     for i, overrides in enumerate(trials):
         try:
             validate_config(sw.trial_config(base, variant, overrides))
+        except ConfigError as e:  # printed as one line by main
+            raise ConfigError(e.key, f"{e.message} [trial {i}: {overrides}]") from None
         except ValueError as e:
             raise SystemExit(f"trial {i} ({overrides}): {e}") from None
     os.makedirs(workdir, exist_ok=True)
@@ -168,6 +172,7 @@ def run_vectorized(workdir, module, base, variant, trials, todo, swept):
         for i in todo:
             d = sw.trial_dir(workdir, i)
             if locks.enter_context(sw.trial_lock(d)) and sw.trial_status(d) != "done":
+                locks.enter_context(workdir_lock(d))  # as its own run would: no other run writes there meanwhile
                 mine.append(i)
             else:
                 print(f"trial_{i:03d}: another sweep process has it; skipped")
@@ -270,6 +275,17 @@ def run_optuna(workdir, module_name, trials, todo, sweep, storage, study_name):
 
 
 def main(argv):
+    """Runs the sweep; a bad config of a trial (or a workdir in use) is one line, `error: config.KEY: ...`, and
+    exit status 2 (see `experiments._common.exit_with_error`)."""
+    from experiments._common import exit_with_error
+
+    try:
+        run_sweep(argv)
+    except ConfigError as e:
+        exit_with_error(e)
+
+
+def run_sweep(argv):
     del argv
     from absl import logging
 

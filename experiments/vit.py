@@ -18,6 +18,7 @@ import numpy as np
 
 from experiments._common import PipelineTask, data_dir, dropout_kwargs, head, run
 from seqjax.data import datasets
+from seqjax.errors import ConfigError
 from seqjax.data.builders import build, captioned_shapes
 from seqjax.data.pipeline import Mapped, Pipeline, stack
 from seqjax.models.vit import ViT, attention_rollout, vit_config
@@ -31,7 +32,7 @@ CAPTIONED_SHAPES_TEST = 2000
 def image_sources(config):
     """(train, test, class names, image shape) for `config.dataset`; examples {"image" uint8, "label" int32}."""
     if config.dataset not in DATASETS:
-        raise ValueError(f"config.dataset={config.dataset!r} is unknown; use one of {DATASETS}")
+        raise ConfigError("dataset", f"{config.dataset!r} is unknown (one of {', '.join(DATASETS)})")
     if config.dataset == "captioned_shapes":
         sources = captioned_shapes_sources(config)
         pick = lambda ex: {"image": ex["image"], "label": np.int32(ex["shape"])}

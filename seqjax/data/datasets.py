@@ -20,14 +20,22 @@ from collections.abc import Sequence
 import numpy as np
 
 from seqjax.data import hide_accelerators_from_tensorflow
+from seqjax.errors import ConfigError
 from seqjax.data.pipeline import Mapped, Windows, pad, read_many
 from seqjax.data.tokenizers import ByteTokenizer, CharTokenizer, SubwordTokenizer
 
 IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 
 
-class DataNotPreparedError(RuntimeError):
-    """The dataset's files are not in the data directory (and seqjax never downloads at run time)."""
+class DataNotPreparedError(ConfigError, RuntimeError):
+    """The dataset's files are not in the data directory (and seqjax never downloads at run time): a
+    `ConfigError` on `config.data_dir` whose message says how to prepare them."""
+
+    def __init__(self, message: str, key: str = "data_dir"):
+        super().__init__(key, message)
+
+    def __reduce__(self):
+        return type(self), (self.message, self.key)
 
 
 def _data_dir(data_dir: str | None) -> str:
@@ -38,12 +46,11 @@ def _data_dir(data_dir: str | None) -> str:
 
 def how_to_prepare(name: str, data_dir: str | None) -> str:
     d = _data_dir(data_dir)
-    return (
-        f"{name} is not prepared in {d}, and seqjax does not download at run time. On a machine with network:\n"
-        f"    pip install tensorflow-datasets tensorflow\n"
-        f"    tfds build {name} --data_dir DIR --file_format array_record\n"
-        f"then copy DIR to this machine (to {d}, or anywhere and pass data_dir / --config.data_dir). For data that "
-        f"must be downloaded by hand, put the files in DIR/downloads/manual first (TFDS's manual_dir)."
+    return (  # one line: the entry points print it as `error: config.data_dir: ...`
+        f"{name} is not prepared in {d}, and seqjax does not download at run time (on a machine with network: "
+        f"`pip install tensorflow-datasets tensorflow; tfds build {name} --data_dir DIR --file_format array_record`, "
+        f"then copy DIR to this machine: to {d}, or anywhere and pass data_dir / --config.data_dir; for data that "
+        f"must be downloaded by hand, put the files in DIR/downloads/manual first, TFDS's manual_dir)"
     )
 
 
@@ -92,7 +99,7 @@ def image_classes(
     import tensorflow_datasets as tfds
 
     if name not in IMAGE_DATASETS:
-        raise ValueError(f"image_classes: {name!r} is not one of {IMAGE_DATASETS}")
+        raise ConfigError("dataset", f"{name!r} is not an image dataset here (one of {', '.join(IMAGE_DATASETS)})")
     source = open_split(name, split, data_dir)
     names = list(tfds.builder(name, data_dir=_data_dir(data_dir)).info.features["label"].names)
     byte = ByteTokenizer()

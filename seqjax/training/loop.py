@@ -42,12 +42,14 @@ from typing import Any
 
 import jax
 
+from seqjax.errors import ConfigError
 from seqjax.training.checkpoint import Checkpointer
 from seqjax.training.metrics import accumulate
 from seqjax.training.optim import learning_rate, make_optimizer, with_hyperparameters_of
 from seqjax.training.parallel import MODES, Parallel, initialize_distributed
 from seqjax.training.state import TrainState
 from seqjax.training.summary import SummaryWriter
+from seqjax.training.workdir import workdir_lock
 
 REQUIRED = {
     "seed": int,
@@ -62,10 +64,10 @@ REQUIRED = {
 
 
 def validate_config(config: Any) -> None:
-    """The shared fields exist, have the right types and possible values; errors name the key."""
+    """The shared fields exist, have the right types and possible values; a `ConfigError` names the key."""
     for key, kind in REQUIRED.items():
         if key not in config:
-            raise ValueError(f"config.{key} is missing (every experiment config has {sorted(REQUIRED)})")
+            raise ConfigError(key, f"missing (every experiment config has {', '.join(sorted(REQUIRED))})")
         value = config[key]
         ok = (
             isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -73,20 +75,25 @@ def validate_config(config: Any) -> None:
             else isinstance(value, kind)
         )
         if not ok or isinstance(value, bool):
-            raise ValueError(f"config.{key} must be {kind.__name__}, got {value!r}")
+            raise ConfigError(key, f"{value!r} has the wrong type ({_KINDS[kind]})")
     for key in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps"):
         if config[key] < 1:
-            raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
-    if config.eval_every_steps < 0 or config.learning_rate < 0:
-        raise ValueError("config.eval_every_steps and config.learning_rate must be >= 0")
+            raise ConfigError(key, f"{config[key]} is too small (an integer >= 1)")
+    for key in ("eval_every_steps", "learning_rate"):
+        if config[key] < 0:
+            allowed = ">= 0; 0: only at the end" if key == "eval_every_steps" else ">= 0"
+            raise ConfigError(key, f"{config[key]} is negative ({allowed})")
     if config.parallel not in MODES:
-        raise ValueError(f"config.parallel={config.parallel!r} is unknown; use one of {MODES}")
+        raise ConfigError("parallel", f"{config.parallel!r} is unknown (one of {', '.join(map(repr, MODES))})")
     for key, kind in (("fsdp", int), ("fsdp_min_size", int), ("distributed", bool)):
         if key in config and (not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool))):
-            raise ValueError(f"config.{key} must be {kind.__name__}, got {config[key]!r}")
+            raise ConfigError(key, f"{config[key]!r} has the wrong type ({_KINDS[kind]})")
     if config.get("fsdp", 1) < 1 or (config.get("fsdp", 1) > 1 and config.parallel != "jit"):
-        raise ValueError(f"config.fsdp={config.fsdp} must be >= 1, and above 1 only with parallel='jit'")
+        raise ConfigError("fsdp", f"{config.fsdp} is not possible here (>= 1, and above 1 only with parallel='jit')")
     _profile_window(config)
+
+
+_KINDS = {int: "an int", float: "a number", str: "a string", bool: "True or False"}
 
 
 class _Stop:
@@ -143,6 +150,11 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     validate_config(config)
     initialize_distributed(config)
     workdir = os.path.abspath(workdir)
+    with workdir_lock(workdir, enabled=jax.process_index() == 0):  # one writer per workdir (re-entrant)
+        return _train_and_evaluate(config, workdir, task)
+
+
+def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     par = Parallel.from_config(config)
     par.check_batch_size(config.batch_size)
@@ -257,9 +269,9 @@ def _profile_window(config: Any) -> tuple[int, int] | None:
     try:
         start, end = (int(x) for x in str(spec).split(","))
     except ValueError:
-        raise ValueError(f"config.profile_steps must be 'START,END', got {spec!r}") from None
+        raise ConfigError("profile_steps", f"{spec!r} is not two steps (\"START,END\")") from None
     if not 0 <= start < end:
-        raise ValueError(f"config.profile_steps needs 0 <= START < END, got {spec!r}")
+        raise ConfigError("profile_steps", f"{spec!r} is not a window of steps (\"START,END\" with 0 <= START < END)")
     return start, end
 
 

@@ -34,6 +34,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from seqjax.errors import ConfigError
 from seqjax.training.state import TrainState, make_eval_step, make_train_step
 
 MODES = ("none", "pmap", "jit")
@@ -71,17 +72,17 @@ class Parallel:
     def __init__(self, mode: str, devices: Sequence[jax.Device] | None = None, *, fsdp: int = 1,
                  fsdp_min_size: int = FSDP_MIN_SIZE):  # fmt: skip
         if mode not in MODES:
-            raise ValueError(f"config.parallel={mode!r} is unknown; use one of {MODES}")
+            raise ConfigError("parallel", f"{mode!r} is unknown (one of {', '.join(map(repr, MODES))})")
         self.mode = mode
         self.devices = list(devices or (jax.local_devices() if mode == "pmap" else jax.devices()))
         if mode == "none":
             self.devices = self.devices[:1]
         if mode != "jit" and jax.process_count() > 1:
-            raise ValueError(f"config.parallel={mode!r} runs on one process; use 'jit' for a multi-process run")
+            raise ConfigError("parallel", f"{mode!r} runs on one process ('jit' for a multi-process run)")
         if fsdp != 1 and mode != "jit":
-            raise ValueError(f"config.fsdp={fsdp} needs parallel='jit' (got {mode!r})")
+            raise ConfigError("fsdp", f"{fsdp} needs parallel='jit', not {mode!r} (1, or parallel='jit')")
         if fsdp < 1 or len(self.devices) % fsdp:
-            raise ValueError(f"config.fsdp={fsdp} must be >= 1 and divide the {len(self.devices)} devices")
+            raise ConfigError("fsdp", f"{fsdp} does not divide the {len(self.devices)} devices (a divisor >= 1)")
         self.fsdp, self.fsdp_min_size = fsdp, fsdp_min_size
         self.mesh = None
         if mode == "jit":
@@ -98,9 +99,10 @@ class Parallel:
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.num_devices:
-            raise ValueError(
-                f"config.batch_size={batch_size} must be divisible by the {self.num_devices} devices of "
-                f"parallel={self.mode!r}"
+            raise ConfigError(
+                "batch_size",
+                f"{batch_size} is not divisible by the {self.num_devices} devices of parallel={self.mode!r} "
+                f"(a multiple of {self.num_devices})",
             )
 
     # -- placement ---------------------------------------------------------------------------------------------

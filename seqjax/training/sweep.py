@@ -30,6 +30,7 @@ import builtins
 import contextlib
 import csv
 import ctypes
+import difflib
 import fcntl
 import importlib.util
 import itertools
@@ -45,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from seqjax.errors import ConfigError
 
 # -- what a sweep file says ----------------------------------------------------------------------------------------
 
@@ -218,20 +221,22 @@ def load_sweep(path: str) -> Sweep:
 
 def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     """`config` (an ml_collections.ConfigDict, changed in place) with dotted keys set; unknown keys and values of the
-    wrong type raise ValueError naming the key."""
+    wrong type raise `ConfigError` naming the key."""
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config
-        for p in parents:
-            if p not in node:
-                raise ValueError(f"config has no field {key!r} (no {p!r})")
-            node = node[p]
-        if leaf not in node:
-            raise ValueError(f"config has no field {key!r}; a sweep may set only fields the config defines")
+        for depth, name in enumerate([*parents, leaf]):
+            if not hasattr(node, "keys") or name not in node:
+                near = difflib.get_close_matches(name, list(node.keys()) if hasattr(node, "keys") else [], n=1)
+                hint = f"did you mean {'.'.join([*parents[:depth], near[0]])}?" if near else "only keys the config has"
+                raise ConfigError(key, f"no such key in the config ({hint})")
+            if depth < len(parents):
+                node = node[name]
         try:
             node[leaf] = value
-        except TypeError as e:
-            raise ValueError(f"config field {key!r}: {e}") from None
+        except TypeError:
+            kind = type(node[leaf]).__name__
+            raise ConfigError(key, f"{value!r} has the wrong type ({kind}, like {node[leaf]!r})") from None
     return config
 
 
@@ -307,9 +312,10 @@ def update_trial(directory: str, **fields: Any) -> dict:
 
 @contextlib.contextmanager
 def trial_lock(directory: str):
-    """Holds DIR/.lock (an exclusive flock) while a trial runs, so two sweep processes sharing a directory never run
-    the same trial at once; yields False (and holds nothing) when another process has it."""
-    fd = os.open(os.path.join(directory, ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    """Holds DIR/.trial.lock (an exclusive flock) while a trial runs, so two sweep processes sharing a directory
+    never run the same trial at once; yields False (and holds nothing) when another process has it. (The trial's own
+    run holds DIR/.lock, `seqjax.training.workdir`, while it writes there.)"""
+    fd = os.open(os.path.join(directory, ".trial.lock"), os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -52,5 +52,5 @@ def test_missing_data_says_how_to_prepare_it(tmp_path):
     with pytest.raises(datasets.DataNotPreparedError, match=r"tfds build mnist --data_dir DIR") as info:
         datasets.open_split("mnist", "train", data_dir=str(tmp_path))
     assert str(tmp_path) in str(info.value) and "copy DIR" in str(info.value)
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(ValueError, match="not an image dataset"):
         datasets.image_classes("imagenet2012", data_dir=str(tmp_path))

@@ -203,13 +203,13 @@ def test_parallel_modes_agree_on_8_devices():
 
 
 def test_parallel_errors():
-    with pytest.raises(ValueError, match=r"config\.parallel='dp'"):
+    with pytest.raises(ValueError, match=r"config\.parallel: 'dp' is unknown"):
         Parallel("dp")
-    with pytest.raises(ValueError, match=r"config\.batch_size=12 must be divisible by the 8 devices"):
+    with pytest.raises(ValueError, match=r"config\.batch_size: 12 is not divisible by the 8 devices"):
         Parallel("jit").check_batch_size(12)
-    with pytest.raises(ValueError, match=r"config\.fsdp=3 must be >= 1 and divide the 8 devices"):
+    with pytest.raises(ValueError, match=r"config\.fsdp: 3 does not divide the 8 devices"):
         Parallel("jit", fsdp=3)
-    with pytest.raises(ValueError, match=r"config\.fsdp=2 needs parallel='jit'"):
+    with pytest.raises(ValueError, match=r"config\.fsdp: 2 needs parallel='jit'"):
         Parallel("pmap", fsdp=2)
 
 
