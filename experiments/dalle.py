@@ -42,8 +42,8 @@ from seqjax.training import Checkpointer, TrainState, make_optimizer, train_and_
 def train_stage(config, workdir: str, task_cls) -> tuple:
     """Runs (or resumes) the experiment `task_cls` in `workdir`, or only reads it back when it has finished there
     (a checkpoint at `num_train_steps` or later and its summary written): a rerun of dalle neither retrains a
-    finished stage nor rewrites its summary (which a loop with no step left to run would write without its final
-    evaluation) and pictures. Returns the task and its trained (params, model_state)."""
+    finished stage nor evaluates it again, rewrites its summary or redraws its pictures. Returns the task and its
+    trained (params, model_state)."""
     task = task_cls(config)
     if not _finished(config, workdir):
         train_and_evaluate(config, workdir, task)

@@ -114,6 +114,13 @@ def _state_files(step_dir):
     return out
 
 
+def _stage(workdir):
+    """A dalle stage's checkpoint files, summary, and when the summary was written (a rerun reads a finished stage
+    back: it neither trains nor evaluates it again)."""
+    summary = workdir / "summary.json"
+    return {**_state_files(workdir / "checkpoints"), "summary": summary.read_text(), "at": summary.stat().st_mtime_ns}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_experiment_runs_writes_its_files_and_resumes(tmp_path, name):
@@ -135,7 +142,7 @@ def test_experiment_runs_writes_its_files_and_resumes(tmp_path, name):
     lines = open(workdir / "metrics.jsonl").read().splitlines()
     assert sorted(_rows(lines)) == list(range(1, 7))
     stages = [workdir / s for s in ("vqvae", "classifier")] if name == "dalle" else []
-    stage_files = {s: _state_files(s / "checkpoints") | {"summary": open(s / "summary.json").read()} for s in stages}
+    stage_files = {s: _stage(s) for s in stages}
     final = _state_files(ckpts / "6")
     assert final, "no checkpoint files to compare"
     shutil.move(ckpts / "6", tmp_path / "step6")
@@ -148,7 +155,7 @@ def test_experiment_runs_writes_its_files_and_resumes(tmp_path, name):
     assert _state_files(ckpts / "6") == final
     assert json.load(open(workdir / "summary.json")) == summary
     for s in stages:  # finished stages are read back, not trained again nor rewritten
-        assert _state_files(s / "checkpoints") | {"summary": open(s / "summary.json").read()} == stage_files[s], s
+        assert _stage(s) == stage_files[s], s
     if name == "dalle":  # a new decoder run on the finished tokenizer and judge of that one, in a fresh workdir
         other = tmp_path / "other"
         stages = {"vqvae_workdir": workdir / "vqvae", "classifier_workdir": workdir / "classifier"}
