@@ -41,14 +41,31 @@ from seqjax.training.metrics import Mean
 
 
 def train_stage(config, workdir: str, task_cls) -> tuple:
-    """Runs (or resumes, or finds finished) the experiment `task_cls` in `workdir`; returns the task and its
+    """Runs (or resumes) the experiment `task_cls` in `workdir`, or only reads it back when it has finished there
+    (a checkpoint at `num_train_steps` or later and its summary written): a rerun of dalle neither retrains a
+    finished stage nor evaluates it again, rewrites its summary or redraws its pictures. Returns the task and its
     trained (params, model_state)."""
     task = task_cls(config)
-    train_and_evaluate(config, workdir, task)
+    if not _finished(config, workdir):
+        train_and_evaluate(config, workdir, task)
     params, model_state = task.init(jax.random.key(0))
     template = TrainState.create(params, make_optimizer(config), jax.random.key(0), model_state)
-    state, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(template)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        state, _ = ckpt.restore(template)
+    finally:
+        ckpt.close()
     return task, (state.params, state.model_state)
+
+
+def _finished(config, workdir: str) -> bool:
+    if not os.path.exists(os.path.join(workdir, "summary.json")):
+        return False
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        return (ckpt.latest_step() or 0) >= config.num_train_steps
+    finally:
+        ckpt.close()
 
 
 def _stage_config(base, overrides, parent) -> object:

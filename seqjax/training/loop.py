@@ -21,7 +21,8 @@ eval metric), profile_steps ("A,B": a jax.profiler trace of steps A+1..B in WORK
 Reliability: the state (step, parameters, optimizer state, PRNG key, model state) is checkpointed with Orbax every
 `checkpoint_every_steps` and at the end, and the loop resumes from the latest finished checkpoint in `workdir`;
 per-step keys are `fold_in(key, step)` and batches are indexed by step, so a resumed run continues bitwise as an
-uninterrupted one would. SIGTERM saves a checkpoint at the next step boundary and exits with code 0. A non-finite
+uninterrupted one would (a finished run, rerun, evaluates once more so that its summary keeps the final
+evaluation). SIGTERM saves a checkpoint at the next step boundary and exits with code 0. A non-finite
 loss (checked at every log step and before every save) stops the run with the step number, keeping the last good
 checkpoint.
 
@@ -195,6 +196,8 @@ def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     profile = _profile_window(config)
     multiprocess = jax.process_count() > 1
     last_eval: dict[str, float] = {}
+    if restored is not None and step >= total:  # a finished run rerun: its summary keeps the final evaluation
+        last_eval = evaluate(dev_state)
     try:
         with (
             _Stop(enabled=not multiprocess) as stop,  # several processes: Orbax's preemption sync point instead

@@ -1,10 +1,11 @@
 """Every experiment entry point runs for a few steps on a tiny config as the README says (`python -m
 experiments.NAME --workdir DIR --config.key=value ...`), writes its checkpoints, metrics, summary and pictures, and
-resumes when run again; the real-dataset variants run on tfds.testing.mock_data; a SIGKILLed run resumes with a
-bitwise-identical loss curve."""
+resumes when run again, continuing with the numbers of an uninterrupted run, bitwise; the real-dataset variants run
+on tfds.testing.mock_data; a SIGKILLed run resumes with a bitwise-identical loss curve."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,20 +93,69 @@ def _losses(workdir):
     return rows
 
 
+def _rows(lines):
+    """metrics.jsonl lines as {step: row}, without the timing (the one field that is not a pure function of the run)."""
+    rows = {}
+    for line in lines:
+        row = json.loads(line)
+        row.pop("steps_per_sec", None)
+        rows[row["step"]] = {**rows.get(row["step"], {}), **row}
+    return rows
+
+
+def _state_files(step_dir):
+    """{relative path: bytes} of a checkpoint step's files, without Orbax's metadata (it holds timestamps)."""
+    out = {}
+    for dirpath, _, names in os.walk(step_dir):
+        for n in names:
+            if not n.startswith("_") and n != "commit_success.txt":
+                path = os.path.join(dirpath, n)
+                out[os.path.relpath(path, step_dir)] = open(path, "rb").read()
+    return out
+
+
+def _stage(workdir):
+    """A dalle stage's checkpoint files, summary, and when the summary was written (a rerun reads a finished stage
+    back: it neither trains nor evaluates it again)."""
+    summary = workdir / "summary.json"
+    return {**_state_files(workdir / "checkpoints"), "summary": summary.read_text(), "at": summary.stat().st_mtime_ns}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_experiment_runs_writes_its_files_and_resumes(tmp_path, name):
+    """Six steps with checkpoints at 2, 4, 6; then the run is set back to the state of one stopped after its step-4
+    checkpoint (step 6's checkpoint moved away) and the same command is run again: it resumes from step 4 and logs
+    steps 5 and 6 with the same numbers, bitwise, and writes the same step-6 checkpoint (parameters, optimizer state,
+    PRNG key, model state) and summary as the uninterrupted run. A resume that restarted the data, the optimizer or
+    the keys, or retrained dalle's finished stages, would differ."""
     workdir, data = tmp_path / "run", tmp_path / "data"
-    _run(_command(name, workdir, 4, data))
+    cmd = _command(name, workdir, 6, data)
+    _run(cmd)
     for f in ["metrics.jsonl", "summary.json", "curves.png", *PICTURES[name]]:
         assert (workdir / f).stat().st_size > 0, f
     assert any((workdir / "tensorboard").iterdir())
-    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    ckpts = workdir / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 6]
     summary = json.load(open(workdir / "summary.json"))
-    assert summary["step"] == 4 and any(k.startswith("eval_") for k in summary)
-    out = _run(_command(name, workdir, 6, data))  # the same command with more steps continues the run
+    assert summary["step"] == 6 and any(k.startswith("eval_") for k in summary)
+    lines = open(workdir / "metrics.jsonl").read().splitlines()
+    assert sorted(_rows(lines)) == list(range(1, 7))
+    stages = [workdir / s for s in ("vqvae", "classifier")] if name == "dalle" else []
+    stage_files = {s: _stage(s) for s in stages}
+    final = _state_files(ckpts / "6")
+    assert final, "no checkpoint files to compare"
+    shutil.move(ckpts / "6", tmp_path / "step6")
+
+    out = _run(cmd)
     assert "resumed from step 4" in out
-    assert sorted(_losses(workdir)) == list(range(1, 7))
+    resumed = _rows(open(workdir / "metrics.jsonl").read().splitlines()[len(lines) :])
+    assert sorted(resumed) == [5, 6]
+    assert resumed == {s: r for s, r in _rows(lines).items() if s > 4}  # bitwise: losses, rates, evaluations
+    assert _state_files(ckpts / "6") == final
+    assert json.load(open(workdir / "summary.json")) == summary
+    for s in stages:  # finished stages are read back, not trained again nor rewritten
+        assert _stage(s) == stage_files[s], s
     if name == "dalle":  # a new decoder run on the finished tokenizer and judge of that one, in a fresh workdir
         other = tmp_path / "other"
         stages = {"vqvae_workdir": workdir / "vqvae", "classifier_workdir": workdir / "classifier"}

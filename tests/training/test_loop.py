@@ -89,6 +89,14 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [10, 20]
 
 
+def test_rerunning_a_finished_run_keeps_its_summary(tmp_path):
+    config = toy_config(num_train_steps=10, eval_every_steps=0)
+    with jax.numpy_dtype_promotion("standard"):
+        first = train_and_evaluate(config, str(tmp_path), ToyTask(config))
+        again = train_and_evaluate(config, str(tmp_path), ToyTask(config))
+    assert again == first and "eval_loss" in first  # the final evaluation is not lost
+
+
 def test_max_to_keep_and_outputs(tmp_path):
     config = toy_config(num_train_steps=40, max_checkpoints_to_keep=2)
     with jax.numpy_dtype_promotion("standard"):
