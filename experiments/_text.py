@@ -19,10 +19,10 @@ import numpy as np
 from experiments._common import PipelineTask, data_dir, head
 from seqjax import decoding
 from seqjax.data import datasets
-from seqjax.errors import ConfigError
 from seqjax.data.builders import build, synthetic_text
 from seqjax.data.pipeline import Mapped, Pipeline, pad, stack
 from seqjax.data.tokenizers import BOS, EOS, PAD, CharTokenizer, WordTokenizer
+from seqjax.errors import ConfigError
 from seqjax.training import cross_entropy
 
 DATASETS = ("synthetic_text", "tiny_shakespeare", "lm1b")

@@ -116,9 +116,7 @@ class Seq2SeqTask(PipelineTask):
         logits = self.model.apply({"params": params}, batch["inputs"], batch["labels"], **dropout_kwargs(rng))
         smoothing = hparam(self.config, "label_smoothing") if rng is not None else 0.0
         # Means: summed over devices and eval batches before dividing by the real tokens (seqjax.training.metrics).
-        return cross_entropy(
-            logits, batch["labels"], weights=batch["weights"], label_smoothing=smoothing, as_mean=True
-        )
+        return cross_entropy(logits, batch["labels"], weights=batch["weights"], label_smoothing=smoothing, as_mean=True)
 
     def loss_fn(self, params, model_state, batch, rng):
         loss, aux = self._loss(params, batch, rng)

@@ -18,9 +18,9 @@ import numpy as np
 
 from experiments._common import PipelineTask, data_dir, dropout_kwargs, head, run
 from seqjax.data import datasets
-from seqjax.errors import ConfigError
 from seqjax.data.builders import build, captioned_shapes
 from seqjax.data.pipeline import Mapped, Pipeline, stack
+from seqjax.errors import ConfigError
 from seqjax.models.vit import ViT, attention_rollout, vit_config
 from seqjax.plotting import attention_weights, plot_rollout
 from seqjax.training import cross_entropy

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from seqjax.data import hide_accelerators_from_tensorflow
-from seqjax.errors import ConfigError
 from seqjax.data.pipeline import Mapped, Windows, pad, read_many
 from seqjax.data.tokenizers import ByteTokenizer, CharTokenizer, SubwordTokenizer
+from seqjax.errors import ConfigError
 
 IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 

@@ -272,9 +272,9 @@ def _profile_window(config: Any) -> tuple[int, int] | None:
     try:
         start, end = (int(x) for x in str(spec).split(","))
     except ValueError:
-        raise ConfigError("profile_steps", f"{spec!r} is not two steps (\"START,END\")") from None
+        raise ConfigError("profile_steps", f'{spec!r} is not two steps ("START,END")') from None
     if not 0 <= start < end:
-        raise ConfigError("profile_steps", f"{spec!r} is not a window of steps (\"START,END\" with 0 <= START < END)")
+        raise ConfigError("profile_steps", f'{spec!r} is not a window of steps ("START,END" with 0 <= START < END)')
     return start, end
 
 
