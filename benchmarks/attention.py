@@ -4,17 +4,16 @@
 
 Prints the median step time of each implementation, timed in interleaved rounds, and its speed ratio to flax's
 `nn.MultiHeadDotProductAttention` and to `torch.nn.MultiheadAttention` (when torch is installed), without and with a
-causal mask. seqjax's default on CPU is its C++ kernel (`seqjax.nn._native`, when built); "xla kernel" is the same
-layer traced with its XLA kernel instead. The timed step is value_and_grad of sum(out²) with respect to the
-parameters and the input, jit-compiled; torch runs the same forward+backward eagerly with all cores.
+causal mask. seqjax's default ("auto") on CPU is its C++ kernel (`seqjax.kernels.cpu`, when built); "blocked kernel"
+is the same layer with `implementation="blocked"` (the kernel in JAX ops). The timed step is value_and_grad of
+sum(out²) with respect to the parameters and the input, jit-compiled; torch runs the same forward+backward eagerly
+with all cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -22,24 +21,21 @@ import jax.numpy as jnp
 import numpy as np
 from _timing import interleaved_medians, interleaved_times, medians, paired_ratios, torch_available
 
-from seqjax.nn import MultiHeadAttention, _native, attention, causal_mask
+from seqjax.kernels import cpu
+from seqjax.nn import MultiHeadAttention, causal_mask
 
 TARGET = 1.2  # the issue's speed target against flax's layer, counted per round
 
 
-def jax_step(module, x, mask, cpu_kernel: bool = True):
-    """The compiled step; with cpu_kernel=False seqjax's self-attention is traced with its XLA kernel instead of the
-    C++ CPU kernel."""
+def jax_step(module, x, mask):
+    """The compiled step."""
     params = module.init(jax.random.key(1), x)
 
     def loss(p, x):
         return jnp.sum(jnp.square(module.apply(p, x, mask=mask)))
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    with contextlib.ExitStack() as stack:
-        if not cpu_kernel:
-            stack.enter_context(mock.patch.object(attention, "_use_native_attention", lambda *a: False))
-        compiled = grad.lower(params, x).compile()
+    compiled = grad.lower(params, x).compile()
     return lambda: jax.block_until_ready(compiled(params, x))
 
 
@@ -72,11 +68,11 @@ def main() -> None:
     have_torch = torch_available()
 
     x = jax.random.normal(jax.random.key(0), (args.batch, args.length, args.width), jnp.float32)
-    default = "seqjax default (C++ CPU kernel)" if _native.available() else "seqjax default"
+    default = "seqjax default (C++ CPU kernel)" if cpu.available() else "seqjax default"
     variants = {
         default: dict(),
-        "seqjax xla kernel (blocked, fused qkv)": dict(cpu_kernel=False),
-        "seqjax xla, unfused qkv": dict(fuse_qkv=False),
+        "seqjax blocked kernel (fused qkv)": dict(implementation="blocked"),
+        "seqjax blocked, unfused qkv": dict(implementation="blocked", fuse_qkv=False),
         "seqjax reference (plain softmax)": dict(implementation="reference"),
         "seqjax jax.nn.dot_product_attention": dict(implementation="jax"),
     }
@@ -101,8 +97,7 @@ def main() -> None:
         if have_torch:
             steps["torch"] = torch_step(args, causal)
         for name, kw in variants.items():
-            module = MultiHeadAttention(num_heads=args.heads, **{k: v for k, v in kw.items() if k != "cpu_kernel"})
-            steps[name] = jax_step(module, x, mask, kw.get("cpu_kernel", True))
+            steps[name] = jax_step(MultiHeadAttention(num_heads=args.heads, **kw), x, mask)
         runs = interleaved_times(steps, args.repeats)
         t = medians(runs)
         flax_t, torch_t = t.pop("flax"), t.pop("torch", float("nan"))

@@ -5,7 +5,7 @@
 B=64, T=128, F=256, H=256, f32, one layer, loss sum(out²) w.r.t. the weights and the input, jit-compiled. Each
 variant is a plain-JAX layer (zero initial state) so that only the formulation differs:
   inside            both projections inside the scan step, autodiff (what seqjax.nn.LSTM did before fused_lstm)
-  fused             seqjax.nn.recurrent.fused_lstm (what seqjax.nn.LSTM runs): "inside" with a hand-written
+  fused             seqjax.kernels.fused_lstm (what seqjax.nn.LSTM runs): "inside" with a hand-written
                     backward pass, the gates saved as separate arrays, weight gradients accumulated in the scan
   hoisted           x W_ih for all steps as one matmul before the scan
   hoisted unroll4   the same, scan unrolled 4 steps
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from _timing import interleaved_medians, torch_available
 from jax import lax
 
-from seqjax.nn.recurrent import fused_lstm
+from seqjax.kernels import fused_lstm
 
 B, T, F, H = 64, 128, 256, 256
 

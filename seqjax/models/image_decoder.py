@@ -65,7 +65,7 @@ class ImageDecoderConfig(ConfigBase):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention_implementation: str = "xla"
+    attention_implementation: str = "auto"
     decode: bool = False
 
     def __post_init__(self):

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict, unfreeze
 
+from seqjax import kernels
 from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
 from seqjax.nn.attention import MultiHeadAttention, causal_mask, padding_mask
 from seqjax.nn.mlp import MlpBlock
@@ -46,7 +47,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 POSITIONS = ("sinusoidal", "learned", "none")
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
-ATTENTION_IMPLEMENTATIONS = ("xla", "reference", "jax", "cudnn")
+ATTENTION_IMPLEMENTATIONS = kernels.NAMES  # seqjax.kernels.registry; "auto" chooses per platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ class TransformerConfig(ConfigBase):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention_implementation: str = "xla"
+    attention_implementation: str = "auto"
     decode: bool = False
 
     def __post_init__(self):

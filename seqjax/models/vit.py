@@ -75,7 +75,7 @@ class ViTConfig(ConfigBase):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention_implementation: str = "xla"
+    attention_implementation: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.num_classes, int) or self.num_classes < 0:

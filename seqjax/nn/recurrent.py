@@ -17,7 +17,6 @@ reversal within each sequence's own length, as PyTorch's packed sequences behave
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from seqjax.nn import _native
+from seqjax.kernels import fused_gru, fused_lstm, gru_layer, lstm_layer  # noqa: F401  (fused_*: re-exported)
+from seqjax.kernels.gru import gru_gates
+from seqjax.kernels.lstm import lstm_gates
 
 Array = jax.Array
 Dtype = Any
@@ -133,7 +134,7 @@ class LSTMCell(_Cell):
         # Only the input bias (torch's b_ih) carries forget_bias; the two biases add up in every gate.
         xi, hh = self._project(x, h, 4, bias_init if fb else None)
         gates = xi + hh
-        *_, c, h = _lstm_gates(gates, c.astype(gates.dtype), self.features)
+        *_, c, h = lstm_gates(gates, c.astype(gates.dtype), self.features)
         return (c, h), h
 
     def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]) -> tuple[Array, Array]:
@@ -156,340 +157,12 @@ class GRUCell(_Cell):
     def __call__(self, carry: Array, x: Array) -> tuple[Array, Array]:
         _check_step("GRUCell", carry, x, self.features)
         xi, hh = self._project(x, carry, 3)
-        *_, h = _gru_gates(xi, hh, carry.astype(xi.dtype), self.features)
+        *_, h = gru_gates(xi, hh, carry.astype(xi.dtype), self.features)
         return h, h
 
     def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]) -> Array:
         del rng
         return self._zeros(input_shape)
-
-
-def _lstm_gates(a: Array, c: Array, hdim: int) -> tuple[Array, ...]:
-    """LSTMCell's equations from the pre-activation a [B..., 4H]: (i, f, g, o, c', h')."""
-    i = jax.nn.sigmoid(a[..., :hdim])
-    f = jax.nn.sigmoid(a[..., hdim : 2 * hdim])
-    g = jnp.tanh(a[..., 2 * hdim : 3 * hdim])
-    o = jax.nn.sigmoid(a[..., 3 * hdim :])
-    c = f * c + i * g
-    return i, f, g, o, c, o * jnp.tanh(c)
-
-
-def _gru_gates(xi: Array, hh: Array, h: Array, hdim: int) -> tuple[Array, ...]:
-    """GRUCell's equations from both projections [B..., 3H]: (r, z, n, hn, h'), hn the hidden matmul's n part."""
-    r = jax.nn.sigmoid(xi[..., :hdim] + hh[..., :hdim])
-    z = jax.nn.sigmoid(xi[..., hdim : 2 * hdim] + hh[..., hdim : 2 * hdim])
-    hn = hh[..., 2 * hdim :]
-    n = jnp.tanh(xi[..., 2 * hdim :] + r * hn)
-    return r, z, n, hn, (1.0 - z) * n + z * h
-
-
-def _shifted(first: Array, stacked: Array) -> Array:
-    """[first, stacked[0], ..., stacked[T-2]]: the previous step's value at every step of a time-major stack."""
-    return jnp.concatenate([first[None].astype(stacked.dtype), stacked[:-1]], 0)
-
-
-def _lstm_forward(x, c0, h0, w_ih, w_hh, b, precision):
-    """Time-major scan; returns ((c_T, h_T), (i, f, g, o, c, h)), each of the six stacked over time [T, B, H]."""
-    hdim = w_hh.shape[0]
-
-    def step(carry, xt):
-        c, h = carry
-        a = jnp.matmul(xt, w_ih, precision=precision) + b + jnp.matmul(h, w_hh, precision=precision)
-        i, f, g, o, c, h = _lstm_gates(a, c, hdim)
-        return (c, h), (i, f, g, o, c, h)
-
-    return lax.scan(step, (c0, h0), jnp.swapaxes(x, 0, 1))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def fused_lstm(x: Array, c0: Array, h0: Array, w_ih: Array, w_hh: Array, b: Array, precision=None):
-    """An LSTM layer over a whole sequence with a hand-written backward pass: `x [B, T, F]`, initial state
-    `c0, h0 [B, H]`, kernels `w_ih [F, 4H]`, `w_hh [H, 4H]` and bias `b [4H]` (gates i, f, g, o) →
-    `(outputs [B, T, H], (c_T, h_T))`. The same function as `RNN(LSTMCell(H))` without lengths, computed as
-    BENCHMARKS.md found fastest on CPU: both projections inside the step, the forward saving the four gates and the
-    cell state as separate [T, B, H] arrays, and one reverse scan computing the gradient of the gates'
-    pre-activation, dA, per step, from which it takes dh (the critical path), dx and the weight gradients
-    (accumulated in the scan).
-    Separate gate arrays matter: XLA's CPU loops do not vectorise a fusion that reads several slices of one
-    dynamically-indexed array (5x slower element-wise code, measured)."""
-    return _fused_lstm_fwd(x, c0, h0, w_ih, w_hh, b, precision)[0]
-
-
-def _fused_lstm_fwd(x, c0, h0, w_ih, w_hh, b, precision):
-    (c, h), ys = _lstm_forward(x, c0, h0, w_ih, w_hh, b, precision)
-    return (jnp.swapaxes(ys[5], 0, 1), (c, h)), (x, c0, h0, w_ih, w_hh, b, ys)
-
-
-def _fused_lstm_bwd(precision, res, cotangents):
-    x, c0, h0, w_ih, w_hh, b, (i, f, g, o, cs, hs) = res
-    dys, (dc_t, dh_t) = cotangents
-    c_prev, h_prev = _shifted(c0, cs), _shifted(h0, hs)
-
-    def step(carry, inp):
-        dh, dc, dw_ih, dw_hh, db = carry
-        i, f, g, o, c, cp, hp, xt, dy = inp
-        dh = dh + dy
-        tc = jnp.tanh(c)
-        dc = dc + dh * o * (1 - tc * tc)
-        da = [dc * g * i * (1 - i), dc * cp * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)]
-        da = jnp.concatenate(da, -1)
-        dx = jnp.matmul(da, w_ih.T, precision=precision)
-        dw_ih = dw_ih + jnp.matmul(xt.T, da, precision=precision)
-        dw_hh = dw_hh + jnp.matmul(hp.T, da, precision=precision)
-        return (jnp.matmul(da, w_hh.T, precision=precision), dc * f, dw_ih, dw_hh, db + da.sum(0)), dx
-
-    zeros = jnp.zeros_like
-    init = (dh_t.astype(hs.dtype), dc_t.astype(cs.dtype), zeros(w_ih), zeros(w_hh), zeros(b))
-    xs = (i, f, g, o, cs, c_prev, h_prev, jnp.swapaxes(x, 0, 1), jnp.swapaxes(dys, 0, 1).astype(hs.dtype))
-    (dh0, dc0, dw_ih, dw_hh, db), dx = lax.scan(step, init, xs, reverse=True)
-    return (
-        jnp.swapaxes(dx, 0, 1).astype(x.dtype),
-        dc0.astype(c0.dtype),
-        dh0.astype(h0.dtype),
-        dw_ih.astype(w_ih.dtype),
-        dw_hh.astype(w_hh.dtype),
-        db.astype(b.dtype),
-    )
-
-
-fused_lstm.defvjp(_fused_lstm_fwd, _fused_lstm_bwd)
-
-
-def lstm_layer(x: Array, c0: Array, h0: Array, w_ih: Array, w_hh: Array, b: Array, precision=None):
-    """`fused_lstm`'s function (same arguments and results), computed by seqjax's C++ CPU kernel
-    (`seqjax/nn/_native/lstm.cc`) where `use_native_rnn` allows it and by `fused_lstm` elsewhere."""
-    if use_native_rnn(x, c0, h0, w_ih, w_hh, b):
-        bsz, hdim = x.shape[0], w_hh.shape[0]
-        c0, h0 = (jnp.broadcast_to(a, (bsz, hdim)) for a in (c0, h0))
-        return _native_lstm(x, c0, h0, w_ih, w_hh, b, precision)
-    return fused_lstm(x, c0, h0, w_ih, w_hh, b, precision)
-
-
-def gru_layer(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, precision=None):
-    """`fused_gru`'s function (same arguments and results), computed by seqjax's C++ CPU kernel
-    (`seqjax/nn/_native/gru.cc`) where `use_native_rnn` allows it and by `fused_gru` elsewhere."""
-    if use_native_rnn(x, h0, w_ih, w_hh, b_ih, b_hh):
-        return _native_gru(x, jnp.broadcast_to(h0, (x.shape[0], w_hh.shape[0])), w_ih, w_hh, b_ih, b_hh, precision)
-    return fused_gru(x, h0, w_ih, w_hh, b_ih, b_hh, precision)
-
-
-def use_native_rnn(*arrays: Array) -> bool:
-    """Whether an LSTM or GRU layer on these arrays runs its C++ kernel: all float32, a CPU backend with a single
-    device (XLA cannot partition a custom call: under a batch-sharded `jit` it would gather the batch onto every
-    device), and the kernels built with their AVX2/FMA micro-kernel (`seqjax.nn._native`; they call no BLAS, but
-    are built into one library with the attention kernel, which needs scipy's OpenBLAS to load)."""
-    return (
-        all(jnp.dtype(a.dtype) == jnp.float32 for a in arrays)
-        and jax.default_backend() == "cpu"
-        and _single_device()
-        and _native.available()
-        and _native.recurrent_vectorised()
-    )
-
-
-def _single_device() -> bool:
-    return jax.device_count() == 1
-
-
-def _lstm_reference_forward(xs, c0, h0, w_ih, w_hh, b, precision=None):
-    """The kernel's forward in JAX ops, time-major: (hs [T, B, H], c_T, h_T, acts [T, B, 4H], cs [T, B, H])."""
-    (c, h), (i, f, g, o, cs, hs) = _lstm_forward(jnp.swapaxes(xs, 0, 1), c0, h0, w_ih, w_hh, b, precision)
-    return hs, c, h, jnp.concatenate([i, f, g, o], -1), cs
-
-
-def _lstm_reference_inference(xs, c0, h0, w_ih, w_hh, b, precision=None):
-    return _lstm_reference_forward(xs, c0, h0, w_ih, w_hh, b, precision)[:3]
-
-
-def _lstm_reference_backward(xs, c0, h0, w_ih, w_hh, hs, acts, cs, dys, dc, dh, precision=None):
-    """The kernel's backward in JAX ops: (dxs [T, B, F], dc0, dh0, dw_ih, dw_hh, db), by `fused_lstm`'s."""
-    gates = jnp.split(acts, 4, axis=-1)
-    res = (jnp.swapaxes(xs, 0, 1), c0, h0, w_ih, w_hh, jnp.zeros(acts.shape[-1], acts.dtype), (*gates, cs, hs))
-    dx, *rest = _fused_lstm_bwd(precision, res, (jnp.swapaxes(dys, 0, 1), (dc, dh)))
-    return (jnp.swapaxes(dx, 0, 1), *rest)
-
-
-def _f32(*shape):
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
-
-
-@_native.with_derivatives_of(_lstm_reference_forward)
-def _native_lstm_forward(xs, c0, h0, w_ih, w_hh, b):
-    t, bsz, _ = xs.shape
-    hdim = w_hh.shape[0]
-    out = (_f32(t, bsz, hdim), _f32(bsz, hdim), _f32(bsz, hdim), _f32(t, bsz, 4 * hdim), _f32(t, bsz, hdim))
-    return tuple(jax.ffi.ffi_call("seqjax_lstm_forward", out, vmap_method="sequential")(xs, c0, h0, w_ih, w_hh, b))
-
-
-@_native.with_derivatives_of(_lstm_reference_inference)
-def _native_lstm_inference(xs, c0, h0, w_ih, w_hh, b):
-    t, bsz, _ = xs.shape
-    hdim = w_hh.shape[0]
-    out = (_f32(t, bsz, hdim), _f32(bsz, hdim), _f32(bsz, hdim))
-    return tuple(jax.ffi.ffi_call("seqjax_lstm_inference", out, vmap_method="sequential")(xs, c0, h0, w_ih, w_hh, b))
-
-
-@_native.with_derivatives_of(_lstm_reference_backward)
-def _native_lstm_backward(xs, c0, h0, w_ih, w_hh, hs, acts, cs, dys, dc, dh):
-    out = (_f32(*xs.shape), _f32(*c0.shape), _f32(*h0.shape), _f32(*w_ih.shape), _f32(*w_hh.shape))
-    call = jax.ffi.ffi_call("seqjax_lstm_backward", (*out, _f32(w_hh.shape[1])), vmap_method="sequential")
-    return tuple(call(xs, c0, h0, w_ih, w_hh, hs, acts, cs, dys, dc, dh))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _native_lstm(x, c0, h0, w_ih, w_hh, b, precision=None):
-    """`fused_lstm` for float32: the C++ kernel where the program is lowered for a CPU (where `precision` changes
-    nothing for float32), the same math in JAX ops elsewhere (`lax.platform_dependent`). Without differentiation it
-    saves nothing."""
-    args = (jnp.swapaxes(x, 0, 1), c0, h0, w_ih, w_hh, b)
-    default = functools.partial(_lstm_reference_inference, precision=precision)
-    hs, c, h = lax.platform_dependent(*args, cpu=_native_lstm_inference, default=default)
-    return jnp.swapaxes(hs, 0, 1), (c, h)
-
-
-def _native_lstm_fwd(x, c0, h0, w_ih, w_hh, b, precision):
-    args = (jnp.swapaxes(x, 0, 1), c0, h0, w_ih, w_hh, b)
-    default = functools.partial(_lstm_reference_forward, precision=precision)
-    hs, c, h, acts, cs = lax.platform_dependent(*args, cpu=_native_lstm_forward, default=default)
-    return (jnp.swapaxes(hs, 0, 1), (c, h)), (*args[:5], hs, acts, cs)
-
-
-def _native_lstm_bwd(precision, res, cotangents):
-    dys, (dc, dh) = cotangents
-    args = (*res, jnp.swapaxes(dys, 0, 1).astype(jnp.float32), dc.astype(jnp.float32), dh.astype(jnp.float32))
-    default = functools.partial(_lstm_reference_backward, precision=precision)
-    dxs, *rest = lax.platform_dependent(*args, cpu=_native_lstm_backward, default=default)
-    return (jnp.swapaxes(dxs, 0, 1), *rest)
-
-
-_native_lstm.defvjp(_native_lstm_fwd, _native_lstm_bwd)
-
-
-def _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, precision):
-    """Time-major scan; returns (h_T, (r, z, n, hn, h)), each of the five stacked over time [T, B, H]."""
-    hdim = w_hh.shape[0]
-
-    def step(h, xt):
-        xi = jnp.matmul(xt, w_ih, precision=precision) + b_ih
-        hh = jnp.matmul(h, w_hh, precision=precision) + b_hh
-        r, z, n, hn, h = _gru_gates(xi, hh, h, hdim)
-        return h, (r, z, n, hn, h)
-
-    return lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def fused_gru(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, precision=None):
-    """A GRU layer over a whole sequence with a hand-written backward pass, as `fused_lstm`: `x [B, T, F]`, `h0 [B, H]`,
-    kernels `w_ih [F, 3H]`, `w_hh [H, 3H]`, biases `b_ih, b_hh [3H]` (gates r, z, n) → `(outputs [B, T, H], h_T)`,
-    the same function as `RNN(GRUCell(H))` without lengths. The forward saves r, z, n and the hidden matmul's n part
-    as separate [T, B, H] arrays; the reverse scan computes both projections' gradients per step."""
-    return _fused_gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, precision)[0]
-
-
-def _fused_gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, precision):
-    h, ys = _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, precision)
-    return (jnp.swapaxes(ys[4], 0, 1), h), (x, h0, w_ih, w_hh, b_ih, b_hh, ys)
-
-
-def _fused_gru_bwd(precision, res, cotangents):
-    x, h0, w_ih, w_hh, b_ih, b_hh, (r, z, n, hn, hs) = res
-    dys, dh_t = cotangents
-    h_prev = _shifted(h0, hs)
-
-    def step(carry, inp):
-        dh, dw_ih, dw_hh, db_ih, db_hh = carry
-        r, z, n, hn, hp, xt, dy = inp
-        dh = dh + dy
-        dan = dh * (1 - z) * (1 - n * n)
-        dar = dan * hn * r * (1 - r)
-        daz = dh * (hp - n) * z * (1 - z)
-        dxi = jnp.concatenate([dar, daz, dan], -1)
-        dhh = jnp.concatenate([dar, daz, dan * r], -1)
-        dx = jnp.matmul(dxi, w_ih.T, precision=precision)
-        dw_ih = dw_ih + jnp.matmul(xt.T, dxi, precision=precision)
-        dw_hh = dw_hh + jnp.matmul(hp.T, dhh, precision=precision)
-        dh = dh * z + jnp.matmul(dhh, w_hh.T, precision=precision)
-        return (dh, dw_ih, dw_hh, db_ih + dxi.sum(0), db_hh + dhh.sum(0)), dx
-
-    zeros = jnp.zeros_like
-    init = (dh_t.astype(hs.dtype), zeros(w_ih), zeros(w_hh), zeros(b_ih), zeros(b_hh))
-    xs = (r, z, n, hn, h_prev, jnp.swapaxes(x, 0, 1), jnp.swapaxes(dys, 0, 1).astype(hs.dtype))
-    (dh0, dw_ih, dw_hh, db_ih, db_hh), dx = lax.scan(step, init, xs, reverse=True)
-    return (jnp.swapaxes(dx, 0, 1).astype(x.dtype), dh0.astype(h0.dtype), dw_ih, dw_hh, db_ih, db_hh)
-
-
-fused_gru.defvjp(_fused_gru_fwd, _fused_gru_bwd)
-
-
-def _gru_reference_forward(xs, h0, w_ih, w_hh, b_ih, b_hh, precision=None):
-    """The GRU kernel's forward in JAX ops, time-major: (hs [T, B, H], h_T, acts [T, B, 4H] = r, z, n, hn)."""
-    h, (r, z, n, hn, hs) = _gru_forward(jnp.swapaxes(xs, 0, 1), h0, w_ih, w_hh, b_ih, b_hh, precision)
-    return hs, h, jnp.concatenate([r, z, n, hn], -1)
-
-
-def _gru_reference_inference(xs, h0, w_ih, w_hh, b_ih, b_hh, precision=None):
-    return _gru_reference_forward(xs, h0, w_ih, w_hh, b_ih, b_hh, precision)[:2]
-
-
-def _gru_reference_backward(xs, h0, w_ih, w_hh, hs, acts, dys, dh, precision=None):
-    """The GRU kernel's backward in JAX ops: (dxs [T, B, F], dh0, dw_ih, dw_hh, db_ih, db_hh), by `fused_gru`'s."""
-    zero = jnp.zeros(w_hh.shape[1], acts.dtype)
-    res = (jnp.swapaxes(xs, 0, 1), h0, w_ih, w_hh, zero, zero, (*jnp.split(acts, 4, axis=-1), hs))
-    dx, *rest = _fused_gru_bwd(precision, res, (jnp.swapaxes(dys, 0, 1), dh))
-    return (jnp.swapaxes(dx, 0, 1), *rest)
-
-
-@_native.with_derivatives_of(_gru_reference_forward)
-def _native_gru_forward(xs, h0, w_ih, w_hh, b_ih, b_hh):
-    t, bsz, _ = xs.shape
-    hdim = w_hh.shape[0]
-    out = (_f32(t, bsz, hdim), _f32(bsz, hdim), _f32(t, bsz, 4 * hdim))
-    return tuple(jax.ffi.ffi_call("seqjax_gru_forward", out, vmap_method="sequential")(xs, h0, w_ih, w_hh, b_ih, b_hh))
-
-
-@_native.with_derivatives_of(_gru_reference_inference)
-def _native_gru_inference(xs, h0, w_ih, w_hh, b_ih, b_hh):
-    t, bsz, _ = xs.shape
-    out = (_f32(t, bsz, w_hh.shape[0]), _f32(bsz, w_hh.shape[0]))
-    call = jax.ffi.ffi_call("seqjax_gru_inference", out, vmap_method="sequential")
-    return tuple(call(xs, h0, w_ih, w_hh, b_ih, b_hh))
-
-
-@_native.with_derivatives_of(_gru_reference_backward)
-def _native_gru_backward(xs, h0, w_ih, w_hh, hs, acts, dys, dh):
-    g = w_hh.shape[1]
-    out = (_f32(*xs.shape), _f32(*h0.shape), _f32(*w_ih.shape), _f32(*w_hh.shape), _f32(g), _f32(g))
-    return tuple(
-        jax.ffi.ffi_call("seqjax_gru_backward", out, vmap_method="sequential")(xs, h0, w_ih, w_hh, hs, acts, dys, dh)
-    )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _native_gru(x, h0, w_ih, w_hh, b_ih, b_hh, precision=None):
-    """`fused_gru` for float32, as `_native_lstm` is `fused_lstm`."""
-    args = (jnp.swapaxes(x, 0, 1), h0, w_ih, w_hh, b_ih, b_hh)
-    default = functools.partial(_gru_reference_inference, precision=precision)
-    hs, h = lax.platform_dependent(*args, cpu=_native_gru_inference, default=default)
-    return jnp.swapaxes(hs, 0, 1), h
-
-
-def _native_gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, precision):
-    args = (jnp.swapaxes(x, 0, 1), h0, w_ih, w_hh, b_ih, b_hh)
-    default = functools.partial(_gru_reference_forward, precision=precision)
-    hs, h, acts = lax.platform_dependent(*args, cpu=_native_gru_forward, default=default)
-    return (jnp.swapaxes(hs, 0, 1), h), (*args[:4], hs, acts)
-
-
-def _native_gru_bwd(precision, res, cotangents):
-    dys, dh = cotangents
-    args = (*res, jnp.swapaxes(dys, 0, 1).astype(jnp.float32), dh.astype(jnp.float32))
-    default = functools.partial(_gru_reference_backward, precision=precision)
-    dxs, *rest = lax.platform_dependent(*args, cpu=_native_gru_backward, default=default)
-    return (jnp.swapaxes(dxs, 0, 1), *rest)
-
-
-_native_gru.defvjp(_native_gru_fwd, _native_gru_bwd)
 
 
 def flip_sequences(inputs: Array, seq_lengths: Array | None) -> Array:
@@ -528,10 +201,10 @@ class RNN(nn.Module):
         returned in the original time order.
       return_carry: return `(carry, outputs)` instead of `outputs`.
       unroll: time steps per scan iteration (a speed knob).
-      fused: run an `LSTMCell` through `lstm_layer`, a `GRUCell` through `gru_layer` when that gives the same
-        function: no `seq_lengths`, `unroll=1`, and inputs, carry and parameters all float32 or all float64. Those
-        run seqjax's C++ CPU kernels on a one-device CPU backend in float32 (`use_native_rnn`), else `fused_lstm` /
-        `fused_gru` (hand-written backward passes in JAX ops); BENCHMARKS.md has the speeds.
+      fused: run an `LSTMCell` through `seqjax.kernels.lstm_layer`, a `GRUCell` through `gru_layer` when that gives
+        the same function: no `seq_lengths`, `unroll=1`, and inputs, carry and parameters all float32 or all
+        float64. Those run seqjax's C++ CPU kernels where they apply (`seqjax.kernels.cpu.lstm.applies`), else
+        `fused_lstm` / `fused_gru` (hand-written backward passes in JAX ops); BENCHMARKS.md has the speeds.
         Both are `jax.custom_vjp`s, so forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) needs `fused=False`.
 
     Call with `initial_carry` (default: the cell's zero state), `seq_lengths [B]` (default: all T) and optionally

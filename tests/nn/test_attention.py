@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from seqjax.kernels import blocked as blocked_kernel
+from seqjax.kernels import common
+from seqjax.kernels.blocked import block_sizes as _block_sizes
+from seqjax.kernels.cpu import attention as cpu_attention
 from seqjax.nn import MultiHeadAttention, causal_mask, combine_masks, padding_mask, scaled_dot_product_attention
-from seqjax.nn.attention import _block_sizes
 
 IMPLS = ["xla", "reference", "jax"]
 
@@ -17,9 +20,7 @@ IMPLS = ["xla", "reference", "jax"]
 def _one_device_policy(monkeypatch):
     """The suite runs with 8 CPU devices; the layer is tested here as a one-device process runs it (batch blocks, and
     the C++ kernel where built). `test_batch_sharded_jit_gathers_nothing` tests the several-device policy."""
-    from seqjax.nn import attention
-
-    monkeypatch.setattr(attention, "_single_device", lambda: True)
+    monkeypatch.setattr(common, "single_device", lambda: True)
 
 
 def np_attention(q, k, v, mask=None, bias=None):
@@ -424,20 +425,20 @@ def test_mha_above_one_block_matches_flax(rng, shape, heads, native, monkeypatch
     """Big enough (B*N*T*T > 2**19) for the blocked kernel inside MultiHeadAttention, forward and gradients: the XLA
     fused self-attention kernel (whose backward emits d(qkv) directly; blocks of one and of eight batch rows), and
     the C++ CPU kernel that replaces it on CPU in float32 without dropout."""
-    from seqjax.nn import _native, attention
+    from seqjax.kernels import cpu
 
     b, t, _ = shape
     assert _block_sizes(b, heads, t, t, 2**19) == ((1, t) if b == 2 else (8, t))
     calls = []
     if native:
-        if not _native.available():
-            pytest.skip(f"CPU kernels unavailable: {_native.unavailable_reason()}")
-        kernel = attention._native_self_attention
-        monkeypatch.setattr(attention, "_native_self_attention", lambda *a: calls.append("C++") or kernel(*a))
+        if not cpu.available():
+            pytest.skip(f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+        kernel = cpu_attention.qkv_attention
+        monkeypatch.setattr(cpu_attention, "qkv_attention", lambda *a: calls.append("C++") or kernel(*a))
     else:
-        monkeypatch.setattr(attention, "_use_native_attention", lambda *a: False)
-        fused = attention._fused_self_attention
-        monkeypatch.setattr(attention, "_fused_self_attention", lambda *a: calls.append(a[-1]) or fused(*a))
+        monkeypatch.setattr(cpu_attention, "applies", lambda *a: False)
+        fused = blocked_kernel._qkv_attention
+        monkeypatch.setattr(blocked_kernel, "_qkv_attention", lambda *a: calls.append(a[-1]) or fused(*a))
     x = jax.random.normal(rng, shape)
     ours, theirs = MultiHeadAttention(num_heads=heads), _flax_mha(num_heads=heads)
     params = theirs.init(jax.random.key(12), x)
@@ -468,8 +469,6 @@ def test_fused_self_attention_equals_the_blocked_kernel(rng):
     """The fused self-attention kernel (d(qkv) emitted in the projection's layout) computes what the blocked kernel
     computes on q, k, v sliced out of it: outputs and gradients, with dropout, a per-row padding mask combined with
     the causal one, and blocks of eight rows."""
-    from seqjax.nn import attention
-
     b, t, n, h = 16, 256, 1, 4
     bb, bq = _block_sizes(b, n, t, t, 2**19)
     assert (bb, bq) == (8, t)
@@ -479,11 +478,11 @@ def test_fused_self_attention_equals_the_blocked_kernel(rng):
     key = jax.random.key(4)
 
     def fused(qkv):
-        return attention._fused_self_attention(qkv, mask, key, 0.2, None, bb)
+        return blocked_kernel._qkv_attention(qkv, mask, key, 0.2, None, bb)
 
     def blocked(qkv):
         hm = jnp.moveaxis(qkv, 1, 3)
-        return attention._run_blocked(hm[:, 0], hm[:, 1], hm[:, 2], mask, 0.2, key, None, 2**19, True)
+        return blocked_kernel._run_blocked(hm[:, 0], hm[:, 1], hm[:, 2], mask, 0.2, key, None, 2**19, True)
 
     for f in (lambda g: jnp.sum(jnp.sin(g(qkv))), lambda g: jax.grad(lambda x: jnp.sum(jnp.sin(g(x))))(qkv)):
         np.testing.assert_allclose(np.asarray(jax.jit(f, static_argnums=0)(fused)),
@@ -498,10 +497,8 @@ def test_batch_sharded_jit_gathers_nothing(several_devices, monkeypatch):
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from seqjax.nn import attention
-
-    monkeypatch.setattr(attention, "_single_device", lambda: not several_devices)
-    monkeypatch.setattr(attention, "_use_native_attention", lambda *a: False)  # the XLA kernel's block policies
+    monkeypatch.setattr(common, "single_device", lambda: not several_devices)
+    monkeypatch.setattr(cpu_attention, "applies", lambda *a: False)  # the blocked kernel's block policies
     mesh = Mesh(np.array(jax.devices()), ("data",))
     x = jax.random.normal(jax.random.key(0), (16, 256, 32))
     assert _block_sizes(16, 2, 256, 256, 2**19) == (4, 256)  # above one block: blocks of 4 rows

@@ -1,4 +1,4 @@
-// The BLAS functions seqjax's CPU kernels call, set by the Python loader (seqjax/nn/_native/__init__.py).
+// The BLAS functions seqjax's CPU kernels call, set by the Python loader (seqjax/kernels/cpu/__init__.py).
 #include "common.h"
 
 namespace seqjax {

@@ -12,8 +12,9 @@ single-threaded within each of the kernel's own threads (`openblas_set_num_threa
 OpenBLAS's pthreads builds that count is process-wide, so a kernel call restores the previous count when it ends).
 
 Nothing depends on it: where there is no compiler or no such OpenBLAS, the build fails, or `SEQJAX_NATIVE=0` is set,
-`available()` is False (`unavailable_reason()` says why) and the layers run their XLA formulation, which computes the
-same function.
+`available()` is False (`unavailable_reason()` says why) and the kernels in JAX ops run instead, which compute the
+same function. This module builds and loads; `ffi.kernel` wraps a custom call; `attention`, `lstm` and `gru` are the
+kernels (each with its `applies`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""seqjax's C++ CPU kernels (seqjax/nn/_native): the attention kernel against a float64 numpy reference and against
+"""seqjax's C++ CPU kernels (seqjax/kernels/cpu): the attention kernel against a float64 numpy reference and against
 autodiff of a plain JAX formulation; the LSTM and GRU kernels against the scanned cells' autodiff, `fused_lstm` /
 `fused_gru` and torch;
 their XLA fallback branches, vmap, gradients of gradients, and the build's side conditions.
@@ -15,7 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.nn import _native, attention, recurrent
+from seqjax.kernels import blocked, common, cpu, fused_gru, fused_lstm
+from seqjax.kernels.cpu import attention as cpu_attention
+from seqjax.kernels.cpu import gru as cpu_gru
+from seqjax.kernels.cpu import lstm as cpu_lstm
+from seqjax.nn import MultiHeadAttention
 from seqjax.nn.attention import causal_mask
 from seqjax.nn.recurrent import RNN, GRUCell, LSTMCell
 from tests.nn.test_attention import np_attention
@@ -23,10 +27,10 @@ from tests.nn.test_attention import np_attention
 
 @pytest.fixture(autouse=True)
 def _kernels():
-    if not _native.available():
+    if not cpu.available():
         if os.environ.get("CI"):
-            pytest.fail(f"CPU kernels unavailable under CI: {_native.unavailable_reason()}")
-        pytest.skip(f"CPU kernels unavailable: {_native.unavailable_reason()}")
+            pytest.fail(f"CPU kernels unavailable under CI: {cpu.unavailable_reason()}")
+        pytest.skip(f"CPU kernels unavailable: {cpu.unavailable_reason()}")
 
 
 B, T, N, H = 3, 150, 2, 8  # T: with a mask the kernel takes queries 64 at a time (two whole blocks and a part)
@@ -65,7 +69,7 @@ def _jax_reference(qkv, mask):
 def test_attention_kernel_matches_references(kind, t):
     qkv, mask = _qkv(0, t), _masks(t)[kind]
     jmask = None if mask is None else jnp.asarray(mask)
-    f = jax.jit(lambda x: attention._native_self_attention(x, jmask, None))
+    f = jax.jit(lambda x: cpu_attention.qkv_attention(x, jmask, None))
     assert "seqjax_attention_forward" in f.lower(qkv).as_text()
     out = f(qkv)
     q, k, v = (np.asarray(qkv[:, :, i], np.float64) for i in range(3))
@@ -75,7 +79,7 @@ def test_attention_kernel_matches_references(kind, t):
     dout = jax.random.normal(jax.random.key(1), out.shape)
     grad = lambda fn: jax.jit(jax.grad(lambda x: jnp.sum(fn(x) * dout)))(qkv)
     ours, theirs = (
-        grad(lambda x: attention._native_self_attention(x, jmask, None)),
+        grad(lambda x: cpu_attention.qkv_attention(x, jmask, None)),
         grad(lambda x: _jax_reference(x, jmask)),
     )
     assert not np.isnan(np.asarray(ours)).any()
@@ -94,7 +98,7 @@ def test_attention_kernel_masked_keys_get_no_gradient():
     """Keys that no query may attend receive exactly zero gradient: the mask truly blocks them."""
     qkv = _qkv(4)
     mask = jnp.asarray(np.arange(T) < 100)[None, None, None, :]  # keys 100.. are padding for every query
-    g = jax.grad(lambda x: jnp.sum(jnp.sin(attention._native_self_attention(x, mask, None))))(qkv)
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(cpu_attention.qkv_attention(x, mask, None))))(qkv)
     np.testing.assert_array_equal(np.asarray(g[:, 100:, 1:]), 0.0)  # dk and dv of the padded keys
     assert np.abs(np.asarray(g[:, :100, 1:])).max() > 0
 
@@ -107,7 +111,7 @@ def test_attention_kernel_gradients_of_gradients():
     def penalty(attend):
         return lambda x: jnp.sum(jnp.square(jax.grad(lambda y: jnp.sum(jnp.sin(attend(y))))(x)))
 
-    ours = jax.jit(jax.grad(penalty(lambda y: attention._native_self_attention(y, mask, None))))(qkv)
+    ours = jax.jit(jax.grad(penalty(lambda y: cpu_attention.qkv_attention(y, mask, None))))(qkv)
     theirs = jax.jit(jax.grad(penalty(lambda y: _jax_reference(y, mask))))(qkv)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=2e-3, atol=2e-4)
     # forward over reverse (Hessian-vector products)
@@ -117,7 +121,7 @@ def test_attention_kernel_gradients_of_gradients():
         grad = jax.grad(lambda y: jnp.sum(jnp.sin(attend(y))))
         return jax.jit(lambda: jax.jvp(grad, (qkv,), (v,))[1])()
 
-    ours = hvp(lambda y: attention._native_self_attention(y, mask, None))
+    ours = hvp(lambda y: cpu_attention.qkv_attention(y, mask, None))
     np.testing.assert_allclose(
         np.asarray(ours), np.asarray(hvp(lambda y: _jax_reference(y, mask))), rtol=2e-3, atol=2e-4
     )
@@ -127,9 +131,9 @@ def test_attention_fallback_branch_is_the_same_function(monkeypatch):
     """Lowered for a platform other than CPU, the forward and backward take the XLA kernel's branch; run here by
     making `platform_dependent` pick that branch, it gives the same output and gradients."""
     qkv, mask = _qkv(5), jnp.asarray(_masks()["per-head"])
-    loss = lambda x: jnp.sum(jnp.sin(attention._native_self_attention(x, mask, None)))
+    loss = lambda x: jnp.sum(jnp.sin(cpu_attention.qkv_attention(x, mask, None)))
     native = jax.value_and_grad(loss)(qkv)
-    monkeypatch.setattr(attention.lax, "platform_dependent", lambda *a, default, **kw: default(*a))
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *a, default, **kw: default(*a))
     fallback = jax.jit(jax.value_and_grad(loss))
     assert "seqjax_attention" not in fallback.lower(qkv).as_text()
     for u, w in zip(native, fallback(qkv), strict=True):
@@ -139,10 +143,10 @@ def test_attention_fallback_branch_is_the_same_function(monkeypatch):
 def test_long_sequences_run_the_kernel_and_match_the_xla_kernel(monkeypatch):
     """Past the XLA kernel's whole-row blocks (T=384 with 4 heads blocks queries there), MultiHeadAttention still
     runs the C++ kernel, up to NATIVE_MAX_LENGTH positions, with the XLA kernel's outputs and gradients."""
-    monkeypatch.setattr(attention, "_single_device", lambda: True)
+    monkeypatch.setattr(common, "single_device", lambda: True)
     x = jax.random.normal(jax.random.key(8), (2, 384, 16))
-    assert attention._block_sizes(2, 4, 384, 384, 2**19)[1] < 384
-    m = attention.MultiHeadAttention(num_heads=4)
+    assert blocked.block_sizes(2, 4, 384, 384, 2**19)[1] < 384
+    m = MultiHeadAttention(num_heads=4)
     params = m.init(jax.random.key(9), x)
     step = lambda: jax.jit(
         jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x, mask=causal_mask(384)))), (0, 1))
@@ -150,21 +154,21 @@ def test_long_sequences_run_the_kernel_and_match_the_xla_kernel(monkeypatch):
     native = step()
     assert "seqjax_attention_backward" in native.lower(params, x).as_text()
     ours = native(params, x)
-    use = attention._use_native_attention
-    monkeypatch.setattr(attention, "_use_native_attention", lambda *a: False)
+    use = cpu_attention.applies
+    monkeypatch.setattr(cpu_attention, "applies", lambda *a: False)
     theirs = step()(params, x)
     for u, w in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
     q = jnp.ones((1, 8, 3, 1, 4))
-    assert use(q, 0.0, attention.NATIVE_MAX_LENGTH)
-    assert not use(q, 0.0, attention.NATIVE_MAX_LENGTH + 1)
+    assert use(q, 0.0, cpu_attention.MAX_LENGTH)
+    assert not use(q, 0.0, cpu_attention.MAX_LENGTH + 1)
     assert not use(q, 0.1, 8)  # dropout: the XLA kernel
     assert not use(q.astype(jnp.bfloat16), 0.0, 8)
 
 
 def test_attention_kernel_under_vmap():
     qkvs, mask = jnp.stack([_qkv(6), _qkv(7)]), jnp.asarray(_masks()["padding"])
-    f = lambda x: attention._native_self_attention(x, mask, None)
+    f = lambda x: cpu_attention.qkv_attention(x, mask, None)
     g = jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))
     batched, batched_grads = jax.vmap(f)(qkvs), jax.vmap(g)(qkvs)
     for i in range(2):
@@ -188,8 +192,8 @@ def test_loading_the_kernels_keeps_subnormal_floats():
     switches the loading thread to flush-to-zero arithmetic (checked by hand: numpy's 1.4e-45 * 1.5 then gives 0)."""
     code = """
 import numpy as np
-from seqjax.nn import _native
-assert _native.available(), _native.unavailable_reason()
+from seqjax.kernels import cpu
+assert cpu.available(), cpu.unavailable_reason()
 tiny = np.finfo(np.float32).smallest_subnormal
 print(np.float32(tiny) * np.float32(1.5) > 0)
 """
@@ -200,8 +204,9 @@ print(np.float32(tiny) * np.float32(1.5) > 0)
 def test_disabled_kernels_fall_back_to_xla():
     code = """
 import jax, jax.numpy as jnp
-from seqjax.nn import _native, MultiHeadAttention
-print(_native.available(), _native.unavailable_reason())
+from seqjax.kernels import cpu
+from seqjax.nn import MultiHeadAttention
+print(cpu.available(), cpu.unavailable_reason())
 x = jnp.ones((4, 256, 16))
 m = MultiHeadAttention(num_heads=4)
 out = m.apply(m.init(jax.random.key(0), x), x)
@@ -228,12 +233,12 @@ print(jax.device_count(), "seqjax_attention" in jax.jit(m.apply).lower(m.init(ja
     assert proc.returncode == 0 and proc.stdout.split() == ["1", "True"], proc.stderr
     assert jax.device_count() == 8
     x = jnp.ones((4, 256, 16))
-    m = attention.MultiHeadAttention(num_heads=4)
+    m = MultiHeadAttention(num_heads=4)
     assert "seqjax_attention" not in jax.jit(m.apply).lower(m.init(jax.random.key(0), x), x).as_text()
 
 
 def test_kernels_build_into_the_cache_folder(tmp_path):
-    proc = _python("from seqjax.nn import _native; print(_native.available())", SEQJAX_CACHE_DIR=str(tmp_path))
+    proc = _python("from seqjax.kernels import cpu; print(cpu.available())", SEQJAX_CACHE_DIR=str(tmp_path))
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # the library, and no leftover build folder
 
@@ -250,8 +255,8 @@ KINDS = ["lstm", "gru"]
 @pytest.fixture
 def one_device(monkeypatch):
     """The suite runs with 8 CPU devices; the layers are run here as a one-device process runs them."""
-    monkeypatch.setattr(recurrent, "_single_device", lambda: True)
-    if not _native.recurrent_vectorised():
+    monkeypatch.setattr(common, "single_device", lambda: True)
+    if not cpu.recurrent_vectorised():
         pytest.skip("the recurrent kernels are built without their AVX2/FMA micro-kernel on this CPU, so unused")
 
 
@@ -269,8 +274,8 @@ def _layer_args(kind, b, t, f, h, seed=0):
 def _layers(kind):
     """(the kernel's custom_vjp, the XLA formulation) of one kind."""
     if kind == "lstm":
-        return recurrent._native_lstm, recurrent.fused_lstm
-    return recurrent._native_gru, recurrent.fused_gru
+        return cpu_lstm.lstm, fused_lstm
+    return cpu_gru.gru, fused_gru
 
 
 def _layer_loss(layer, seed=1):
@@ -382,7 +387,7 @@ def test_recurrent_fallback_branch_is_the_same_function(one_device, monkeypatch,
     args = _layer_args(kind, 7, 5, 4, 20, seed=7)
     step = lambda: jax.jit(jax.value_and_grad(_layer_loss(_layers(kind)[0]), argnums=range(6)))
     native = step()(*args)
-    monkeypatch.setattr(recurrent.lax, "platform_dependent", lambda *a, default, **kw: default(*a))
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *a, default, **kw: default(*a))
     fallback = step()
     assert "seqjax_" not in fallback.lower(*args).as_text()
     for u, w in zip(jax.tree.leaves(native), jax.tree.leaves(fallback(*args)), strict=True):
@@ -410,8 +415,8 @@ def test_recurrent_kernel_is_used_only_where_it_applies(monkeypatch, kind):
     params = rnn.init(jax.random.key(0), x)
     lowered = lambda **kw: jax.jit(lambda p, x: rnn.apply(p, x, **kw)).lower(params, x).as_text()
     assert "seqjax_" not in lowered()  # 8 devices: a batch-sharded jit would gather the batch for the call
-    monkeypatch.setattr(recurrent, "_single_device", lambda: True)
-    assert (f"seqjax_{kind}" in lowered()) == _native.recurrent_vectorised()
+    monkeypatch.setattr(common, "single_device", lambda: True)
+    assert (f"seqjax_{kind}" in lowered()) == cpu.recurrent_vectorised()
     assert "seqjax_" not in lowered(seq_lengths=jnp.array([3, 1]))
     with jax.enable_x64(True):  # float64 runs fused_lstm / fused_gru
         rnn64, x64 = RNN(make(param_dtype=jnp.float64)), jnp.ones((2, 3, 4), jnp.float64)

@@ -1,0 +1,96 @@
+"""What every attention kernel shares: argument checks, the accumulation dtype, flat-batch masks, the device count.
+
+Glossary: B batch (any number of leading dims, B...), Tq / Tk query / key length, N heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+
+def check_shapes(query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None) -> None:
+    """Raises a ValueError naming the shapes unless query is [B..., Tq, N, H], key/value [B..., Tk, N, H] (value's H
+    may differ) and mask / bias broadcast to [B..., N, Tq, Tk] with the same rank."""
+    if query.ndim < 3:
+        raise ValueError(f"query must be [B..., Tq, N, H] (rank >= 3), got shape {query.shape}")
+    if key.ndim != query.ndim or value.ndim != query.ndim:
+        raise ValueError(
+            f"query, key and value must have the same rank; got query {query.shape}, key {key.shape}, "
+            f"value {value.shape}"
+        )
+    if key.shape != value.shape[:-1] + key.shape[-1:] or key.shape[:-3] != query.shape[:-3]:
+        raise ValueError(
+            f"expected query [B..., Tq, N, H] and key/value [B..., Tk, N, H] with equal B..., Tk and N; got query "
+            f"{query.shape}, key {key.shape}, value {value.shape}"
+        )
+    if key.shape[-2] != query.shape[-2]:
+        raise ValueError(f"query and key must have the same number of heads; got {query.shape} and {key.shape}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"query and key must have the same head dim; got {query.shape} and {key.shape}")
+    batch, (tq, n), tk = query.shape[:-3], query.shape[-3:-1], key.shape[-3]
+    full = (*batch, n, tq, tk)
+    for name, m in (("mask", mask), ("bias", bias)):
+        if m is None:
+            continue
+        ok = m.ndim == len(full) and all(a in (1, b) for a, b in zip(m.shape, full, strict=True))
+        if not ok:
+            raise ValueError(
+                f"{name} of shape {m.shape} does not broadcast to [B..., N, Tq, Tk] = {full} (query {query.shape}, "
+                f"key {key.shape})"
+            )
+
+
+def check_mask_dtype(mask: Array | None) -> None:
+    if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
+        raise ValueError(f"mask must be boolean (True = may attend), got dtype {jnp.asarray(mask).dtype}")
+
+
+def prepare(query, key, value, mask, bias, dropout_rate, dropout_rng, deterministic, scale):
+    """The checks and defaults of `scaled_dot_product_attention`'s arguments, shared by every kernel: returns
+    (query, key, value, mask, bias, scale, rate) as arrays, scale defaulting to 1/sqrt(H) and rate 0 unless dropout
+    is on."""
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    mask = None if mask is None else jnp.asarray(mask)
+    bias = None if bias is None else jnp.asarray(bias)
+    check_shapes(query, key, value, mask, bias)
+    check_mask_dtype(mask)
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    use_dropout = dropout_rate > 0.0 and not deterministic
+    if use_dropout and dropout_rng is None:
+        raise ValueError("dropout_rng is required when dropout_rate > 0 and deterministic is False")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    return query, key, value, mask, bias, scale, dropout_rate if use_dropout else 0.0
+
+
+def split_qkv(qkv: Array) -> tuple[Array, Array, Array]:
+    """[B..., T, 3, N, H] → q, k, v, each [B..., T, N, H]."""
+    return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+
+
+def acc_dtype(dtype: Dtype) -> Dtype:
+    """float32 for half-precision inputs (softmax stability), the input's own dtype for float32/float64."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def flat_mask(mask: Array | None, batch: tuple[int, ...]) -> Array | None:
+    """[B..., N|1, Tq|1, Tk] (batch dims possibly 1) → [B|1, N|1, Tq|1, Tk]."""
+    if mask is None:
+        return None
+    if math.prod(mask.shape[:-3]) not in (1, math.prod(batch)):  # batch dims that broadcast only partly
+        mask = jnp.broadcast_to(mask, (*batch, *mask.shape[-3:]))
+    return mask.reshape(-1, *mask.shape[-3:])
+
+
+def single_device() -> bool:
+    """Whether the process has one device. With several, kernels avoid what XLA cannot partition (a custom call, a
+    loop over blocks of a batch-sharded axis), which under a batch-sharded `jit` would gather the batch."""
+    return jax.device_count() == 1

@@ -1,0 +1,67 @@
+"""The reference attention kernel: the textbook softmax(Q Kᵀ · scale + bias) V with autodiff, the definition every
+other kernel is tested against. It stores the [B..., N, Tq, Tk] probabilities for the backward pass, and it is the
+only kernel that takes `bias` and returns the weights (the others hand such calls to it).
+
+Glossary: B batch (B...), Tq / Tk query / key length, N heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqjax.kernels import common
+
+Array = jax.Array
+
+
+def masked_softmax(logits: Array, mask: Array | None) -> Array:
+    """Softmax over the last axis; masked entries get 0 and a fully masked row is all zeros (no NaN)."""
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(logits - m)
+    s = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(s > 0, s, 1.0)
+
+
+def dropout(weights: Array, rate: float, rng: Array) -> Array:
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), jnp.zeros((), weights.dtype))
+
+
+def attention_and_weights(q, k, v, mask, bias, scale, dropout_rate, dropout_rng, precision):
+    """softmax(q kᵀ·scale + bias) v on checked arrays; returns (out [B..., Tq, N, H], weights [B..., N, Tq, Tk])."""
+    acc = common.acc_dtype(q.dtype)
+    logits = jnp.einsum("...qnh,...knh->...nqk", q, k, precision=precision, preferred_element_type=acc)
+    logits = logits * jnp.asarray(scale, acc)
+    if bias is not None:
+        logits = logits + bias.astype(acc)
+    weights = masked_softmax(logits, mask)
+    probs = weights if dropout_rate == 0.0 else dropout(weights, dropout_rate, dropout_rng)
+    out = jnp.einsum("...nqk,...knh->...qnh", probs.astype(v.dtype), v, precision=precision)
+    return out, weights
+
+
+def attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Array | None = None,
+    *,
+    bias: Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+    scale: float | None = None,
+    precision: lax.PrecisionLike = None,
+) -> Array | tuple[Array, Array]:
+    """`seqjax.nn.scaled_dot_product_attention` computed plainly (see there for the arguments)."""
+    q, k, v, mask, bias, scale, rate = common.prepare(
+        query, key, value, mask, bias, dropout_rate, dropout_rng, deterministic, scale
+    )
+    out, weights = attention_and_weights(q, k, v, mask, bias, scale, rate, dropout_rng, precision)
+    return (out, weights) if return_weights else out
