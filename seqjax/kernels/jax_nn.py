@@ -38,7 +38,9 @@ def cudnn_available() -> bool:
     if jax.default_backend() != "gpu":
         return False
     try:
-        return "cuda" in jax.extend.backend.get_backend().platform_version.lower()
+        from jax.extend import backend  # not imported by `import jax`
+
+        return "cuda" in backend.get_backend().platform_version.lower()
     except Exception:  # an unusual plugin: XLA's formulation is always correct
         return False
 

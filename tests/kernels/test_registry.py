@@ -137,3 +137,18 @@ def test_registry_imports_nothing_from_nn():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert not node.module.startswith(("seqjax.nn", "seqjax.models")), path
+
+
+def test_where_cudnn_applies(monkeypatch):
+    """The GPU branch of "auto" takes cuDNN for float16 / bfloat16 with a head dim that is a multiple of 8 up to 128
+    and no bias, on an NVIDIA GPU only (checked here with the GPU pretended)."""
+    from seqjax.kernels import jax_nn
+
+    q = jnp.ones((2, 16, 4, 64), jnp.bfloat16)
+    assert not jax_nn.cudnn_applies(q, q, q, None) or jax.default_backend() == "gpu"
+    monkeypatch.setattr(jax_nn, "cudnn_available", lambda: True)
+    assert jax_nn.cudnn_applies(q, q, q, None)
+    assert not jax_nn.cudnn_applies(q, q, q, jnp.zeros((1, 4, 16, 16)))
+    assert not jax_nn.cudnn_applies(q.astype(jnp.float32), q, q, None)
+    assert not jax_nn.cudnn_applies(q[..., :12], q[..., :12], q[..., :12], None)
+    assert not jax_nn.applies(q, q, q, 0.1, False) and not jax_nn.applies(q, q, q, 0.0, True)
