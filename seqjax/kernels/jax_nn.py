@@ -93,9 +93,12 @@ def attention(
     full = (math.prod(batch), q.shape[-2], q.shape[-3], k.shape[-3])
     m = None if mask is None else jnp.broadcast_to(common.flat_mask(mask, batch), full)
     bi = None if bias is None else jnp.broadcast_to(bias, (*batch, *bias.shape[-3:])).reshape(-1, *bias.shape[-3:])
-    out = jax.nn.dot_product_attention(
-        flat(q), flat(k), flat(v), bias=bi, mask=m, scale=scale, implementation=implementation
-    )
+    # jax.nn promotes half-precision queries with float32 itself, which strict dtype promotion (seqjax's tests, and
+    # users who turn it on) refuses inside jax.
+    with jax.numpy_dtype_promotion("standard"):
+        out = jax.nn.dot_product_attention(
+            flat(q), flat(k), flat(v), bias=bi, mask=m, scale=scale, implementation=implementation
+        )
     if m is not None:  # fully masked rows: zeros, as the other kernels return
         any_valid = jnp.any(m, axis=-1)  # [B, N, Tq]
         out = jnp.where(jnp.swapaxes(any_valid, 1, 2)[..., None], out, jnp.zeros((), out.dtype))

@@ -152,3 +152,15 @@ def test_where_cudnn_applies(monkeypatch):
     assert not jax_nn.cudnn_applies(q.astype(jnp.float32), q, q, None)
     assert not jax_nn.cudnn_applies(q[..., :12], q[..., :12], q[..., :12], None)
     assert not jax_nn.applies(q, q, q, 0.1, False) and not jax_nn.applies(q, q, q, 0.0, True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_half_precision_under_strict_promotion(name):
+    """bfloat16 inputs under the suite's strict dtype promotion (jax.nn promotes inside itself: the kernel allows
+    it there); the result stays bfloat16 and near the float32 reference."""
+    q, k, v, mask = _case(2, 8, 2, 8)
+    half = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    out = scaled_dot_product_attention(*half, mask, implementation=name)
+    assert out.dtype == jnp.bfloat16
+    want = scaled_dot_product_attention(q, k, v, mask, implementation="reference")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), atol=5e-2)
