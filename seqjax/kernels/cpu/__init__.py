@@ -33,6 +33,8 @@ from pathlib import Path
 import jax
 import jaxlib
 
+from .portable import portable_under_export
+
 _log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 _SOURCES = ("blas.cc", "attention.cc", "lstm.cc", "gru.cc")
@@ -78,10 +80,11 @@ def with_derivatives_of(reference):
     """Decorates a custom-call wrapper `call(*args)` that computes what `reference(*args)` computes (in JAX ops),
     giving it the reference's derivatives, since a custom call has none: a `jax.custom_jvp` whose rule is the
     reference's JVP, so that a layer's hand-written backward pass that calls kernels can itself be differentiated in
-    either mode (gradients of gradients, `jax.hessian`). Only derivatives of the call run the reference."""
+    either mode (gradients of gradients, `jax.hessian`). Only derivatives of the call run the reference, and so does
+    a program lowered by `jax.export`, which cannot serialize the custom call (`portable.py`)."""
 
     def wrap(call):
-        f = jax.custom_jvp(call)
+        f = jax.custom_jvp(portable_under_export(call, reference))
         f.defjvp(lambda primals, tangents: jax.jvp(reference, primals, tangents))
         return f
 
