@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from seqjax.training.metrics import Mean, values
+from seqjax.training.metrics import TINY, Mean, values
 
 Array = jax.Array
 
@@ -49,7 +49,7 @@ def _layout(x, labels, weights, chunk_size):
 
 def _scale(weights, normalize):
     """What the summed loss is multiplied by: 1 / the total weight for the mean, 1 for the sum."""
-    return 1.0 / jnp.maximum(weights.sum(), 1e-12) if normalize else jnp.ones((), jnp.float32)
+    return 1.0 / jnp.maximum(weights.sum(), TINY) if normalize else jnp.ones((), jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
