@@ -212,7 +212,8 @@ def main() -> None:
         p.error(f"unknown --part {sorted(parts - {'lm', 'vit', 'decode'})}")
     if args.quick:
         quick = dict(batch=2, length=64, layers=2, width=64, heads=4, vocab=256, vit="Mu/8", vit_batch=4,
-                     image_size=32, classes=10, decode_batch=2, prompt=8, new_tokens=16, steps=2, repeats=1)  # fmt: skip
+                     image_size=32, classes=10, decode_batch=2, prompt=8, new_tokens=16, steps=2,
+                     repeats=1)  # fmt: skip
         vars(args).update(quick)
 
     device = jax.devices()[0]
