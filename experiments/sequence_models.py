@@ -29,14 +29,14 @@ import numpy as np
 from experiments._common import PipelineTask, data_dir, eval_chunks, head, run
 from seqjax.data.builders import build, time_series
 from seqjax.data.pipeline import Pipeline, stack
-from seqjax.nn import GRU, LSTM, SimpleRNN
-from seqjax.nn.sequence import (
+from seqjax.models.classical import (
     AutoregressiveModel,
     LatentAutoregressiveModel,
     MarkovModel,
     NaiveModel,
     predict_ahead,
 )
+from seqjax.nn import GRU, LSTM, SimpleRNN
 
 RECURRENT = ("latent_ar", "rnn", "lstm", "gru")
 

@@ -33,8 +33,8 @@ from seqjax.models import (
     ViTConfig,
     VQVAEConfig,
 )
+from seqjax.models.classical import AutoregressiveModel, LatentAutoregressiveModel, MarkovModel, NaiveModel
 from seqjax.nn import GRU, LSTM, SimpleRNN
-from seqjax.nn.sequence import AutoregressiveModel, LatentAutoregressiveModel, MarkovModel, NaiveModel
 
 _SEQJAX_CALL = re.compile(r"custom_call\s*@seqjax")
 

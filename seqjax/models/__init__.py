@@ -6,6 +6,16 @@ from typing import Any
 
 import flax.linen as nn
 
+from seqjax.models.classical import (
+    AutoregressiveModel,
+    LatentAutoregressiveModel,
+    MarkovModel,
+    NaiveModel,
+    markov_fit,
+    markov_log_likelihood,
+    markov_sample,
+    predict_ahead,
+)
 from seqjax.models.image_decoder import ImageDecoderConfig, ImageTokenDecoder
 from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig
 from seqjax.models.transformer import (
@@ -45,12 +55,16 @@ def get_model(name: str, config: Any) -> nn.Module:
 __all__ = [
     "MODELS",
     "VQVAE",
+    "AutoregressiveModel",
     "DecoderBlock",
     "DecoderLM",
     "Encoder",
     "EncoderBlock",
     "ImageDecoderConfig",
     "ImageTokenDecoder",
+    "LatentAutoregressiveModel",
+    "MarkovModel",
+    "NaiveModel",
     "RecurrentLM",
     "RecurrentLMConfig",
     "Transformer",
@@ -59,6 +73,10 @@ __all__ = [
     "ViT",
     "ViTConfig",
     "get_model",
+    "markov_fit",
+    "markov_log_likelihood",
+    "markov_sample",
+    "predict_ahead",
     "stack_layers",
     "unstack_layers",
     "vit_config",

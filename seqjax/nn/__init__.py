@@ -1,4 +1,4 @@
-"""Layers for research code: attention, position encodings, feed-forward blocks."""
+"""Layers for research code: attention, position encodings, feed-forward blocks, recurrent cells and layers."""
 
 from seqjax.nn.attention import (
     MultiHeadAttention,
@@ -28,43 +28,25 @@ from seqjax.nn.recurrent import (
     SimpleRNNCell,
     flip_sequences,
 )
-from seqjax.nn.sequence import (
-    AutoregressiveModel,
-    LatentAutoregressiveModel,
-    MarkovModel,
-    NaiveModel,
-    markov_fit,
-    markov_log_likelihood,
-    markov_sample,
-    predict_ahead,
-)
 
 __all__ = [
     "GRU",
     "LSTM",
     "RNN",
     "AddSinusoidalPositions",
-    "AutoregressiveModel",
     "Bidirectional",
     "GRUCell",
     "LSTMCell",
-    "LatentAutoregressiveModel",
     "LearnedPositionEmbedding",
-    "MarkovModel",
     "MlpBlock",
     "MultiHeadAttention",
-    "NaiveModel",
     "SimpleRNN",
     "SimpleRNNCell",
     "apply_rotary",
     "causal_mask",
     "combine_masks",
     "flip_sequences",
-    "markov_fit",
-    "markov_log_likelihood",
-    "markov_sample",
     "padding_mask",
-    "predict_ahead",
     "rotary_frequencies",
     "scaled_dot_product_attention",
     "sinusoidal_embedding",

@@ -6,8 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from seqjax.nn.recurrent import LSTMCell
-from seqjax.nn.sequence import (
+from seqjax.models.classical import (
     AutoregressiveModel,
     LatentAutoregressiveModel,
     MarkovModel,
@@ -17,6 +16,7 @@ from seqjax.nn.sequence import (
     markov_sample,
     predict_ahead,
 )
+from seqjax.nn.recurrent import LSTMCell
 
 
 def test_markov_mle_and_log_likelihood_match_hand_counts():
