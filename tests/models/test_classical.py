@@ -1,4 +1,5 @@
-"""Classical sequence models: the Markov chain against hand counts; every model learns a noisy sine."""
+"""Classical sequence models: the Markov chain against hand counts; every model learns a noisy series, beating
+the trivial predictors by a margin; k-step forecasts feed the model its own predictions."""
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +68,22 @@ def noisy_logistic_map(batch, length, seed):
     return x.astype(np.float32)
 
 
+def trivial_baselines(train, test, start):
+    """Test MSE of predicting x_t (t >= start) by the last value, the training mean and a linear AR(1) fitted to
+    the training series by least squares: what a model must beat by a margin before it has learned anything."""
+    target, prev = test[:, start:], test[:, start - 1 : -1]
+    slope, intercept = np.polyfit(train[:, start - 1 : -1].ravel(), train[:, start:].ravel(), 1)
+    return {
+        "last value": float(np.mean(np.square(prev - target))),
+        "training mean": float(np.mean(np.square(train[:, start:].mean() - target))),
+        "linear AR(1)": float(np.mean(np.square(slope * prev + intercept - target))),
+    }
+
+
 # A sine is not first-order Markov in its value (rising and falling pass through the same values), so the Markov
-# model is held to a series that is; the others learn the noisy sine.
+# model is held to a series that is; the others learn the noisy sine. Measured test MSEs (sine: last value 0.017,
+# mean 0.51, AR(1) 0.017; the models 0.004-0.006. Logistic map: last value 0.17, mean 0.045, AR(1) 0.0116; Markov
+# 0.001), so half the best baseline leaves each model a margin and fails any that has not learned the series.
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_each_model_learns_a_noisy_series(name):
     model = MODELS[name]()
@@ -89,12 +104,22 @@ def test_each_model_learns_a_noisy_series(name):
         for _ in range(400):
             params, opt = step(params, opt, jnp.asarray(train))
         mse = float(loss(params, jnp.asarray(test)))
-    last_value = float(np.mean(np.square(test[:, 3:-1] - test[:, 4:])))  # predict x_t = x_{t-1}
-    assert mse < 0.6 * last_value, (mse, last_value)
-    ahead = predict_ahead(model, params, jnp.asarray(test[:, :16]), k=5)
-    assert ahead.shape == (64, 5) and np.isfinite(np.asarray(ahead)).all()
-    # The first forecast step is a one-step prediction: close to the truth.
-    assert float(np.mean(np.abs(np.asarray(ahead[:, 0]) - test[:, 16]))) < 0.2
+    baselines = trivial_baselines(train, test, 4)
+    assert mse < 0.5 * min(baselines.values()), (mse, baselines)
+
+    prefix, k = test[:, :16], 5
+    ahead = np.asarray(predict_ahead(model, params, jnp.asarray(prefix), k=k))
+    assert ahead.shape == (64, k)
+    # Step j is the model applied to the prefix followed by its own j earlier forecasts (and a slot for step j).
+    for j in range(k):
+        fed = jnp.asarray(np.concatenate([prefix, ahead[:, :j], np.zeros((64, 1), np.float32)], axis=1))
+        np.testing.assert_allclose(ahead[:, j], np.asarray(model.apply(params, fed))[:, -1], rtol=1e-5, atol=1e-6)
+    # The first step is a one-step forecast: it beats the trivial forecasts of x_16 (measured: 0.03-0.06 against
+    # 0.08-0.11 for the best of them).
+    slope, intercept = np.polyfit(train[:, 3:-1].ravel(), train[:, 4:].ravel(), 1)
+    trivial = [prefix[:, -1], np.full(64, train[:, 4:].mean()), slope * prefix[:, -1] + intercept]
+    trivial_mae = min(float(np.mean(np.abs(f - test[:, 16]))) for f in trivial)
+    assert float(np.mean(np.abs(ahead[:, 0] - test[:, 16]))) < 0.7 * trivial_mae, trivial_mae
 
 
 def test_models_see_only_the_past():
