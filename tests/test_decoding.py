@@ -97,7 +97,7 @@ def test_beam_search_with_eos_matches_brute_force(rng):
     np.testing.assert_allclose(scores[0, 0], ranked[0][1], rtol=1e-5)
 
 
-def test_beam_one_equals_greedy_and_state_is_reordered(rng):
+def test_beam_one_equals_greedy(rng):
     state = _bigram(rng)
     prompt = jnp.array([[1, 2], [0, 4], [3, 3]])
     greedy = decoding.greedy(bigram_step, state, prompt, 7, eos_id=1)
@@ -107,6 +107,83 @@ def test_beam_one_equals_greedy_and_state_is_reordered(rng):
         bigram_step, state, prompt, 7, beam_size=1, eos_id=1, alpha=0.0, batch_axes=bigram_batch_axes
     )
     np.testing.assert_array_equal(beam[:, 0], greedy)
+
+
+def trigram_step(state, tokens):
+    """Next-token logits `table[x_{t-1}, x_t]`, where x_{t-1} of the first token read comes from the state
+    (`prev` [B]): the model's output depends on its state, so a beam given another beam's state scores wrong."""
+    history = jnp.concatenate([state["prev"][:, None], tokens], axis=1)  # [B, T + 1]
+    logits = state["table"][history[:, :-1], history[:, 1:]]  # [B, T, V]
+    return logits, {"table": state["table"], "prev": tokens[:, -1]}
+
+
+def trigram_batch_axes(state):
+    return {"table": None, "prev": 0}
+
+
+def _trigram_log_prob(table, context, seq):
+    logp = np.asarray(jax.nn.log_softmax(table, axis=-1))
+    (a, b), total = context, 0.0
+    for tok in seq:
+        total += logp[a, b, tok]
+        a, b = b, tok
+    return total
+
+
+def test_beam_search_reorders_the_state(rng):
+    """Beams are chosen from different parents at every step; each keeps its parent's state. With a model whose
+    logits depend on that state, every returned beam's score is its own sequence's exact log-probability, and a
+    beam wide enough to keep every prefix finds the brute-force best sequences."""
+    table = 2.0 * jax.random.normal(rng, (V, V, V))
+    prompt = jnp.array([[1, 2], [0, 4], [3, 3]])
+    state = {"table": table, "prev": jnp.zeros((3,), prompt.dtype)}
+    np_table = np.asarray(table)
+    tokens, scores = decoding.beam_search(
+        trigram_step, state, prompt, 5, beam_size=4, alpha=0.0, batch_axes=trigram_batch_axes
+    )
+    for b in range(3):
+        context = tuple(int(t) for t in prompt[b])
+        for j in range(4):
+            seq = [int(t) for t in tokens[b, j]]
+            np.testing.assert_allclose(scores[b, j], _trigram_log_prob(np_table, context, seq), rtol=1e-5)
+    n = 3
+    tokens, scores = decoding.beam_search(
+        trigram_step, state, prompt, n, beam_size=V ** (n - 1), alpha=0.0, batch_axes=trigram_batch_axes
+    )
+    for b in range(3):
+        context = tuple(int(t) for t in prompt[b])
+        ranked = sorted(
+            itertools.product(range(V), repeat=n), key=lambda seq: -_trigram_log_prob(np_table, context, seq)
+        )
+        best = [_trigram_log_prob(np_table, context, seq) for seq in ranked[: V ** (n - 1)]]
+        np.testing.assert_allclose(scores[b], best, rtol=1e-5)
+        assert [int(t) for t in tokens[b, 0]] == list(ranked[0])
+
+
+def fixed_logits_step(state, tokens):
+    """The same logits `state` [V] after any tokens."""
+    return jnp.broadcast_to(state, (*tokens.shape, state.shape[-1])), state
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_sample_draws_from_softmax_over_temperature(temperature, top_k):
+    """20k one-step draws against softmax(logits / T) (restricted to the top k and renormalised), each token's
+    frequency within 5 standard errors of its probability; tokens outside the top k never drawn."""
+    logits = jnp.array([1.5, -0.5, 0.8, 0.0, -1.2, 0.3], jnp.float32)
+    n = 20_000
+    out = decoding.sample(
+        fixed_logits_step, logits, jnp.zeros((n, 1), jnp.int32), jax.random.key(3), 1, temperature=temperature,
+        top_k=top_k,
+    )  # fmt: skip
+    counts = np.bincount(np.asarray(out[:, 0]), minlength=logits.shape[0])
+    scaled = np.asarray(logits, np.float64) / temperature
+    if top_k is not None:
+        scaled = np.where(scaled >= np.sort(scaled)[-top_k], scaled, -np.inf)
+    probs = np.exp(scaled - scaled.max()) / np.exp(scaled - scaled.max()).sum()
+    assert np.all(counts[probs == 0] == 0), counts
+    sigma = np.sqrt(probs * (1 - probs) / n)
+    np.testing.assert_array_less(np.abs(counts / n - probs), 5 * sigma + 1e-12, err_msg=f"{counts / n} vs {probs}")
 
 
 def test_filter_logits_against_numpy(rng):
