@@ -234,7 +234,8 @@ def test_bfloat16_compute_keeps_float32_logits(rng):
     logits = model.apply({"params": params}, tokens)
     assert logits.dtype == jnp.float32
     ref = DecoderLM(cfg.replace(dtype=jnp.float32)).apply({"params": params}, tokens)
-    np.testing.assert_allclose(logits, ref, atol=0.15)
+    # Measured: 0.018 at most (logits up to 4); 3x that, so bfloat16 where float32 is promised fails.
+    np.testing.assert_allclose(logits, ref, atol=0.055, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -346,7 +346,8 @@ def test_mha_dtypes(rng):
     out = m.apply(params, x)
     assert out.dtype == jnp.bfloat16
     ref = MultiHeadAttention(num_heads=2).apply(params, x)
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=0.05, rtol=0.05)
+    # Measured: 0.006 at most (outputs up to 0.7); 3x that.
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=0.018, rtol=0)
 
 
 def test_mha_float64_gradients(x64):
