@@ -231,6 +231,23 @@ def test_dropout(rng):
         scaled_dot_product_attention(q, k, v, **kw)
 
 
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_dropout_at_rate_0_2_drops_a_fifth_and_scales_survivors(impl):
+    """At rate 0.5 keep and drop (and 1/p and 1/(1-p)) coincide; at 0.2 they do not. One-hot values make the
+    output the dropped weights themselves: about 20% zeros (within 5 standard errors), survivors w / 0.8."""
+    b, t, n = 4, 16, 2
+    q, k, _ = qkv(19, b, t, t, n, 4)
+    v = np.broadcast_to(np.eye(t, dtype=np.float32)[None, :, None, :], (b, t, n, t))  # value j = e_j
+    call = lambda **kw: np.asarray(
+        scaled_dot_product_attention(q, k, v, implementation=impl, block_elements=128, **kw)
+    )  # [B, Tq, N, Tk]
+    weights = call()
+    out = call(dropout_rate=0.2, dropout_rng=jax.random.key(20), deterministic=False)
+    dropped = out == 0.0
+    assert abs(dropped.mean() - 0.2) < 5 * np.sqrt(0.2 * 0.8 / out.size), dropped.mean()
+    np.testing.assert_allclose(out[~dropped], weights[~dropped] / 0.8, rtol=1e-5)
+
+
 def test_dropout_gradients_match_their_forward(rng, x64):
     """The blocked kernel regenerates the dropout mask in its backward pass; check it is the forward's mask."""
     q, k, v = qkv(17, 2, 5, 5, 2, 3, np.float64)
@@ -335,6 +352,8 @@ def test_mha_dropout_needs_rng_and_is_off_when_deterministic(rng):
     base = m.apply(params, x)
     a = m.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(6)})
     assert not np.allclose(np.asarray(a), np.asarray(base))
+    with pytest.raises(Exception, match='needs PRNG for "dropout"'):  # flax.errors.InvalidRngError
+        m.apply(params, x, deterministic=False)
     np.testing.assert_array_equal(np.asarray(base), np.asarray(m.apply(params, x, deterministic=True)))
 
 
