@@ -2,7 +2,6 @@
 
 import glob
 import os
-import time
 
 import numpy as np
 import pytest
@@ -34,9 +33,7 @@ def _shards(path):
 @pytest.mark.parametrize("task", seq_tasks.TASKS)
 def test_builds_offline_and_targets_follow_the_rule(tmp_path, task):
     cfg = config(task, num_train=64, num_test=16, min_len=5, max_len=9, vocab_size=7)
-    t0 = time.perf_counter()
-    builder = build("seq_tasks", str(tmp_path), cfg)
-    assert time.perf_counter() - t0 < 20
+    builder = build("seq_tasks", str(tmp_path), cfg)  # how long it takes: benchmarks/input.py --parts builds
     source = builder.as_data_source()
     assert len(source["train"]) == 64 and len(source["test"]) == 16
     vocab = seq_tasks.vocabulary(cfg)

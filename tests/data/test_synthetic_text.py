@@ -6,7 +6,6 @@ import glob
 import itertools
 import os
 import re
-import time
 
 import numpy as np
 import pytest
@@ -59,9 +58,7 @@ def test_grammar_is_plain_data_and_the_lexicon_is_small_and_disjoint():
 
 
 def test_builds_offline_and_every_sentence_parses(tmp_path):
-    t0 = time.perf_counter()
-    builder = build("synthetic_text", str(tmp_path), _config())
-    assert time.perf_counter() - t0 < 20
+    builder = build("synthetic_text", str(tmp_path), _config())  # how long: benchmarks/input.py --parts builds
     source = builder.as_data_source()
     assert len(source["train"]) == 128 and len(source["test"]) == 16
     texts = []

@@ -3,7 +3,6 @@ reproduce each series, AR coefficients recovered by least squares, FFT frequenci
 
 import glob
 import os
-import time
 
 import numpy as np
 import pytest
@@ -46,9 +45,7 @@ def test_the_registered_configs():
 @pytest.mark.parametrize("kind", ts.KINDS)
 def test_builds_offline_with_the_documented_features(tmp_path, kind):
     cfg = _config(kind, length=96)
-    t0 = time.perf_counter()
-    builder = build("time_series", str(tmp_path), cfg)
-    assert time.perf_counter() - t0 < 20
+    builder = build("time_series", str(tmp_path), cfg)  # how long it takes: benchmarks/input.py --parts builds
     source = builder.as_data_source()
     assert len(source["train"]) == 64 and len(source["test"]) == 8
     for ex in _all(source) + _all(source, "test"):
