@@ -120,9 +120,23 @@ def test_hparam_reads_the_traced_value_inside_the_block():
 
 
 def test_a_diverging_trial_stops_alone(tmp_path):
-    configs = [_config(), _config(seed=1, nan_at_step=4)]  # trial 1's fourth batch holds NaN targets
+    """Trial 1's eighth batch holds NaN targets: it stops there (metrics up to step 7, its step-6 checkpoint, no
+    summary), exactly as a separate run of its config stops, while trial 0 trains on as a separate run does."""
+    configs = [_config(learning_rate=1e-2), _config(seed=1, nan_at_step=8)]
     dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
     summaries = train_and_evaluate_many(configs, dirs, [ToyTask(c) for c in configs])
     assert "error" not in summaries[0] and summaries[0]["step"] == 12
-    assert "train_loss is" in summaries[1]["error"]
+    assert "train_loss is nan at step 8" in summaries[1]["error"]
     assert not os.path.exists(os.path.join(dirs[1], "summary.json"))
+    refs = [str(tmp_path / "ref_a"), str(tmp_path / "ref_b")]
+    want = train_and_evaluate(configs[0], refs[0], ToyTask(configs[0]))
+    with pytest.raises(FloatingPointError, match="at step 8"):
+        train_and_evaluate(configs[1], refs[1], ToyTask(configs[1]))
+    saved = lambda workdir: sorted(Checkpointer(os.path.join(workdir, "checkpoints")).all_steps())
+    for d, ref in zip(dirs, refs, strict=True):
+        assert sorted(read_metrics(d)) == sorted(read_metrics(ref))  # the logged steps: 1-12, and 1-7
+        for key in ("train_loss", "eval_loss", "learning_rate"):
+            np.testing.assert_allclose(_curve(d, key), _curve(ref, key), rtol=1e-6)
+        assert saved(d) == saved(ref)
+    assert sorted(read_metrics(dirs[1])) == list(range(1, 8)) and saved(dirs[1]) == [6]
+    np.testing.assert_allclose(summaries[0]["w1_norm"], want["w1_norm"], rtol=1e-6)
