@@ -139,3 +139,11 @@ def test_bad_inputs():
         MarkovModel().init(jax.random.key(0), jnp.zeros((2, 9, 1)))
     with pytest.raises(ValueError, match="tau"):
         AutoregressiveModel(tau=0).init(jax.random.key(0), jnp.zeros((2, 9)))
+
+
+def test_the_old_module_name_is_an_alias():
+    from seqjax.models import classical
+    from seqjax.nn import sequence
+
+    assert sequence.MarkovModel is MarkovModel and sequence.predict_ahead is predict_ahead
+    assert {n for n in dir(sequence) if not n.startswith("_")} == set(classical.__all__)
