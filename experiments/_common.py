@@ -1,5 +1,5 @@
-"""What every experiment entry point shares: the command line, the shared config fields, the data directory, and
-a task base that reads batches through `seqjax.data.Pipeline`.
+"""What every experiment entry point shares: the command line, the shared config fields, and a task base that reads
+batches through `seqjax.data.Pipeline` (the data helpers they share are in `seqjax.data.sources`).
 
 An experiment module defines a task class (see `seqjax.training.loop`), `TASK` (that class), `CONFIG` (its default
 config file, in experiments/configs) and a `main()` that calls `run(TASK, CONFIG)`; `python -m experiments.NAME
@@ -42,19 +42,6 @@ def base_config(**fields: Any) -> ml_collections.ConfigDict:
     c.data_dir = ""  # TFDS data directory; "": TFDS's default (~/tensorflow_datasets)
     c.update(fields)
     return c
-
-
-def data_dir(config: Any) -> str:
-    import tensorflow_datasets as tfds
-
-    return os.path.expanduser(config.get("data_dir") or tfds.core.constants.DATA_DIR)
-
-
-def head(source: Any, n: int | None = None) -> list:
-    """The first `n` examples of a random-access source (all of them when None), in one read."""
-    from seqjax.data.pipeline import read_many
-
-    return read_many(source, list(range(len(source) if n is None else min(n, len(source)))))
 
 
 def eval_chunks(test: dict, n: int) -> list[dict]:
