@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -31,7 +32,7 @@ def base_config(**fields: Any) -> ml_collections.ConfigDict:
     c.log_every_steps = 50  # metrics.jsonl, TensorBoard and the console
     c.eval_every_steps = 250  # 0: only at the end
     c.checkpoint_every_steps = 250  # Orbax; a final one is always written
-    c.max_checkpoints_to_keep = 2
+    c.max_checkpoints_to_keep = config_dict.placeholder(int)  # None: Checkpointer's default
     c.learning_rate = 1e-3
     c.optimizer = "adamw"
     c.schedule = "cosine"
@@ -93,24 +94,17 @@ def _train(task_cls: type) -> None:
 
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    import jax
-
     from seqjax.errors import ConfigError
-    from seqjax.training import train_and_evaluate, validate_config
-    from seqjax.training.parallel import Parallel, initialize_distributed
-    from seqjax.training.workdir import workdir_lock
+    from seqjax.training import train_and_evaluate
 
     config, workdir = flags.FLAGS.config, os.path.abspath(flags.FLAGS.workdir)
+    if "workdir" in inspect.signature(task_cls).parameters:  # tasks that train stages of their own in the workdir
+        build = lambda: task_cls(config, workdir=workdir)
+    else:
+        build = lambda: task_cls(config)
     try:
-        validate_config(config)
-        initialize_distributed(config)
-        Parallel.from_config(config).check_batch_size(config.batch_size)
-        # One writer per workdir, taken before the task is built: tasks with stages of their own train them into
-        # WORKDIR/<stage> before the main loop. train_and_evaluate takes it again (re-entrant).
-        with workdir_lock(workdir, enabled=jax.process_index() == 0):
-            wants_workdir = "workdir" in inspect.signature(task_cls).parameters
-            task = task_cls(config, workdir=workdir) if wants_workdir else task_cls(config)
-            summary = train_and_evaluate(config, workdir, task)
+        # The loop checks the config, starts JAX's distributed runtime and locks the workdir, then builds the task.
+        summary = train_and_evaluate(config, workdir, build)
     except ConfigError as e:
         exit_with_error(e)
     print(json.dumps(_jsonable(summary), indent=2))
