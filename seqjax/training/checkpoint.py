@@ -271,7 +271,8 @@ class Checkpointer:
             options["max_to_keep"] = config.max_checkpoints_to_keep
         if config.get("keep_best_metric"):
             options["best_metric"] = config.keep_best_metric
-            options["best_mode"] = config.get("keep_best_mode", "min")
+            if config.get("keep_best_mode"):
+                options["best_mode"] = config.keep_best_mode
         return cls(directory, **options)
 
     def latest_step(self) -> int | None:
