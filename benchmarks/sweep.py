@@ -60,8 +60,8 @@ def main():
         sweep_file = os.path.join(tmp, "lrs.py")
         with open(sweep_file, "w") as f:
             f.write(
-                "from seqjax.training import sweep\n\n\ndef get_sweep():\n"
-                f"    return sweep.Sweep(sweep.grid('learning_rate', {lrs}), metric='exact_match_greedy', mode='max',"
+                "from seqjax import sweeps\n\n\ndef get_sweep():\n"
+                f"    return sweeps.Sweep(sweeps.grid('learning_rate', {lrs}), metric='exact_match_greedy', mode='max',"
                 f" fixed={fixed!r})\n"
             )
         flags = [f"--config.{k}={v}" for k, v in fixed.items()]

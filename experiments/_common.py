@@ -1,5 +1,5 @@
-"""What every experiment entry point shares: the command line, the shared config fields, the data directory, and
-a task base that reads batches through `seqjax.data.Pipeline`.
+"""What every experiment entry point shares: the command line, the shared config fields, and a task base that reads
+batches through `seqjax.data.Pipeline` (the data helpers they share are in `seqjax.data.sources`).
 
 An experiment module defines a task class (see `seqjax.training.loop`), `TASK` (that class), `CONFIG` (its default
 config file, in experiments/configs) and a `main()` that calls `run(TASK, CONFIG)`; `python -m experiments.NAME
@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -31,7 +32,7 @@ def base_config(**fields: Any) -> ml_collections.ConfigDict:
     c.log_every_steps = 50  # metrics.jsonl, TensorBoard and the console
     c.eval_every_steps = 250  # 0: only at the end
     c.checkpoint_every_steps = 250  # Orbax; a final one is always written
-    c.max_checkpoints_to_keep = 2
+    c.max_checkpoints_to_keep = config_dict.placeholder(int)  # None: Checkpointer's default
     c.learning_rate = 1e-3
     c.optimizer = "adamw"
     c.schedule = "cosine"
@@ -42,19 +43,6 @@ def base_config(**fields: Any) -> ml_collections.ConfigDict:
     c.data_dir = ""  # TFDS data directory; "": TFDS's default (~/tensorflow_datasets)
     c.update(fields)
     return c
-
-
-def data_dir(config: Any) -> str:
-    import tensorflow_datasets as tfds
-
-    return os.path.expanduser(config.get("data_dir") or tfds.core.constants.DATA_DIR)
-
-
-def head(source: Any, n: int | None = None) -> list:
-    """The first `n` examples of a random-access source (all of them when None), in one read."""
-    from seqjax.data.pipeline import read_many
-
-    return read_many(source, list(range(len(source) if n is None else min(n, len(source)))))
 
 
 def eval_chunks(test: dict, n: int) -> list[dict]:
@@ -106,24 +94,17 @@ def _train(task_cls: type) -> None:
 
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    import jax
-
     from seqjax.errors import ConfigError
-    from seqjax.training import train_and_evaluate, validate_config
-    from seqjax.training.parallel import Parallel, initialize_distributed
-    from seqjax.training.workdir import workdir_lock
+    from seqjax.training import train_and_evaluate
 
     config, workdir = flags.FLAGS.config, os.path.abspath(flags.FLAGS.workdir)
+    if "workdir" in inspect.signature(task_cls).parameters:  # tasks that train stages of their own in the workdir
+        build = lambda: task_cls(config, workdir=workdir)
+    else:
+        build = lambda: task_cls(config)
     try:
-        validate_config(config)
-        initialize_distributed(config)
-        Parallel.from_config(config).check_batch_size(config.batch_size)
-        # One writer per workdir, taken before the task is built: tasks with stages of their own train them into
-        # WORKDIR/<stage> before the main loop. train_and_evaluate takes it again (re-entrant).
-        with workdir_lock(workdir, enabled=jax.process_index() == 0):
-            wants_workdir = "workdir" in inspect.signature(task_cls).parameters
-            task = task_cls(config, workdir=workdir) if wants_workdir else task_cls(config)
-            summary = train_and_evaluate(config, workdir, task)
+        # The loop checks the config, starts JAX's distributed runtime and locks the workdir, then builds the task.
+        summary = train_and_evaluate(config, workdir, build)
     except ConfigError as e:
         exit_with_error(e)
     print(json.dumps(_jsonable(summary), indent=2))

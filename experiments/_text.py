@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, data_dir, head
+from experiments._common import PipelineTask
 from seqjax import decoding
 from seqjax.data import datasets
 from seqjax.data.builders import build, synthetic_text
 from seqjax.data.pipeline import Mapped, Pipeline, pad, stack
+from seqjax.data.sources import data_dir, head
 from seqjax.data.tokenizers import BOS, EOS, PAD, CharTokenizer, WordTokenizer
 from seqjax.errors import ConfigError
 from seqjax.training import cross_entropy

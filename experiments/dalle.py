@@ -27,12 +27,13 @@ import numpy as np
 
 from experiments import vit as vit_experiment
 from experiments import vqvae as vqvae_experiment
-from experiments._common import PipelineTask, head, run
+from experiments._common import PipelineTask, run
 from experiments.configs import vit as vit_configs
 from experiments.configs import vqvae as vqvae_configs
 from seqjax import decoding
 from seqjax.data.builders import captioned_shapes
 from seqjax.data.pipeline import Pipeline, pad, stack
+from seqjax.data.sources import captioned_shapes_sources, head, images_to_float
 from seqjax.data.tokenizers import WordTokenizer
 from seqjax.models.image_decoder import ImageDecoderConfig, ImageTokenDecoder, image_prompt, image_state, image_step
 from seqjax.plotting import plot_image_grid
@@ -88,7 +89,7 @@ class DalleTask(PipelineTask):
             self.judge_task, self.judge = train_stage(
                 _stage_config(vit_configs, config.classifier, config), judge_dir, vit_experiment.ViTTask
             )
-        sources = vit_experiment.captioned_shapes_sources(config)
+        sources = captioned_shapes_sources(config)
         train = head(sources["train"])
         self.tokenizer = WordTokenizer.fit([ex["caption"] for ex in train])
         self.tokens = self._tokenize(train, os.path.join(workdir, "tokens.npz"))
@@ -112,7 +113,7 @@ class DalleTask(PipelineTask):
         test = head(sources["test"], config.num_eval_examples)
         self.test_captions = [_text(ex["caption"]) for ex in test]
         self.test_shapes = np.array([int(ex["shape"]) for ex in test])
-        self.test_images = vit_experiment.images_to_float(np.stack([ex["image"] for ex in test]))
+        self.test_images = images_to_float(np.stack([ex["image"] for ex in test]))
 
     def _encode_text(self, captions) -> np.ndarray:
         return pad([self.tokenizer.encode(c) for c in captions], self.config.text_len)
@@ -124,9 +125,7 @@ class DalleTask(PipelineTask):
                 return {k: f[k] for k in f.files}
         vq_params, vq_state = self.vq
         encode = jax.jit(
-            lambda x: self.vq_task.model.apply(
-                {"params": vq_params, **vq_state}, vit_experiment.images_to_float(x), method="encode"
-            )
+            lambda x: self.vq_task.model.apply({"params": vq_params, **vq_state}, images_to_float(x), method="encode")
         )
         images = np.stack([ex["image"] for ex in examples])
         codes = np.concatenate([np.asarray(encode(images[i : i + 500])) for i in range(0, len(images), 500)])

@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, data_dir, dropout_kwargs, head, run
+from experiments._common import PipelineTask, dropout_kwargs, run
 from seqjax import decoding
 from seqjax.data import datasets
 from seqjax.data.builders import build, seq_tasks
 from seqjax.data.pipeline import Pipeline, Seq2SeqCollate
+from seqjax.data.sources import data_dir, head
 from seqjax.data.tokenizers import BOS, EOS
 from seqjax.models import Transformer, TransformerConfig
 from seqjax.plotting import attention_weights, plot_attention

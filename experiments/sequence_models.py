@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, data_dir, eval_chunks, head, run
+from experiments._common import PipelineTask, eval_chunks, run
 from seqjax.data.builders import build, time_series
 from seqjax.data.pipeline import Pipeline, stack
+from seqjax.data.sources import data_dir, head
 from seqjax.models.classical import (
     AutoregressiveModel,
     LatentAutoregressiveModel,

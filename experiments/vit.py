@@ -16,49 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, data_dir, dropout_kwargs, head, run
-from seqjax.data import datasets
-from seqjax.data.builders import build, captioned_shapes
+from experiments._common import PipelineTask, dropout_kwargs, run
 from seqjax.data.pipeline import Mapped, Pipeline, stack
-from seqjax.errors import ConfigError
+from seqjax.data.sources import head, image_sources, images_to_float
 from seqjax.models.vit import ViT, attention_rollout, vit_config
 from seqjax.plotting import attention_weights, plot_rollout
 from seqjax.training import cross_entropy
-
-DATASETS = ("captioned_shapes", *datasets.IMAGE_DATASETS)
-CAPTIONED_SHAPES_TEST = 2000
-
-
-def image_sources(config):
-    """(train, test, class names, image shape) for `config.dataset`; examples {"image" uint8, "label" int32}."""
-    if config.dataset not in DATASETS:
-        raise ConfigError("dataset", f"{config.dataset!r} is unknown (one of {', '.join(DATASETS)})")
-    if config.dataset == "captioned_shapes":
-        sources = captioned_shapes_sources(config)
-        pick = lambda ex: {"image": ex["image"], "label": np.int32(ex["shape"])}
-        train, test = Mapped(sources["train"], pick), Mapped(sources["test"], pick)
-        names, shape = list(captioned_shapes.SHAPES), (32, 32, 3)
-    else:
-        train, names = datasets.image_classes(config.dataset, "train", data_dir=data_dir(config))
-        test, _ = datasets.image_classes(config.dataset, "test", data_dir=data_dir(config))
-        shape = (32, 32, 3) if config.dataset == "cifar10" else (28, 28, 1)
-    return train, test, names, shape
-
-
-def captioned_shapes_sources(config) -> dict:
-    """The captioned_shapes splits every image experiment shares: `num_train_examples` training images and a fixed
-    test split of 2000 (experiments evaluate on its first `num_eval_examples`), from `data_seed`."""
-    data = captioned_shapes.CaptionedShapesConfig(
-        name=f"n{config.num_train_examples}-s{config.data_seed}",
-        num_train=config.num_train_examples,
-        num_test=CAPTIONED_SHAPES_TEST,
-        seed=config.data_seed,
-    )
-    return build("captioned_shapes", data_dir(config), data).as_data_source()
-
-
-def images_to_float(images) -> jax.Array:
-    return jnp.asarray(images, jnp.float32) / 255.0
 
 
 class ViTTask(PipelineTask):

@@ -8,12 +8,12 @@ held-out loss (all six reach exact match 1.0 on this easy task, which results.md
 Both keys leave the program unchanged, so --vectorize trains all six in one program.
 """
 
-from seqjax.training import sweep
+from seqjax import sweeps
 
 
 def get_sweep():
-    return sweep.Sweep(
-        sweep.grid({"learning_rate": [1e-3, 3e-3, 1e-2], "label_smoothing": [0.0, 0.1]}),
+    return sweeps.Sweep(
+        sweeps.grid({"learning_rate": [1e-3, 3e-3, 1e-2], "label_smoothing": [0.0, 0.1]}),
         metric="eval_loss",
         mode="min",
         fixed={"num_train_steps": 600, "eval_every_steps": 200, "checkpoint_every_steps": 200},

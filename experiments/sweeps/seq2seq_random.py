@@ -8,16 +8,16 @@ ranked by the held-out loss.
 num_layers changes the model's shapes: these trials run as separate processes (not --vectorize).
 """
 
-from seqjax.training import sweep
+from seqjax import sweeps
 
 
 def get_sweep():
-    return sweep.Sweep(
-        sweep.random(
+    return sweeps.Sweep(
+        sweeps.random(
             {
-                "learning_rate": sweep.log_uniform(3e-4, 1e-2),
-                "warmup_steps": sweep.int_uniform(0, 100),
-                "num_layers": sweep.choice([1, 2, 3]),
+                "learning_rate": sweeps.log_uniform(3e-4, 1e-2),
+                "warmup_steps": sweeps.int_uniform(0, 100),
+                "num_layers": sweeps.choice([1, 2, 3]),
             },
             num_trials=8,
             seed=0,

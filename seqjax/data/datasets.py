@@ -38,14 +38,15 @@ class DataNotPreparedError(ConfigError, RuntimeError):
         return type(self), (self.message, self.key)
 
 
-def _data_dir(data_dir: str | None) -> str:
+def resolve_data_dir(data_dir: str | None) -> str:
+    """`data_dir`, or TFDS's default (~/tensorflow_datasets) when it is None or "" (the one place that says so)."""
     import tensorflow_datasets as tfds
 
     return os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
 
 
 def how_to_prepare(name: str, data_dir: str | None) -> str:
-    d = _data_dir(data_dir)
+    d = resolve_data_dir(data_dir)
     return (  # one line: the entry points print it as `error: config.data_dir: ...`
         f"{name} is not prepared in {d}, and seqjax does not download at run time (on a machine with network: "
         f"`pip install tensorflow-datasets tensorflow; tfds build {name} --data_dir DIR --file_format array_record`, "
@@ -60,7 +61,7 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Sequence:
 
     hide_accelerators_from_tensorflow()
     try:
-        return tfds.data_source(name, split=split, data_dir=_data_dir(data_dir), download=False)
+        return tfds.data_source(name, split=split, data_dir=resolve_data_dir(data_dir), download=False)
     except Exception as e:  # TFDS says NotImplementedError (no ArrayRecord files), AssertionError, FileNotFoundError
         raise DataNotPreparedError(how_to_prepare(name, data_dir)) from e
 
@@ -70,7 +71,7 @@ def _text(value) -> str:
 
 
 def _cache(data_dir: str | None, filename: str) -> str:
-    return os.path.join(_data_dir(data_dir), "seqjax", filename)
+    return os.path.join(resolve_data_dir(data_dir), "seqjax", filename)
 
 
 def char_lm(
@@ -101,7 +102,7 @@ def image_classes(
     if name not in IMAGE_DATASETS:
         raise ConfigError("dataset", f"{name!r} is not an image dataset here (one of {', '.join(IMAGE_DATASETS)})")
     source = open_split(name, split, data_dir)
-    names = list(tfds.builder(name, data_dir=_data_dir(data_dir)).info.features["label"].names)
+    names = list(tfds.builder(name, data_dir=resolve_data_dir(data_dir)).info.features["label"].names)
     byte = ByteTokenizer()
     captions = list(pad([byte.encode(caption_for(name, n), eos=True) for n in names], caption_length))
 
@@ -154,7 +155,7 @@ def translation(
     SentencePiece model (trained on both sides of the train split, cached), and the (source, target) keys."""
     import tensorflow_datasets as tfds
 
-    keys = tuple(tfds.builder(name, data_dir=_data_dir(data_dir)).info.supervised_keys)
+    keys = tuple(tfds.builder(name, data_dir=resolve_data_dir(data_dir)).info.supervised_keys)
     train = open_split(name, "train", data_dir)
 
     def texts():
@@ -186,6 +187,7 @@ __all__ = [
     "how_to_prepare",
     "image_classes",
     "open_split",
+    "resolve_data_dir",
     "subword_lm",
     "translation",
 ]

@@ -53,6 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from seqjax.training.checksums import CheckpointDamaged, json_crc, read_step_metadata, verify_item, write_manifest
+from seqjax.training.parallel import place
 from seqjax.training.state import TrainState
 
 
@@ -103,7 +104,7 @@ def _unpack(packed: dict[str, Any], like: Any, shardings: Any) -> Any:
     out = [packed["arrays"].get(n) for n in names]  # None for the scalars, filled in below
     for dt, idx in groups.items():
         for value, i in zip(np.asarray(packed["scalars"][dt]), idx, strict=True):
-            out[i] = value if placement[i] is None else _place(value, placement[i])
+            out[i] = value if placement[i] is None else place(value, placement[i])
     return jax.tree.unflatten(jax.tree.structure(like), out)
 
 
@@ -111,12 +112,6 @@ def _placement(leaves: list[Any], shardings: Any) -> list[Any]:
     """Where each leaf goes on restore: as `shardings` says (a tree like the leaves'), or else like the template's
     leaves (None for host values), as Orbax does."""
     return jax.tree.leaves(shardings) if shardings is not None else [getattr(x, "sharding", None) for x in leaves]
-
-
-def _place(value: np.ndarray, sharding: Any) -> jax.Array:
-    if sharding is None:
-        return jax.numpy.asarray(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
 
 
 _ALIGN = 64  # byte alignment of each leaf in state.bin
@@ -267,6 +262,19 @@ class Checkpointer:
         self.skipped: list[str] = []  # set by restore(): one line per damaged step it skipped
         self._saving: int | None = None  # the step of the save in flight
 
+    @classmethod
+    def from_config(cls, directory: str, config: Any) -> Checkpointer:
+        """A run's checkpointer: the config's optional `max_checkpoints_to_keep` (None or missing: this class's
+        default) and `keep_best_metric` / `keep_best_mode` (keep-best)."""
+        options: dict[str, Any] = {}
+        if config.get("max_checkpoints_to_keep") is not None:
+            options["max_to_keep"] = config.max_checkpoints_to_keep
+        if config.get("keep_best_metric"):
+            options["best_metric"] = config.keep_best_metric
+            if config.get("keep_best_mode"):
+                options["best_mode"] = config.keep_best_mode
+        return cls(directory, **options)
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
@@ -387,7 +395,7 @@ class Checkpointer:
                 raise CheckpointMismatch(
                     f"checkpoint step {step}: {name} has shape {value.shape}, the state to restore {like.shape}"
                 )
-            out.append(_place(value.astype(like.dtype, copy=False), where))
+            out.append(place(value.astype(like.dtype, copy=False), where))
         return jax.tree.unflatten(jax.tree.structure(template), out)
 
     def _restore_arrays(self, step: int, template: Any, shardings: Any, custom: dict[str, Any]) -> tuple[Any, Any]:

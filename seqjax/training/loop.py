@@ -15,8 +15,9 @@ The loop knows no model and no dataset; a **task** brings them:
 
 Config fields (the shared contract): seed, batch_size, num_train_steps, log_every_steps, eval_every_steps (0: only
 at the end), checkpoint_every_steps, learning_rate, parallel; the optimizer fields of `seqjax.training.optim`;
-optional max_checkpoints_to_keep (default 2), keep_best_metric / keep_best_mode (keep-best checkpoints by an
-eval metric), profile_steps ("A,B": a jax.profiler trace of steps A+1..B in WORKDIR/profile).
+optional max_checkpoints_to_keep (None or missing: `Checkpointer`'s default), keep_best_metric / keep_best_mode
+(keep-best checkpoints by an eval metric), profile_steps ("A,B": a jax.profiler trace of steps A+1..B in
+WORKDIR/profile).
 
 Reliability: the state (step, parameters, optimizer state, PRNG key, model state) is checkpointed with Orbax every
 `checkpoint_every_steps` and at the end, and the loop resumes from the latest finished checkpoint in `workdir`;
@@ -36,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -48,6 +48,7 @@ from seqjax.training.checkpoint import Checkpointer
 from seqjax.training.metrics import accumulate
 from seqjax.training.optim import learning_rate, make_optimizer, with_hyperparameters_of
 from seqjax.training.parallel import MODES, Parallel, initialize_distributed
+from seqjax.training.progress import StopRequest, print_progress
 from seqjax.training.state import TrainState
 from seqjax.training.summary import SummaryWriter
 from seqjax.training.workdir import workdir_lock
@@ -97,32 +98,6 @@ def validate_config(config: Any) -> None:
 _KINDS = {int: "an int", float: "a number", str: "a string", bool: "True or False"}
 
 
-class _Stop:
-    """Turns SIGTERM into a flag the loop reads at step boundaries."""
-
-    def __init__(self, enabled: bool = True, signals: tuple = (signal.SIGTERM,)):
-        self.requested = False
-        self.previous: dict = {}
-        self.enabled = enabled
-        self.signals = signals
-
-    def __enter__(self):
-        if not self.enabled:
-            return self
-        try:
-            self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
-        except ValueError:  # not the main thread: no handler, no graceful stop
-            self.previous = {}
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 class _NoSummaries:
     def scalars(self, step, values):
         pass
@@ -147,7 +122,12 @@ def _finite(value: float, step: int) -> None:
 
 
 def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
-    """Trains `task` as `config` says, resuming from `workdir`; returns the summary (also in summary.json)."""
+    """Trains `task` as `config` says, resuming from `workdir`; returns the summary (also in summary.json).
+
+    `task` may also be a function of no arguments that builds the task: it is called once the config is checked,
+    JAX's distributed runtime started (`initialize_distributed`, which must come before any array is made) and the
+    workdir locked, so that a mistake in the config or a busy workdir stops the run before any data is read and a
+    task may train stages of its own in the workdir. The experiment entry points pass one."""
     validate_config(config)
     initialize_distributed(config)
     workdir = os.path.abspath(workdir)
@@ -159,17 +139,14 @@ def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     par = Parallel.from_config(config)
     par.check_batch_size(config.batch_size)
+    if not hasattr(task, "loss_fn") and callable(task):  # a function that builds the task
+        task = task()
     primary = jax.process_index() == 0  # writes the logs, summaries and pictures; every process trains and saves
     tx = make_optimizer(config)
     root = jax.random.key(config.seed)
     params, model_state = task.init(jax.random.fold_in(root, 0))
     state = TrainState.create(params, tx, jax.random.fold_in(root, 1), model_state)
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=config.get("max_checkpoints_to_keep", 2),
-        best_metric=config.get("keep_best_metric") or None,
-        best_mode=config.get("keep_best_mode", "min"),
-    )
+    ckpt = Checkpointer.from_config(os.path.join(workdir, "checkpoints"), config)
     # Under "jit" the checkpoint is read straight into the mesh's shardings (each process its own shards).
     restored = ckpt.restore(state, shardings=par.state_shardings(state))  # skips damaged steps, or raises
     for line in ckpt.skipped if primary else ():
@@ -200,7 +177,7 @@ def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
         last_eval = evaluate(dev_state)
     try:
         with (
-            _Stop(enabled=not multiprocess) as stop,  # several processes: Orbax's preemption sync point instead
+            StopRequest(enabled=not multiprocess) as stop,  # several processes: Orbax's preemption sync point instead
             open(os.path.join(workdir, "metrics.jsonl") if primary else os.devnull, "a") as log,
             _summary_writer(os.path.join(workdir, "tensorboard"), primary) as tb,
         ):
@@ -240,7 +217,7 @@ def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
                     log.flush()
                     tb.scalars(step, {k: v for k, v in row.items() if k != "step"})
                     tb.flush()
-                    _progress(row, total)
+                    print_progress(row, total)
                 if step % config.checkpoint_every_steps == 0 or final or stop.requested:
                     host = par.get_state(dev_state)
                     loss = float(jax.device_get(metrics["train_loss"]))
@@ -276,19 +253,6 @@ def _profile_window(config: Any) -> tuple[int, int] | None:
     if not 0 <= start < end:
         raise ConfigError("profile_steps", f'{spec!r} is not a window of steps ("START,END" with 0 <= START < END)')
     return start, end
-
-
-def _progress(row: dict[str, Any], total: int) -> None:
-    """On a terminal: one line redrawn in place, with a bar; otherwise (logs, pipes) a plain line per logged step."""
-    parts = [f"step {row['step']:>6d}/{total}"]
-    parts += [f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "learning_rate") and isinstance(v, float)]
-    line = "  ".join(parts)
-    if sys.stdout.isatty():
-        done = int(20 * row["step"] / total)
-        end = "\n" if row["step"] == total or any(k.startswith("eval_") for k in row) else ""
-        print(f"\r[{'#' * done}{'.' * (20 - done)}] {line}\033[K", end=end, flush=True)
-    else:
-        print(line, flush=True)
 
 
 def read_metrics(workdir: str) -> dict[int, dict[str, Any]]:

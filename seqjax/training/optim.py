@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from seqjax.training.parallel import place
+
 OPTIMIZERS = ("adam", "adamw", "sgd", "lion")
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
 # The config keys held as numbers in the optimizer state (a vectorised sweep may vary them between stacked trials).
@@ -149,8 +151,6 @@ def with_hyperparameters_of(opt_state: Any, fresh: Any) -> Any:
     """`opt_state` (restored from a checkpoint) with the hyperparameters of `fresh` (`tx.init` of the current config),
     placed like the restored ones: a resumed run follows its config (a longer horizon, a new learning rate), not the
     numbers saved with the state. The moments and counts are kept."""
-    from seqjax.training.parallel import _place  # placement across devices and processes
-
     old = opt_state.hyperparams
     new = {}
     for k, v in old.items():
@@ -159,7 +159,7 @@ def with_hyperparameters_of(opt_state: Any, fresh: Any) -> Any:
             continue
         value = np.asarray(fresh.hyperparams[k], v.dtype)
         sharding = getattr(v, "sharding", None)
-        new[k] = value if sharding is None else _place(np.broadcast_to(value, v.shape), sharding)
+        new[k] = value if sharding is None else place(np.broadcast_to(value, v.shape), sharding)
     return opt_state._replace(hyperparams=new)
 
 

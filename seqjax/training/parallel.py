@@ -132,7 +132,7 @@ class Parallel:
                 lambda x: jax.device_put(jnp.broadcast_to(x[None], (n, *jnp.shape(x))), sharding), state
             )
         if self.mode == "jit":  # built from each process's own copy: works across processes
-            return jax.tree.map(_place, state, self.state_shardings(state))
+            return jax.tree.map(place, state, self.state_shardings(state))
         # Fresh buffers: the compiled steps donate their input state, which must not consume the caller's arrays.
         return jax.device_put(jax.tree.map(jnp.copy, state), self.devices[0])
 
@@ -199,9 +199,13 @@ class Parallel:
         return jax.jit(make_eval_step(metric_fn))
 
 
-def _place(x: Any, sharding: NamedSharding) -> jax.Array:
+def place(x: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """`x` (a host value, or an array every process holds whole; PRNG keys too) as an array laid out as `sharding`
+    says, each process supplying its own shards (so it works across processes); None: on the default device."""
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(_place(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+        return jax.random.wrap_key_data(place(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    if sharding is None:
+        return jnp.asarray(x)
     value = np.asarray(x)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.training.checkpoint import Checkpointer
-from seqjax.training.loop import _progress, _Stop, plot_curves, validate_config
+from seqjax.training.loop import plot_curves, validate_config
 from seqjax.training.metrics import Accumulator
 from seqjax.training.optim import (
     HYPERPARAMETERS,
@@ -46,6 +46,7 @@ from seqjax.training.optim import (
     optimizer_structure,
     with_hyperparameters_of,
 )
+from seqjax.training.progress import StopRequest, print_progress
 from seqjax.training.state import TrainState, make_eval_step, make_train_step
 from seqjax.training.summary import SummaryWriter
 
@@ -156,8 +157,7 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
         p_k, ms_k = jax.tree.map(lambda x, k=k: x[k], (params, model_state))
         states.append(TrainState.create(p_k, tx_k, jax.random.fold_in(root, 1), ms_k))
     ckpts = [
-        Checkpointer(os.path.join(w, "checkpoints"), max_to_keep=cfg.get("max_checkpoints_to_keep", 2))
-        for w in workdirs
+        Checkpointer.from_config(os.path.join(w, "checkpoints"), c) for w, c in zip(workdirs, configs, strict=True)
     ]
     start = _common_step(ckpts)
     if start is not None:
@@ -221,7 +221,7 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
     logs = [open(os.path.join(w, "metrics.jsonl"), "a") for w in workdirs]
     writers = [SummaryWriter(os.path.join(w, "tensorboard")) for w in workdirs]
     try:
-        with _Stop(signals=(signal.SIGTERM, signal.SIGINT)) as stop:  # Ctrl-C too: saves every trial, exits
+        with StopRequest(signals=(signal.SIGTERM, signal.SIGINT)) as stop:  # Ctrl-C too: saves every trial, exits
             t_last, s_last = time.perf_counter(), step
             batch = next_batch(step) if step < total else None
             while step < total:
@@ -320,7 +320,7 @@ def _progress_many(rows: list[dict | None], failed: dict[int, str], total: int) 
         row["eval_loss_min"] = float(min(evals))
     if failed:
         row["failed"] = float(len(failed))
-    _progress(row, total)
+    print_progress(row, total)
 
 
 __all__ = [

@@ -4,7 +4,7 @@ metrics.jsonl rows next to the first one's.
 
 The lock file holds the holder's PID and host, for the message the second run prints. The kernel drops a flock when
 its holder dies, by SIGKILL too, so a stale lock file never blocks a rerun. Within one process the lock is
-re-entrant (a count per directory): `train_and_evaluate` takes it, and so does the experiment entry point around it,
+re-entrant (a count per directory): `train_and_evaluate` takes it (before it builds a task it is given as a function),
 and a task that trains stages of its own in sub-directories takes theirs. A job of several JAX processes is one
 writer: only process 0 takes it (`enabled=jax.process_index() == 0`).
 """

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from seqjax.data.builders import build
 from seqjax.data.builders import captioned_shapes as cs
-from seqjax.data.builders._base import build
 
 TINY = {"num_train": 64, "num_test": 16}
 LABELS = ("shape", "colour", "size", "position")

@@ -104,8 +104,7 @@ def test_windows():
 def test_seq_tasks_through_tfds_data_source(tmp_path):
     import tensorflow_datasets as tfds
 
-    from seqjax.data.builders import seq_tasks
-    from seqjax.data.builders._base import build
+    from seqjax.data.builders import build, seq_tasks
 
     cfg = seq_tasks.config("reverse", num_train=40, num_test=8, max_len=6)
     build("seq_tasks", str(tmp_path), cfg)

@@ -6,8 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from seqjax.data.builders import seq_tasks
-from seqjax.data.builders._base import build
+from seqjax.data.builders import build, seq_tasks
 from seqjax.data.builders.seq_tasks import config, decode_digits, transduce
 
 SEED_SEQUENCE = np.arange(1, 8)

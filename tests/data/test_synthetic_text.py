@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 
+from seqjax.data.builders import build
 from seqjax.data.builders import synthetic_text as st
-from seqjax.data.builders._base import build
 from seqjax.data.builders.synthetic_text import GRAMMAR, SyntheticTextConfig, generate, grammaticality, parses
 
 CATEGORIES = {"Det": "D", "N": "N", "Adj": "A", "V": "V", "P": "P"}

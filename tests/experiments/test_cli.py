@@ -106,8 +106,8 @@ def test_flag_and_config_file_errors_are_one_line(tmp_path):
 def test_a_sweep_over_an_unknown_key_is_one_line(tmp_path):
     sweep_file = tmp_path / "sweep.py"
     sweep_file.write_text(
-        "from seqjax.training import sweep\n\n\ndef get_sweep():\n"
-        '    return sweep.Sweep(sweep.grid("lerning_rate", [1e-3]))\n'
+        "from seqjax import sweeps\n\n\ndef get_sweep():\n"
+        '    return sweeps.Sweep(sweeps.grid("lerning_rate", [1e-3]))\n'
     )
     out = _run(["experiments.sweep", "--experiment", "seq2seq", "--workdir", str(tmp_path / "s"), "--sweep",
                 str(sweep_file)])  # fmt: skip

@@ -15,8 +15,8 @@ import time
 import numpy as np
 import pytest
 
+from seqjax import sweeps as sw
 from seqjax.training import read_metrics
-from seqjax.training import sweep as sw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOY = "tests.experiments.toy_experiment"
@@ -24,7 +24,7 @@ TOY = "tests.experiments.toy_experiment"
 
 def _sweep_file(tmp_path, body, name="sweep.py"):
     path = tmp_path / name
-    path.write_text(f"from seqjax.training import sweep\n\n\ndef get_sweep():\n    return {body}\n")
+    path.write_text(f"from seqjax import sweeps\n\n\ndef get_sweep():\n    return {body}\n")
     return str(path)
 
 
@@ -69,6 +69,12 @@ def test_spaces_expand_to_exactly_the_trials_written():
             bad()
 
 
+def test_the_old_module_path_still_names_the_sweep_language():
+    from seqjax.training import sweep as old  # sweep files written before seqjax.sweeps existed
+
+    assert old.Sweep is sw.Sweep and old.grid is sw.grid and old.trial_config is sw.trial_config
+
+
 def test_overrides_are_checked_against_the_config():
     base = os.path.join(ROOT, "experiments", "configs", "dalle.py")
     config = sw.trial_config(base, None, {"learning_rate": 0.5, "vqvae.num_codes": 16})
@@ -81,7 +87,7 @@ def test_overrides_are_checked_against_the_config():
 
 def test_a_grid_over_two_keys_gives_exactly_its_trials_and_workdirs(tmp_path):
     sweep_file = _sweep_file(
-        tmp_path, 'sweep.Sweep(sweep.grid({"learning_rate": [1e-3, 3e-2], "warmup_steps": [1, 3]}))'
+        tmp_path, 'sweeps.Sweep(sweeps.grid({"learning_rate": [1e-3, 3e-2], "warmup_steps": [1, 3]}))'
     )
     out = _sweep(tmp_path / "s", sweep_file, "--parallel", "2")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -114,7 +120,7 @@ def test_a_grid_over_two_keys_gives_exactly_its_trials_and_workdirs(tmp_path):
 @pytest.mark.slow
 def test_a_killed_sweep_rerun_finishes_only_what_was_missing(tmp_path):
     fixed = '{"num_train_steps": 30, "checkpoint_every_steps": 5, "sleep": 0.1}'
-    sweep_file = _sweep_file(tmp_path, f'sweep.Sweep(sweep.grid("learning_rate", [1e-3, 3e-3, 1e-2]), fixed={fixed})')
+    sweep_file = _sweep_file(tmp_path, f'sweeps.Sweep(sweeps.grid("learning_rate", [1e-3, 3e-3, 1e-2]), fixed={fixed})')
     proc = _sweep(tmp_path / "s", sweep_file, wait=False)
     ckpts = os.path.join(sw.trial_dir(str(tmp_path / "s"), 1), "checkpoints")
     deadline = time.time() + 300
@@ -138,7 +144,7 @@ def test_a_killed_sweep_rerun_finishes_only_what_was_missing(tmp_path):
 
 
 def test_a_failing_trial_is_recorded_and_the_rest_complete(tmp_path):
-    sweep_file = _sweep_file(tmp_path, 'sweep.Sweep(sweep.grid("nan_at_step", [-1, 3, -1]))')
+    sweep_file = _sweep_file(tmp_path, 'sweeps.Sweep(sweeps.grid("nan_at_step", [-1, 3, -1]))')
     out = _sweep(tmp_path / "s", sweep_file, "--parallel", "2")
     assert out.returncode == 1, out.stdout + out.stderr
     infos = [_trial(tmp_path / "s", i) for i in range(3)]
@@ -151,17 +157,17 @@ def test_a_failing_trial_is_recorded_and_the_rest_complete(tmp_path):
 
 
 def test_a_bad_sweep_fails_before_running_anything(tmp_path):
-    sweep_file = _sweep_file(tmp_path, 'sweep.Sweep(sweep.grid("learnin_rate", [1e-3]))')
+    sweep_file = _sweep_file(tmp_path, 'sweeps.Sweep(sweeps.grid("learnin_rate", [1e-3]))')
     out = _sweep(tmp_path / "s", sweep_file)
     assert out.returncode != 0 and "learnin_rate" in out.stdout + out.stderr
     assert not os.path.exists(tmp_path / "s" / "trial_000")
-    vec = _sweep_file(tmp_path, 'sweep.Sweep(sweep.grid("batch_size", [8, 16]))', "vec.py")
+    vec = _sweep_file(tmp_path, 'sweeps.Sweep(sweeps.grid("batch_size", [8, 16]))', "vec.py")
     out = _sweep(tmp_path / "v", vec, "--vectorize")
     assert out.returncode != 0 and "['batch_size']" in out.stdout + out.stderr
 
 
 def test_a_vectorized_sweep_of_learning_rates_and_seeds_equals_separate_runs(tmp_path):
-    sweep_file = _sweep_file(tmp_path, 'sweep.Sweep(sweep.grid({"learning_rate": [1e-3, 3e-2], "seed": [0, 1]}))')
+    sweep_file = _sweep_file(tmp_path, 'sweeps.Sweep(sweeps.grid({"learning_rate": [1e-3, 3e-2], "seed": [0, 1]}))')
     vec = _sweep(tmp_path / "vec", sweep_file, "--vectorize")
     assert vec.returncode == 0, vec.stdout + vec.stderr
     sep = _sweep(tmp_path / "sep", sweep_file, "--parallel", "2")
@@ -178,7 +184,7 @@ def test_a_vectorized_sweep_of_learning_rates_and_seeds_equals_separate_runs(tmp
 @pytest.mark.slow
 def test_optuna_workers_share_a_sweep(tmp_path):
     pytest.importorskip("optuna")
-    sweep_file = _sweep_file(tmp_path, 'sweep.Sweep(sweep.grid("learning_rate", [1e-3, 3e-3, 1e-2, 3e-2]))')
+    sweep_file = _sweep_file(tmp_path, 'sweeps.Sweep(sweeps.grid("learning_rate", [1e-3, 3e-3, 1e-2, 3e-2]))')
     storage = f"sqlite:///{tmp_path}/optuna.db"
     args = ("--engine", "optuna", "--storage", storage, "--study", "s")
     workers = [_sweep(tmp_path / "s", sweep_file, *args, wait=False) for _ in range(2)]

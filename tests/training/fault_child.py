@@ -73,11 +73,13 @@ if LIMIT >= 0:
     builtins.open = io.open = _killing_open
 
 if os.environ.get("FAULT_LAYOUT") == "arrays":
-    import functools
-
     import seqjax.training.loop as loop
 
-    loop.Checkpointer = functools.partial(loop.Checkpointer, single_file_bytes=0)
+    class ArrayFormat(loop.Checkpointer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, single_file_bytes=0)
+
+    loop.Checkpointer = ArrayFormat
 
 sys.argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_task.py"), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -184,16 +184,16 @@ def test_profile_window_writes_a_trace(tmp_path):
 
 
 def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise(monkeypatch, capsys):
-    from seqjax.training import loop
+    from seqjax.training import progress
 
     row = {"step": 5, "train_loss": 0.5, "steps_per_sec": 10.0}
-    loop._progress(row, 10)
+    progress.print_progress(row, 10)
     assert capsys.readouterr().out == "step      5/10  train_loss 0.5  steps_per_sec 10\n"
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    loop._progress(row, 10)
+    progress.print_progress(row, 10)
     out = capsys.readouterr().out
     assert out.startswith("\r[##########..........] step      5/10") and not out.endswith("\n")
-    loop._progress({**row, "step": 10}, 10)
+    progress.print_progress({**row, "step": 10}, 10)
     assert capsys.readouterr().out.endswith("\n")
 
 

@@ -94,13 +94,12 @@ if __name__ == "__main__":
     devices = int(os.environ.get("TOY_DEVICES", "1"))
     jax.config.update("jax_num_cpu_devices", devices)
     from seqjax.training.loop import train_and_evaluate
-    from seqjax.training.parallel import initialize_distributed
 
     overrides = {}
     for arg in sys.argv[2:]:
         key, value = arg.split("=", 1)
         overrides[key] = type(toy_config()[key])(value)
     config = toy_config(**overrides)
-    initialize_distributed(config)  # before the task makes its first array (JAX_* variables: one of several)
     with jax.numpy_dtype_promotion("standard"):
-        train_and_evaluate(config, sys.argv[1], ToyTask(config))
+        # Built by the loop after jax.distributed.initialize (JAX_* variables: one of several processes).
+        train_and_evaluate(config, sys.argv[1], lambda: ToyTask(config))
