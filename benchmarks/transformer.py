@@ -335,14 +335,14 @@ def nano_jax(batches, steps_per_call: int, donate: bool, **changes):
     return run, sum(p.size for p in jax.tree.leaves(params))
 
 
-def nano_torch(batches, steps_per_call: int):
+def nano_torch(batches, steps_per_call: int, threads: int):
     """The same model in torch eager, written as nanoGPT writes it (pre-LN blocks, fused qkv Linear,
     `F.scaled_dot_product_attention(is_causal=True)`, MLP 4x GELU (tanh, as flax's `nn.gelu`), tied embeddings
     scaled by 1/sqrt(D) as `DecoderLM`'s), with biases where ours has them, `torch.optim.AdamW`."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(threads)
     n = NANO
     d, h, v = n["width"], n["heads"], n["vocab"]
 
@@ -409,7 +409,8 @@ def part_nanogpt(args, have_torch: bool) -> None:
         raise SystemExit(f"unknown --nano-variants {sorted(set(names) - set(NANO_VARIANTS))}")
     print(
         f"\n== nanoGPT CPU quick-start shape: L={n['layers']} D={n['width']} N={n['heads']} M={n['mlp']} "
-        f"B={n['batch']} T={n['length']} V={n['vocab']}, f32, adamw; {k} steps per timed call, "
+        f"B={n['batch']} T={n['length']} V={n['vocab']}, f32, adamw; torch threads "
+        f"{args.torch_threads or os.cpu_count()}; {k} steps per timed call, "
         f"median of {args.repeats} interleaved calls"
     )
     batches = nano_batches()
@@ -417,7 +418,7 @@ def part_nanogpt(args, have_torch: bool) -> None:
     for name in names:
         steps[f"seqjax DecoderLM, jit, {name}"], counts[name] = nano_jax(batches, k, **NANO_VARIANTS[name])
     if have_torch:
-        steps["torch eager"], counts["torch"] = nano_torch(batches, k)
+        steps["torch eager"], counts["torch"] = nano_torch(batches, k, args.torch_threads or os.cpu_count())
     print("  parameters: " + ", ".join(f"{name} {c:,}" for name, c in counts.items()))
     times = interleaved_times(steps, args.repeats)
     med = medians(times)
@@ -454,6 +455,7 @@ def main() -> None:
     p.add_argument("--peak-n", type=int, default=2048, help="size of the peak-measuring matmul")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--nano-steps", type=int, default=10, help="nanogpt part: training steps per timed call")
+    p.add_argument("--torch-threads", type=int, default=0, help="nanogpt part: torch's threads (0: every core)")
     p.add_argument(
         "--nano-variants", default="plain,donate", help=f"nanogpt part: comma list of {', '.join(NANO_VARIANTS)}"
     )
