@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import interleaved_medians, matmul_peak_step, torch_available
+from _timing import interleaved_medians, interleaved_times, matmul_peak_step, medians, paired_ratios, torch_available
 
 from seqjax import decoding
 from seqjax.models import DecoderLM, Encoder, TransformerConfig
@@ -274,9 +274,167 @@ def part_decode(args) -> None:
     print(f"  speed-up of the cache: {recompute_total / cached_total:.1f}x; last-step logits max |diff| {err:.1e}")
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# nanoGPT's CPU quick-start shape, trained the way a researcher's own script does it (issue 22, item 5)
+# ------------------------------------------------------------------------------------------------------------------
+
+NANO = dict(layers=4, width=128, heads=4, mlp=512, batch=12, length=64, vocab=65)
+
+
+def nano_config(**changes) -> TransformerConfig:
+    """nanoGPT's quick-start model as a `DecoderLM` config: learned positions, tied embeddings, GELU, no dropout."""
+    n = NANO
+    cfg = TransformerConfig(
+        vocab_size=n["vocab"], emb_dim=n["width"], num_heads=n["heads"], num_layers=n["layers"], mlp_dim=n["mlp"],
+        max_len=n["length"], dropout_rate=0.0, attention_dropout_rate=0.0, position="learned", activation="gelu",
+    )  # fmt: skip
+    return cfg.replace(**changes)
+
+
+def nano_batches(count: int = 8):
+    """`count` (inputs, targets) pairs of numpy int64 arrays [B, T], as a script's `get_batch` hands them over."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, NANO["vocab"], size=NANO["batch"] * NANO["length"] * count + 1)
+    b, t = NANO["batch"], NANO["length"]
+    return [
+        (data[i * b * t : (i + 1) * b * t].reshape(b, t), data[i * b * t + 1 : (i + 1) * b * t + 1].reshape(b, t))
+        for i in range(count)
+    ]
+
+
+def nano_adamw():
+    return optax.adamw(1e-3, b1=0.9, b2=0.99, weight_decay=0.1)
+
+
+def nano_jax(batches, steps_per_call: int, donate: bool, **changes):
+    """The plain script: `DecoderLM` + `optax.adamw` + optax's integer-label cross-entropy in one `jax.jit` step,
+    numpy batches in, the loss read back every step (nanoGPT's quick start logs every step)."""
+    model, opt = DecoderLM(nano_config(**changes)), nano_adamw()
+    params = model.init(jax.random.key(0), batches[0][0])["params"]
+    state = [params, opt.init(params)]
+
+    def train_step(params, opt_state, x, y):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
+    it = [0]
+
+    def run():
+        for _ in range(steps_per_call):
+            x, y = batches[it[0] % len(batches)]
+            it[0] += 1
+            state[0], state[1], loss = step(state[0], state[1], x, y)
+            float(loss)
+
+    return run, sum(p.size for p in jax.tree.leaves(params))
+
+
+def nano_torch(batches, steps_per_call: int, threads: int):
+    """The same model in torch eager, written as nanoGPT writes it (pre-LN blocks, fused qkv Linear,
+    `F.scaled_dot_product_attention(is_causal=True)`, MLP 4x GELU (tanh, as flax's `nn.gelu`), tied embeddings
+    scaled by 1/sqrt(D) as `DecoderLM`'s), with biases where ours has them, `torch.optim.AdamW`."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    n = NANO
+    d, h, v = n["width"], n["heads"], n["vocab"]
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+            self.c_attn, self.c_proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+            self.c_fc, self.mlp_proj = torch.nn.Linear(d, n["mlp"]), torch.nn.Linear(n["mlp"], d)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, val = self.c_attn(self.ln_1(x)).split(d, dim=2)
+            q, k, val = (a.view(b, t, h, d // h).transpose(1, 2) for a in (q, k, val))
+            y = F.scaled_dot_product_attention(q, k, val, is_causal=True).transpose(1, 2).reshape(b, t, d)
+            x = x + self.c_proj(y)
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = torch.nn.Embedding(v, d), torch.nn.Embedding(n["length"], d)
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(n["layers"]))
+            self.ln_f = torch.nn.LayerNorm(d)
+
+        def forward(self, idx):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for block in self.blocks:
+                x = block(x)
+            return self.ln_f(x) @ (self.wte.weight * d**-0.5).t()
+
+    torch.manual_seed(0)
+    model = GPT()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    it = [0]
+
+    def run():
+        for _ in range(steps_per_call):
+            x, y = (torch.from_numpy(a) for a in batches[it[0] % len(batches)])
+            it[0] += 1
+            logits = model(x)
+            loss = F.cross_entropy(logits.view(-1, v), y.view(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss.item()
+
+    return run, sum(p.numel() for p in model.parameters())
+
+
+NANO_VARIANTS = {
+    "plain": dict(donate=False),  # what a researcher writes: jax.jit(train_step)
+    "donate": dict(donate=True),  # jax.jit(train_step, donate_argnums=(0, 1))
+    "reference": dict(donate=False, attention_implementation="reference"),
+    "blocked": dict(donate=False, attention_implementation="blocked"),
+    "scan": dict(donate=False, scan_layers=True),
+}
+
+
+def part_nanogpt(args, have_torch: bool) -> None:
+    n, k = NANO, args.nano_steps
+    names = args.nano_variants.split(",")
+    if set(names) - set(NANO_VARIANTS):
+        raise SystemExit(f"unknown --nano-variants {sorted(set(names) - set(NANO_VARIANTS))}")
+    print(
+        f"\n== nanoGPT CPU quick-start shape: L={n['layers']} D={n['width']} N={n['heads']} M={n['mlp']} "
+        f"B={n['batch']} T={n['length']} V={n['vocab']}, f32, adamw; torch threads "
+        f"{args.torch_threads or os.cpu_count()}; {k} steps per timed call, "
+        f"median of {args.repeats} interleaved calls"
+    )
+    batches = nano_batches()
+    steps, counts = {}, {}
+    for name in names:
+        steps[f"seqjax DecoderLM, jit, {name}"], counts[name] = nano_jax(batches, k, **NANO_VARIANTS[name])
+    if have_torch:
+        steps["torch eager"], counts["torch"] = nano_torch(batches, k, args.torch_threads or os.cpu_count())
+    print("  parameters: " + ", ".join(f"{name} {c:,}" for name, c in counts.items()))
+    times = interleaved_times(steps, args.repeats)
+    med = medians(times)
+    torch_t = med.get("torch eager")
+    print(f"  {'':34s} {'ms/step':>9s} {'x torch':>8s} {'paired x torch (min-max)':>25s}")
+    for name, ti in med.items():
+        ratio, spread = f"{'-':>8s}", ""
+        if torch_t:
+            r = paired_ratios(times["torch eager"], times[name])
+            ratio, spread = f"{torch_t / ti:8.2f}", f"{min(r):.2f}-{max(r):.2f}"
+        print(f"  {name:34s} {ti * 1e3 / k:9.2f} {ratio} {spread:>25s}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", default="train,compile,decode", help="comma list of train, compile, decode")
+    p.add_argument("--part", default="train,compile,decode", help="comma list of train, compile, decode, nanogpt")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
@@ -296,6 +454,11 @@ def main() -> None:
     p.add_argument("--decode-passes", type=int, default=3)
     p.add_argument("--peak-n", type=int, default=2048, help="size of the peak-measuring matmul")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--nano-steps", type=int, default=10, help="nanogpt part: training steps per timed call")
+    p.add_argument("--torch-threads", type=int, default=0, help="nanogpt part: torch's threads (0: every core)")
+    p.add_argument(
+        "--nano-variants", default="plain,donate", help=f"nanogpt part: comma list of {', '.join(NANO_VARIANTS)}"
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.add_argument(
         "--xla-flags",
@@ -311,8 +474,9 @@ def main() -> None:
         quick.update(compile_layers="1,2", peak_n=512, repeats=min(args.repeats, 3), decode_passes=1)
         vars(args).update(quick)
     parts = set(args.part.split(","))
-    if parts - {"train", "compile", "decode"}:
-        p.error(f"unknown --part {sorted(parts - {'train', 'compile', 'decode'})}")
+    known = {"train", "compile", "decode", "nanogpt"}
+    if parts - known:
+        p.error(f"unknown --part {sorted(parts - known)}")
     have_torch = torch_available()
     torch_version = "not installed"
     if have_torch:
@@ -330,6 +494,8 @@ def main() -> None:
         part_compile(args)
     if "decode" in parts:
         part_decode(args)
+    if "nanogpt" in parts:
+        part_nanogpt(args, have_torch)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from seqjax import kernels
 from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
 from seqjax.nn.attention import MultiHeadAttention, causal_mask, padding_mask
 from seqjax.nn.mlp import MlpBlock
+from seqjax.nn.norm import LayerNorm
 from seqjax.nn.position import AddSinusoidalPositions, LearnedPositionEmbedding
 
 Array = jax.Array
@@ -187,7 +188,8 @@ def check_tokens(config: TransformerConfig, tokens: Array, name: str) -> Array:
 
 def _layer_norm(config: TransformerConfig, name: str) -> Callable[[Array], Array]:
     """LayerNorm with float32 statistics whatever the compute dtype (output cast back to it)."""
-    norm = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32, name=name)  # float32 scale and bias too
+    # flax's parameters and formula; the backward pass keeps the input and two statistics (seqjax.nn.norm).
+    norm = LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32, name=name)  # float32 scale and bias too
     return lambda x: norm(x.astype(jnp.float32)).astype(config.dtype)
 
 

@@ -89,7 +89,9 @@ class MlpBlock(nn.Module):
         if inputs.ndim < 1:
             raise ValueError(f"MlpBlock expects inputs [B..., D] (rank >= 1), got shape {inputs.shape}")
         out_dim = self.out_dim or inputs.shape[-1]
-        h = self.activation(self._dense(self.mlp_dim, "wi")(inputs))  # [B..., M]
+        # Rematerialised: the backward pass keeps the activation's input alone and recomputes the elementwise
+        # function from it (autodiff of the tanh GELU keeps three more [B..., M] arrays; BENCHMARKS.md, nanoGPT).
+        h = jax.checkpoint(self.activation)(self._dense(self.mlp_dim, "wi")(inputs))  # [B..., M]
         if self.gated:
             h = h * self._dense(self.mlp_dim, "wi_gate")(inputs)  # [B..., M]
         h = nn.Dropout(rate=self.dropout_rate)(h, deterministic=deterministic)

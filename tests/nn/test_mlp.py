@@ -133,3 +133,14 @@ def test_bf16_compute(rng):
 def test_bad_config_raises(rng, kwargs, field):
     with pytest.raises(ValueError, match=field):
         MlpBlock(**kwargs).init(rng, jnp.ones((2, 4)))
+
+
+def test_backward_recomputes_the_activation(rng):
+    """The activation is rematerialised: the backward pass keeps its input and wo's input, two [B, T, M] arrays
+    (plain autodiff of the tanh GELU keeps five)."""
+    x = normal((2, 5, 8))
+    block = MlpBlock(mlp_dim=24)
+    params = block.init(rng, x)["params"]
+    _, vjp = jax.vjp(lambda p: block.apply({"params": p}, x), params)
+    hidden = [a for a in jax.tree.leaves(vjp) if getattr(a, "shape", None) == (2, 5, 24)]
+    assert len(hidden) == 2

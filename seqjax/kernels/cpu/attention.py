@@ -108,10 +108,12 @@ def self_attention(
     precision: lax.PrecisionLike = None,
 ) -> Array:
     """`blocked.self_attention`'s function (qkv `[B..., T, 3, N, H]`, q already scaled → `[B..., T, N, H]`) by the
-    C++ kernel where it `applies` above one block (below, the plain formulation is faster), else by `blocked`."""
+    C++ kernel where it `applies` (also within one block: it keeps qkv, the output and a log-sum-exp for the backward
+    pass, not the [B, N, T, T] probabilities and masks, which in a small model are what pushes the training step's
+    temporary memory over glibc's mmap threshold; BENCHMARKS.md, "nanoGPT's CPU shape"), else by `blocked`."""
     *batch, t, _, n, h = qkv.shape
     b = math.prod(batch)
-    if blocked.fits_one_block(b, n, t, t) or not applies(qkv, dropout_rate, t):
+    if not applies(qkv, dropout_rate, t):
         return blocked.self_attention(qkv, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                                       precision=precision)  # fmt: skip
     common.check_shapes(*common.split_qkv(qkv), mask, None)
