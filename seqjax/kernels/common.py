@@ -128,7 +128,8 @@ def segment_pair(segment_ids, query: Array, key: Array) -> Segments | None:
     out = []
     for name, s, t in (("q", q_seg, tq), ("kv", kv_seg, tk)):
         s = jnp.asarray(s)
-        ok = s.ndim == len(batch) + 1 and s.shape[-1] == t and all(a in (1, b) for a, b in zip(s.shape[:-1], batch, strict=True))
+        ok = s.ndim == len(batch) + 1 and s.shape[-1] == t
+        ok = ok and all(a in (1, b) for a, b in zip(s.shape[:-1], batch, strict=True))
         if not ok or not jnp.issubdtype(s.dtype, jnp.integer):
             raise ValueError(
                 f"{name} segment ids must be integers [B..., {t}] with B... = {batch} (query {query.shape}, key "

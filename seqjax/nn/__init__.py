@@ -6,6 +6,7 @@ from seqjax.nn.attention import (
     combine_masks,
     padding_mask,
     scaled_dot_product_attention,
+    segment_mask,
 )
 from seqjax.nn.mlp import MlpBlock
 from seqjax.nn.position import (
@@ -67,6 +68,7 @@ __all__ = [
     "predict_ahead",
     "rotary_frequencies",
     "scaled_dot_product_attention",
+    "segment_mask",
     "sinusoidal_embedding",
     "sinusoidal_positions",
     "sinusoidal_positions_2d",

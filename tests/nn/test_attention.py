@@ -438,7 +438,7 @@ def test_mha_above_one_block_matches_flax(rng, shape, heads, native, monkeypatch
     else:
         monkeypatch.setattr(cpu_attention, "applies", lambda *a: False)
         fused = blocked_kernel._qkv_attention
-        monkeypatch.setattr(blocked_kernel, "_qkv_attention", lambda *a: calls.append(a[-1]) or fused(*a))
+        monkeypatch.setattr(blocked_kernel, "_qkv_attention", lambda *a: calls.append(a[6]) or fused(*a))
     x = jax.random.normal(rng, shape)
     ours, theirs = MultiHeadAttention(num_heads=heads), _flax_mha(num_heads=heads)
     params = theirs.init(jax.random.key(12), x)
