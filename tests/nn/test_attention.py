@@ -478,11 +478,11 @@ def test_fused_self_attention_equals_the_blocked_kernel(rng):
     key = jax.random.key(4)
 
     def fused(qkv):
-        return blocked_kernel._qkv_attention(qkv, mask, key, 0.2, None, bb)
+        return blocked_kernel._qkv_attention(qkv, mask, None, key, 0.2, None, bb, False)
 
     def blocked(qkv):
         hm = jnp.moveaxis(qkv, 1, 3)
-        return blocked_kernel._run_blocked(hm[:, 0], hm[:, 1], hm[:, 2], mask, 0.2, key, None, 2**19, True)
+        return blocked_kernel._run_blocked(hm[:, 0], hm[:, 1], hm[:, 2], mask, None, False, 0.2, key, None, 2**19, True)
 
     for f in (lambda g: jnp.sum(jnp.sin(g(qkv))), lambda g: jax.grad(lambda x: jnp.sum(jnp.sin(g(x))))(qkv)):
         np.testing.assert_allclose(np.asarray(jax.jit(f, static_argnums=0)(fused)),
