@@ -68,7 +68,9 @@ def test_every_kernel_equals_the_reference_with_the_explicit_mask(name, tq, tk, 
     opts = {} if block_elements is None else {"block_elements": block_elements}
 
     def run(fn):
-        f = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)) * jnp.arange(tq, dtype=jnp.float32)[None, :, None, None])
+        f = lambda q, k, v: jnp.sum(
+            jnp.sin(fn(q, k, v)) * (1.0 + jnp.arange(tq, dtype=jnp.float32)[None, :, None, None] / tq)
+        )
         return jax.jit(jax.value_and_grad(f, (0, 1, 2)))(q, k, v), jax.jit(fn)(q, k, v)
 
     (got, got_grads), got_out = run(
