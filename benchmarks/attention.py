@@ -1,6 +1,8 @@
 """Forward+backward of multi-head self-attention: seqjax against flax's built-in and torch, in one run.
 
     python benchmarks/attention.py [--batch 32 --length 256 --width 512 --heads 8] [--repeats 15]
+    python benchmarks/attention.py --memory [--lengths 1024,2048,4096,16384,65536]
+    python benchmarks/attention.py --decoder-step [--length 32768]
 
 Prints the median step time of each implementation, timed in interleaved rounds, and its speed ratio to flax's
 `nn.MultiHeadDotProductAttention` and to `torch.nn.MultiheadAttention` (when torch is installed), without and with a
@@ -8,12 +10,19 @@ causal mask. seqjax's default ("auto") on CPU is its C++ kernel (`seqjax.kernels
 is the same layer with `implementation="blocked"` (the kernel in JAX ops). The timed step is value_and_grad of
 sum(out²) with respect to the parameters and the input, jit-compiled; torch runs the same forward+backward eagerly
 with all cores.
+
+--memory prints the compiled temporary memory (XLA's memory analysis; nothing is run) of that step for causal
+self-attention, B=1, width 256, 4 heads: seqjax with `is_causal=True`, seqjax with an explicit `causal_mask(T)`, and
+flax's layer with that mask. --decoder-step runs one real training step (value_and_grad and an Adam update) of a
+causal DecoderLM at one long length and prints its time and the process's peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import time
 
 import flax.linen as nn
 import jax
@@ -22,6 +31,7 @@ import numpy as np
 from _timing import interleaved_medians, interleaved_times, medians, paired_ratios, torch_available
 
 from seqjax.kernels import cpu
+from seqjax.models import DecoderLM, TransformerConfig
 from seqjax.nn import MultiHeadAttention, causal_mask
 
 TARGET = 1.2  # the issue's speed target against flax's layer, counted per round
@@ -56,6 +66,79 @@ def torch_step(args, causal: bool):
     return step
 
 
+def temp_bytes(module, length: int, width: int, **call) -> int:
+    """Compiled temporary memory of value_and_grad of sum(out²) for x [1, length, width] (compiled, not run)."""
+    x = jax.ShapeDtypeStruct((1, length, width), jnp.float32)
+    params = jax.eval_shape(module.init, jax.random.key(0), x)
+    use_mask = call.pop("mask", False)  # built inside the program, as a model builds it
+    loss = lambda p, x: jnp.sum(jnp.square(module.apply(p, x, mask=causal_mask(length) if use_mask else None, **call)))
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def memory_table(lengths: list[int], width: int = 256, heads: int = 4) -> None:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(f"jax {jax.__version__}, {os.cpu_count()} cores, {ram / 2**30:.0f} GiB; compiled temp memory (MiB) of "
+          f"forward+backward, B=1 D={width} N={heads}, causal, f32")  # fmt: skip
+    cols = {
+        "seqjax is_causal": (lambda: MultiHeadAttention(num_heads=heads), {"is_causal": True}),
+        "seqjax causal_mask(T)": (lambda: MultiHeadAttention(num_heads=heads), {"mask": True}),
+        "flax, causal mask": (lambda: nn.MultiHeadDotProductAttention(num_heads=heads), {"mask": True}),
+    }
+    print(f"  {'T':>6s} " + " ".join(f"{c:>22s}" for c in cols))
+    got = {}
+    for t in lengths:
+        row = []
+        for name, (make, call) in cols.items():
+            # flax's layer builds float32 [B, N, T, T] logits and weights: past 16384 it needs more than this
+            # machine's memory many times over, and XLA takes minutes to say how much.
+            if name.startswith("flax") and t > 16384:
+                row.append("(not compiled: > RAM)")
+                continue
+            got[name, t] = temp_bytes(make(), t, width, **call)
+            row.append(f"{got[name, t] / 2**20:,.0f}")
+        print(f"  {t:>6d} " + " ".join(f"{c:>22s}" for c in row), flush=True)
+    for name in cols:
+        if (name, 16384) in got and (name, 4096) in got:
+            print(f"  {name}: 16384 / 4096 = {got[name, 16384] / got[name, 4096]:.2f}x")
+
+
+def decoder_step(length: int, width: int = 256, heads: int = 4, layers: int = 2) -> None:
+    """One training step of a causal DecoderLM on [1, length] tokens: compile, then time one run."""
+    import optax
+
+    cfg = TransformerConfig(
+        vocab_size=256, emb_dim=width, num_heads=heads, num_layers=layers, mlp_dim=4 * width, max_len=length,
+        dropout_rate=0.0, attention_dropout_rate=0.0,
+    )  # fmt: skip
+    model = DecoderLM(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (1, length), 1, 256)
+    params = jax.jit(model.init)(jax.random.key(1), tokens[:, :8])["params"]
+    tx = optax.adam(1e-3)
+
+    def step(params, opt_state, tokens):
+        def loss(p):
+            logits = model.apply({"params": p}, tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    opt_state = tx.init(params)
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
+    t1 = time.perf_counter()
+    params, opt_state, value = jax.block_until_ready(compiled(params, opt_state, tokens))
+    t2 = time.perf_counter()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+    print(f"jax {jax.__version__}, {os.cpu_count()} cores; DecoderLM {layers} layers D={width} N={heads} "
+          f"MLP={4 * width} V=256, B=1 T={length - 1}, causal (is_causal), f32, Adam")  # fmt: skip
+    temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
+    print(f"  compile {t1 - t0:.1f} s, one step {t2 - t1:.1f} s, loss {float(value):.3f}, "
+          f"compiled temp {temp:.2f} GiB, peak RSS {rss:.2f} GiB")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
@@ -64,7 +147,14 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--variants", default="all", help="comma list of seqjax variants, or 'all'")
+    p.add_argument("--memory", action="store_true", help="the compiled-memory table of causal attention")
+    p.add_argument("--lengths", default="1024,2048,4096,16384,65536", help="lengths of --memory")
+    p.add_argument("--decoder-step", action="store_true", help="one training step of a causal DecoderLM")
     args = p.parse_args()
+    if args.memory:
+        return memory_table([int(t) for t in args.lengths.split(",")])
+    if args.decoder_step:
+        return decoder_step(32768 + 1 if args.length == 256 else args.length)
     have_torch = torch_available()
 
     x = jax.random.normal(jax.random.key(0), (args.batch, args.length, args.width), jnp.float32)

@@ -223,6 +223,19 @@ def pack(sequences: Sequence[np.ndarray], rows: int, length: int) -> Batch:
     return {"tokens": tokens, "segment_ids": segments, "positions": positions, "num_packed": np.int32(packed)}
 
 
+def packed_lm_targets(tokens: np.ndarray, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token labels and weights of packed rows (`pack`'s `tokens` and `segment_ids`, [rows, length]), for a
+    decoder-only LM called with those `segment_ids` and `positions`: `labels[:, t] = tokens[:, t + 1]`, with weight
+    1 only where t + 1 is in the same sequence as t (not across a boundary into the next sequence, not on padding,
+    not past the row's end). Returns (labels [rows, length] int32, weights [rows, length] float32)."""
+    tokens, segment_ids = np.asarray(tokens), np.asarray(segment_ids)
+    labels = np.zeros_like(tokens, np.int32)
+    labels[:, :-1] = tokens[:, 1:]
+    weights = np.zeros(tokens.shape, np.float32)
+    weights[:, :-1] = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] != 0)
+    return labels, weights
+
+
 class Seq2SeqCollate:
     """For transduction data (`inputs`, `targets`): `inputs` padded to `input_length`; `decoder_inputs` = [bos] +
     targets and `labels` = targets + [eos], padded to `target_length`; `weights` 1 on real label tokens."""
@@ -241,4 +254,14 @@ class Seq2SeqCollate:
         }
 
 
-__all__ = ["Mapped", "Pipeline", "Seq2SeqCollate", "Windows", "pack", "pad", "read_many", "stack"]
+__all__ = [
+    "Mapped",
+    "Pipeline",
+    "Seq2SeqCollate",
+    "Windows",
+    "pack",
+    "packed_lm_targets",
+    "pad",
+    "read_many",
+    "stack",
+]

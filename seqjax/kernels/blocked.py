@@ -168,45 +168,69 @@ def _softmax_delta(dout, out):
     return jnp.einsum("bqnh,bqnh->bnq", dout.astype(acc), out.astype(acc))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _blocked_attention(q, k, v, mask, rng, dropout_rate, precision, bb, bq, heads_major):
-    return _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq, heads_major)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+def _blocked_attention(q, k, v, mask, segs, rng, dropout_rate, precision, bb, bq, heads_major, causal):
+    return _blocked_fwd(q, k, v, mask, segs, rng, dropout_rate, precision, bb, bq, heads_major, causal)[0]
 
 
-def _fold_inputs(q, k, v, mask, bb, bq, heads_major):
-    """Blocks of q, k, v and the mask, shared by the forward and backward passes; returns (dims, qf, kf, vf, mf) with
-    dims = (t_axis, B, Tq, N, Tk)."""
+class _Masks(NamedTuple):
+    """What masks the blocks: the folded mask (or None), causality, and the folded segment ids (or None): q
+    [nb * nq, bb, bq], kv [nb, bb, Tk]."""
+
+    mask: _Folded | None
+    causal: bool
+    q_seg: _Folded | None
+    kv_seg: _Folded | None
+
+    def block(self, ib, iq, bq: int, tk: int) -> Array | None:
+        """The mask of block (ib, iq), broadcastable to [bb, N, bq, Tk], computed from iota and the block's segment
+        ids: no [Tq, Tk] array is built for `is_causal` or `segment_ids`."""
+        parts = [] if self.mask is None else [self.mask.take(ib, iq)]
+        if self.causal:  # top-left aligned: query i sees keys 0..i
+            q_pos = iq * bq + lax.broadcasted_iota(jnp.int32, (bq, tk), 0)
+            parts.append((lax.broadcasted_iota(jnp.int32, (bq, tk), 1) <= q_pos)[None, None])
+        if self.q_seg is not None:
+            qs, ks = self.q_seg.take(ib, iq)[:, :, None], self.kv_seg.take(ib, iq)[:, None, :]  # [bb, bq, Tk]
+            parts.append(((qs == ks) & (qs != 0))[:, None])
+        return functools.reduce(jnp.logical_and, parts) if parts else None
+
+
+def _fold_inputs(q, k, v, mask, segs, causal, bb, bq, heads_major):
+    """Blocks of q, k, v and the masks, shared by the forward and backward passes; returns (dims, qf, kf, vf, masks)
+    with dims = (t_axis, B, Tq, N, Tk)."""
     t_axis = 2 if heads_major else 1
     b, tq, n, tk = q.shape[0], q.shape[t_axis], q.shape[3 - t_axis], k.shape[t_axis]
     qf = _fold(q, b, bb, t_axis, bq)  # [nb * nq, bb, bq, N, H] (or [.., N, bq, H])
     kf, vf = _fold(k, b, bb, None, bq), _fold(v, b, bb, None, bq)  # [nb, bb, Tk, N, H]
     mf = None if mask is None else _fold(mask, b, bb, 2 if mask.shape[2] == tq else None, bq)
-    return (t_axis, b, tq, n, tk), qf, kf, vf, mf
+    q_seg, kv_seg = (None, None) if segs is None else (_fold(segs[0], b, bb, 1, bq), _fold(segs[1], b, bb, None, bq))
+    return (t_axis, b, tq, n, tk), qf, kf, vf, _Masks(mf, causal, q_seg, kv_seg)
 
 
-def _blocked_fwd(q, k, v, mask, rng, dropout_rate, precision, bb, bq, heads_major):
-    """q [B, Tq, N, H] (already scaled), k/v [B, Tk, N, H], mask [B|1, N|1, Tq|1, Tk] or None. With heads_major,
-    q/k/v (and their gradients) are [B, N, T, H] instead; the output is [B, Tq, N, H] either way."""
-    (_, _, _, n, tk), qf, kf, vf, mf = _fold_inputs(q, k, v, mask, bb, bq, heads_major)
+def _blocked_fwd(q, k, v, mask, segs, rng, dropout_rate, precision, bb, bq, heads_major, causal):
+    """q [B, Tq, N, H] (already scaled), k/v [B, Tk, N, H], mask [B|1, N|1, Tq|1, Tk] or None, segs None or segment
+    ids (q [B, Tq], kv [B, Tk]) int32, causal a bool. With heads_major, q/k/v (and their gradients) are [B, N, T, H]
+    instead; the output is [B, Tq, N, H] either way."""
+    (_, _, _, n, tk), qf, kf, vf, masks = _fold_inputs(q, k, v, mask, segs, causal, bb, bq, heads_major)
     nb, nq = qf.nb, qf.nq
 
     def block(i):
         ib, iq = i // nq, i % nq
         keep = _keep(rng, i, dropout_rate, (bb, n, bq, tk))
-        m = None if mf is None else mf.take(ib, iq)
+        m = masks.block(ib, iq, bq, tk)
         return _forward_block(qf.take(ib, iq), kf.take(ib, iq), vf.take(ib, iq), m, keep, precision, heads_major)
 
     o, lse = lax.map(block, jnp.arange(nb * nq))
     out = _unfold(o, nb, nq, 1)  # [B, Tq, N, H]
     lse = _unfold(lse, nb, nq, 2)  # [B, N, Tq]
-    return out, (q, k, v, mask, rng, out, lse)
+    return out, (q, k, v, mask, segs, rng, out, lse)
 
 
-def _block_gradients(dropout_rate, precision, bb, bq, heads_major, res, dout):
+def _block_gradients(dropout_rate, precision, bb, bq, heads_major, causal, res, dout):
     """The backward pass's blocks: (t_axis, B, nb, nq, block) with block(ib, iq) -> dq, dk, dv of that block
     ([bb, bq, N, H], or heads-major [bb, N, bq, H], for dq; [bb, Tk, N, H] or [bb, N, Tk, H] for dk and dv)."""
-    q, k, v, mask, rng, out, lse = res
-    (t_axis, b, _, n, tk), qf, kf, vf, mf = _fold_inputs(q, k, v, mask, bb, bq, heads_major)
+    q, k, v, mask, segs, rng, out, lse = res
+    (t_axis, b, _, n, tk), qf, kf, vf, masks = _fold_inputs(q, k, v, mask, segs, causal, bb, bq, heads_major)
     delta = _softmax_delta(dout, out)
     dof = _fold(dout, b, bb, 1, bq)
     lsef, deltaf = _fold(lse, b, bb, 2, bq), _fold(delta, b, bb, 2, bq)  # [nb * nq, bb, N, bq]
@@ -214,16 +238,16 @@ def _block_gradients(dropout_rate, precision, bb, bq, heads_major, res, dout):
 
     def block(ib, iq):
         keep = _keep(rng, ib * nq + iq, dropout_rate, (bb, n, bq, tk))
-        m = None if mf is None else mf.take(ib, iq)
+        m = masks.block(ib, iq, bq, tk)
         blocks = (x.take(ib, iq) for x in (qf, kf, vf, dof, lsef, deltaf))
         return _backward_block(*blocks, m, keep, precision, heads_major)
 
     return t_axis, b, nb, nq, block
 
 
-def _blocked_bwd(dropout_rate, precision, bb, bq, heads_major, res, dout):
+def _blocked_bwd(dropout_rate, precision, bb, bq, heads_major, causal, res, dout):
     k, v = res[1], res[2]
-    t_axis, b, nb, nq, block = _block_gradients(dropout_rate, precision, bb, bq, heads_major, res, dout)
+    t_axis, b, nb, nq, block = _block_gradients(dropout_rate, precision, bb, bq, heads_major, causal, res, dout)
     if nq == 1:
         dq, dk, dv = lax.map(lambda ib: block(ib, 0), jnp.arange(nb))
     else:
@@ -243,45 +267,47 @@ def _blocked_bwd(dropout_rate, precision, bb, bq, heads_major, res, dout):
     dq = _unfold(dq, nb, nq, t_axis)
     dk = dk.reshape(b, *dk.shape[2:])
     dv = dv.reshape(b, *dv.shape[2:])
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _qkv_attention(qkv, mask, rng, dropout_rate, precision, bb):
-    return _qkv_fwd(qkv, mask, rng, dropout_rate, precision, bb)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _qkv_attention(qkv, mask, segs, rng, dropout_rate, precision, bb, causal):
+    return _qkv_fwd(qkv, mask, segs, rng, dropout_rate, precision, bb, causal)[0]
 
 
-def _qkv_fwd(qkv, mask, rng, dropout_rate, precision, bb):
+def _qkv_fwd(qkv, mask, segs, rng, dropout_rate, precision, bb, causal):
     """Self-attention straight from the fused projection qkv [B, T, 3, N, H] (q already scaled), in blocks of `bb`
     whole batch rows (no query blocks). The forward is the blocked kernel on q, k, v sliced heads-major, in the one
     copy that slicing costs anyway. The backward emits d(qkv) in the projection's own layout: each block stacks and
     transposes its small dq, dk, dv in cache, so the loop's output is the gradient, with no [B, N, T, H] dq, dk, dv
     buffers to copy and concatenate afterwards (BENCHMARKS.md)."""
     hm = jnp.moveaxis(qkv, 1, 3)  # [B, 3, N, T, H]
-    return _blocked_fwd(hm[:, 0], hm[:, 1], hm[:, 2], mask, rng, dropout_rate, precision, bb, qkv.shape[1], True)
+    q, k, v, t = hm[:, 0], hm[:, 1], hm[:, 2], qkv.shape[1]
+    return _blocked_fwd(q, k, v, mask, segs, rng, dropout_rate, precision, bb, t, True, causal)
 
 
-def _qkv_bwd(dropout_rate, precision, bb, res, dout):
+def _qkv_bwd(dropout_rate, precision, bb, causal, res, dout):
     t = res[0].shape[2]  # q [B, N, T, H]
-    _, b, nb, _, block = _block_gradients(dropout_rate, precision, bb, t, True, res, dout)
+    _, b, nb, _, block = _block_gradients(dropout_rate, precision, bb, t, True, causal, res, dout)
 
     def rows(ib):
         dq, dk, dv = block(ib, 0)  # [bb, N, T, H] each
         return jnp.transpose(jnp.stack([dq, dk, dv], axis=1), (0, 3, 1, 2, 4))  # [bb, T, 3, N, H]
 
     dqkv = lax.map(rows, jnp.arange(nb))
-    return dqkv.reshape(b, *dqkv.shape[2:]), None, None
+    return dqkv.reshape(b, *dqkv.shape[2:]), None, None, None
 
 
 _qkv_attention.defvjp(_qkv_fwd, _qkv_bwd)
 
 
-def _run_blocked(q, k, v, mask, rate, dropout_rng, precision, block_elements, heads_major):
+def _run_blocked(q, k, v, mask, segs, causal, rate, dropout_rng, precision, block_elements, heads_major):
     """The blocked kernel on flat-batch q [B, Tq, N, H] and k/v [B, Tk, N, H] (or [B, N, T, H] with heads_major),
-    mask [B|1, N|1, Tq|1, Tk]; pads the queries to a whole number of blocks. Returns [B, Tq, N, H]."""
+    mask [B|1, N|1, Tq|1, Tk], segs None or (q [B, Tq], kv [B, Tk]); pads the queries to a whole number of blocks.
+    Returns [B, Tq, N, H]."""
     t_axis = 2 if heads_major else 1
     b, tq, n, tk = q.shape[0], q.shape[t_axis], q.shape[3 - t_axis], k.shape[t_axis]
     bb, bq = block_sizes(b, n, tq, tk, block_elements, common.single_device())
@@ -290,8 +316,15 @@ def _run_blocked(q, k, v, mask, rate, dropout_rng, precision, block_elements, he
         q = jnp.pad(q, [(0, pad) if i == t_axis else (0, 0) for i in range(4)])
         if mask is not None and mask.shape[2] == tq:
             mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        if segs is not None:  # padded queries are segment 0: fully masked
+            segs = (jnp.pad(segs[0], ((0, 0), (0, pad))), segs[1])
     rng = dropout_rng if rate > 0.0 else jax.random.key(0)
-    return _blocked_attention(q, k, v, mask, rng, rate, precision, bb, bq, heads_major)[:, :tq]
+    return _blocked_attention(q, k, v, mask, segs, rng, rate, precision, bb, bq, heads_major, causal)[:, :tq]
+
+
+def _flat_segments(segs, b: int):
+    """Segment ids (q [B..., Tq], kv [B..., Tk]) or None → flat-batch [B, Tq], [B, Tk]."""
+    return None if segs is None else tuple(s.reshape(b, s.shape[-1]) for s in segs)
 
 
 def attention(
@@ -308,21 +341,27 @@ def attention(
     scale: float | None = None,
     precision: lax.PrecisionLike = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    is_causal: bool = False,
+    segment_ids=None,
 ) -> Array | tuple[Array, Array]:
     """`seqjax.nn.scaled_dot_product_attention` by blocks; `block_elements` is the target size of one block's
-    scores (a speed knob: the result does not depend on it)."""
+    scores (a speed knob: the result does not depend on it). `is_causal` and `segment_ids` are computed inside
+    each block (from iota and the block's ids), so no [Tq, Tk] mask is built."""
     q, k, v, mask, bias, scale, rate = common.prepare(
         query, key, value, mask, bias, dropout_rate, dropout_rng, deterministic, scale
     )
+    segs = common.segment_pair(segment_ids, q, k)
     batch = q.shape[:-3]
     b, (tq, n, h), tk = math.prod(batch), q.shape[-3:], k.shape[-3]
     if bias is not None or return_weights or fits_one_block(b, n, tq, tk, block_elements):
+        mask = common.dense_mask(mask, is_causal, segs, q, k)  # at most one block's size (or asked for)
         out, weights = reference.attention_and_weights(q, k, v, mask, bias, scale, rate, dropout_rng, precision)
         return (out, weights) if return_weights else out
     # Flatten the batch dims, fold the scale into the (smaller) query tensor, and run the blocks.
     q = (q * jnp.asarray(scale, q.dtype)).reshape(b, tq, n, h)
     k, v = k.reshape(b, tk, n, h), v.reshape(b, tk, n, v.shape[-1])
-    out = _run_blocked(q, k, v, common.flat_mask(mask, batch), rate, dropout_rng, precision, block_elements, False)
+    mask, segs = common.flat_mask(mask, batch), _flat_segments(segs, b)
+    out = _run_blocked(q, k, v, mask, segs, is_causal, rate, dropout_rng, precision, block_elements, False)
     return out.astype(value.dtype).reshape(*batch, tq, n, v.shape[-1])
 
 
@@ -334,27 +373,31 @@ def self_attention(
     dropout_rng: Array | None = None,
     precision: lax.PrecisionLike = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    is_causal: bool = False,
+    segment_ids=None,
 ) -> Array:
     """Self-attention from a fused projection qkv `[B..., T, 3, N, H]` whose q is already scaled → `[B..., T, N, H]`
-    (dropout on when `dropout_rate` > 0). Above one block, q, k and v are sliced heads-major ([B, N, T, H]) in the
-    one copy that slicing costs anyway, so that the blocks need no transposes of their own; with whole batch rows
-    per block the backward pass emits d(qkv) directly (BENCHMARKS.md)."""
+    (dropout on when `dropout_rate` > 0; `is_causal` and `segment_ids` as in `attention`). Above one block, q, k
+    and v are sliced heads-major ([B, N, T, H]) in the one copy that slicing costs anyway, so that the blocks need
+    no transposes of their own; with whole batch rows per block the backward pass emits d(qkv) directly
+    (BENCHMARKS.md)."""
     *batch, t, _, n, h = qkv.shape
     b = math.prod(batch)
     q, k, v = common.split_qkv(qkv)
     if fits_one_block(b, n, t, t, block_elements):
         return attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                         deterministic=dropout_rate == 0.0, scale=1.0, precision=precision)  # fmt: skip
+                         deterministic=dropout_rate == 0.0, scale=1.0, precision=precision, is_causal=is_causal,
+                         segment_ids=segment_ids)  # fmt: skip
     common.check_shapes(q, k, v, mask, None)
     common.check_mask_dtype(mask)
+    segs = _flat_segments(common.segment_pair(segment_ids, q, k), b)
     mask = common.flat_mask(None if mask is None else jnp.asarray(mask), tuple(batch))
     bb, bq = block_sizes(b, n, t, t, block_elements, common.single_device())
     if bq == t:  # whole batch rows per block: the backward emits d(qkv) directly
         rng = dropout_rng if dropout_rate > 0.0 else jax.random.key(0)
-        out = _qkv_attention(qkv.reshape(b, t, 3, n, h), mask, rng, dropout_rate, precision, bb)
+        out = _qkv_attention(qkv.reshape(b, t, 3, n, h), mask, segs, rng, dropout_rate, precision, bb, is_causal)
     else:
         hm = jnp.moveaxis(qkv.reshape(b, t, 3, n, h), 1, 3)  # [B, 3, N, T, H]
-        out = _run_blocked(
-            hm[:, 0], hm[:, 1], hm[:, 2], mask, dropout_rate, dropout_rng, precision, block_elements, True
-        )
+        q, k, v = hm[:, 0], hm[:, 1], hm[:, 2]
+        out = _run_blocked(q, k, v, mask, segs, is_causal, dropout_rate, dropout_rng, precision, block_elements, True)
     return out.reshape(*batch, t, n, h)

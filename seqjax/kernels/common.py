@@ -5,6 +5,7 @@ Glossary: B batch (any number of leading dims, B...), Tq / Tk query / key length
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -94,3 +95,70 @@ def single_device() -> bool:
     """Whether the process has one device. With several, kernels avoid what XLA cannot partition (a custom call, a
     loop over blocks of a batch-sharded axis), which under a batch-sharded `jit` would gather the batch."""
     return jax.device_count() == 1
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Causal and segment masks without a [Tq, Tk] array (`is_causal`, `segment_ids`)
+# ------------------------------------------------------------------------------------------------------------------
+# Causal is top-left aligned, as in jax.nn.dot_product_attention and torch's scaled_dot_product_attention: query i
+# may attend to keys 0..i, whatever Tq and Tk. Segment id 0 is padding: such a query attends to nothing (zero
+# output) and such a key is attended by no query.
+
+Segments = tuple[Array, Array]  # (q_segment_ids [B..., Tq], kv_segment_ids [B..., Tk]), int32
+
+
+def segment_pair(segment_ids, query: Array, key: Array) -> Segments | None:
+    """`segment_ids` as given to a kernel (None; one int array [B..., T] when Tq == Tk; or a pair (q [B..., Tq],
+    kv [B..., Tk])) → the pair, int32 and broadcast to the query's batch dims B...; a ValueError naming the shapes
+    otherwise. query [B..., Tq, N, H], key [B..., Tk, N, H]."""
+    if segment_ids is None:
+        return None
+    batch, tq, tk = query.shape[:-3], query.shape[-3], key.shape[-3]
+    if isinstance(segment_ids, tuple | list):
+        if len(segment_ids) != 2:
+            raise ValueError(f"segment_ids must be one array or a pair (q, kv); got {len(segment_ids)} entries")
+        q_seg, kv_seg = segment_ids
+    else:
+        if tq != tk:
+            raise ValueError(
+                f"one segment_ids array needs Tq == Tk; got query {query.shape} and key {key.shape}: pass a pair "
+                "(q_segment_ids [B..., Tq], kv_segment_ids [B..., Tk])"
+            )
+        q_seg = kv_seg = segment_ids
+    out = []
+    for name, s, t in (("q", q_seg, tq), ("kv", kv_seg, tk)):
+        s = jnp.asarray(s)
+        ok = s.ndim == len(batch) + 1 and s.shape[-1] == t
+        ok = ok and all(a in (1, b) for a, b in zip(s.shape[:-1], batch, strict=True))
+        if not ok or not jnp.issubdtype(s.dtype, jnp.integer):
+            raise ValueError(
+                f"{name} segment ids must be integers [B..., {t}] with B... = {batch} (query {query.shape}, key "
+                f"{key.shape}); got {s.dtype} {s.shape}"
+            )
+        out.append(jnp.broadcast_to(s.astype(jnp.int32), (*batch, t)))
+    return out[0], out[1]
+
+
+def segment_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
+    """[B..., Tq] and [B..., Tk] → bool [B..., 1, Tq, Tk]: same segment, and not segment 0 (padding)."""
+    q, kv = q_segment_ids[..., None, :, None], kv_segment_ids[..., None, None, :]
+    return (q == kv) & (q != 0)
+
+
+def causal_mask(tq: int, tk: int) -> Array:
+    """bool [1, 1, Tq, Tk], top-left aligned: query i may attend to keys 0..i."""
+    return (jnp.arange(tk)[None, :] <= jnp.arange(tq)[:, None])[None, None]
+
+
+def dense_mask(mask: Array | None, is_causal: bool, segments: Segments | None, query: Array, key: Array):
+    """`mask` AND the causal and segment masks, spelled out at the rank of [B..., N, Tq, Tk] (None if there is
+    none): for the kernels that take only a mask, and for the reference, which is the definition."""
+    rank, parts = query.ndim, [mask]
+    if is_causal:
+        parts.append(causal_mask(query.shape[-3], key.shape[-3]))
+    if segments is not None:
+        parts.append(segment_mask(*segments))
+    parts = [p.reshape((1,) * (rank - p.ndim) + p.shape) for p in parts if p is not None]
+    if not parts:
+        return None
+    return functools.reduce(jnp.logical_and, parts)

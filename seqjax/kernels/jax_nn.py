@@ -72,12 +72,17 @@ def attention(
     scale: float | None = None,
     precision: lax.PrecisionLike = None,
     implementation: str | None = None,
+    is_causal: bool = False,
+    segment_ids=None,
 ) -> Array | tuple[Array, Array]:
     """`seqjax.nn.scaled_dot_product_attention` by jax.nn.dot_product_attention; `implementation` is its own
-    ("xla", "cudnn"; None: cuDNN where `cudnn_applies`, else XLA). Calls it cannot take go to `blocked`."""
+    ("xla", "cudnn"; None: cuDNN where `cudnn_applies`, else XLA). Calls it cannot take go to `blocked`.
+    `is_causal` is jax.nn's own (top-left aligned, as seqjax's); jax.nn has no segment ids, so they become a mask
+    (XLA's formulation builds the [Tq, Tk] scores anyway)."""
     q, k, v, mask, bias, scale, rate = common.prepare(
         query, key, value, mask, bias, dropout_rate, dropout_rng, deterministic, scale
     )
+    causal = dict(is_causal=is_causal, segment_ids=segment_ids)
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU; JAX's backend here is {jax.default_backend()!r}")
     if not applies(q, k, v, rate, return_weights):
@@ -85,7 +90,8 @@ def attention(
             raise ValueError("cuDNN's attention supports neither dropout nor return_weights")
         return blocked.attention(q, k, v, mask, bias=bias, dropout_rate=rate, dropout_rng=dropout_rng,
                                  deterministic=rate == 0.0, return_weights=return_weights, scale=scale,
-                                 precision=precision)  # fmt: skip
+                                 precision=precision, **causal)  # fmt: skip
+    mask = common.dense_mask(mask, False, common.segment_pair(segment_ids, q, k), q, k)
     if implementation is None:
         implementation = "cudnn" if cudnn_applies(q, k, v, bias) else "xla"
     batch = q.shape[:-3]
@@ -97,10 +103,11 @@ def attention(
     # users who turn it on) refuses inside jax.
     with jax.numpy_dtype_promotion("standard"):
         out = jax.nn.dot_product_attention(
-            flat(q), flat(k), flat(v), bias=bi, mask=m, scale=scale, implementation=implementation
-        )
+            flat(q), flat(k), flat(v), bias=bi, mask=m, scale=scale, is_causal=is_causal,
+            implementation=implementation,
+        )  # fmt: skip
     if m is not None:  # fully masked rows: zeros, as the other kernels return
-        any_valid = jnp.any(m, axis=-1)  # [B, N, Tq]
+        any_valid = jnp.any(m & common.causal_mask(*m.shape[-2:]) if is_causal else m, axis=-1)  # [B, N, Tq]
         out = jnp.where(jnp.swapaxes(any_valid, 1, 2)[..., None], out, jnp.zeros((), out.dtype))
     return out.astype(value.dtype).reshape(*batch, *out.shape[1:])
 

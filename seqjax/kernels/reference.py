@@ -58,10 +58,14 @@ def attention(
     return_weights: bool = False,
     scale: float | None = None,
     precision: lax.PrecisionLike = None,
+    is_causal: bool = False,
+    segment_ids=None,
 ) -> Array | tuple[Array, Array]:
-    """`seqjax.nn.scaled_dot_product_attention` computed plainly (see there for the arguments)."""
+    """`seqjax.nn.scaled_dot_product_attention` computed plainly (see there for the arguments); `is_causal` and
+    `segment_ids` are spelled out into the mask here (this is the definition)."""
     q, k, v, mask, bias, scale, rate = common.prepare(
         query, key, value, mask, bias, dropout_rate, dropout_rng, deterministic, scale
     )
+    mask = common.dense_mask(mask, is_causal, common.segment_pair(segment_ids, q, k), q, k)
     out, weights = attention_and_weights(q, k, v, mask, bias, scale, rate, dropout_rng, precision)
     return (out, weights) if return_weights else out

@@ -43,7 +43,8 @@ Array = jax.Array
 class AttentionKernel:
     """A registered attention kernel: called with `scaled_dot_product_attention`'s arguments; `self_attention`
     (optional) takes `MultiHeadAttention`'s fused projection qkv `[B..., T, 3, N, H]` with q already scaled, as
-    `self_attention(qkv, mask, *, dropout_rate, dropout_rng, precision)` → `[B..., T, N, H]`, saving the slicing."""
+    `self_attention(qkv, mask, *, dropout_rate, dropout_rng, precision, is_causal, segment_ids)` →
+    `[B..., T, N, H]`, saving the slicing."""
 
     def __init__(self, name: str, attention: Callable, self_attention: Callable | None = None):
         self.name, self.attention, self.self_attention = name, attention, self_attention
@@ -75,9 +76,12 @@ def auto_attention(query, key, value, mask=None, *, block_elements=blocked.DEFAU
     )
 
 
-def auto_self_attention(qkv, mask=None, *, dropout_rate=0.0, dropout_rng=None, precision=None):
+def auto_self_attention(
+    qkv, mask=None, *, dropout_rate=0.0, dropout_rng=None, precision=None, is_causal=False, segment_ids=None
+):
     """The "auto" kernel on a fused projection (`AttentionKernel.self_attention`)."""
-    kw = dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng, precision=precision)
+    kw = dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng, precision=precision, is_causal=is_causal,
+              segment_ids=segment_ids)  # fmt: skip
     sliced = dict(kw, deterministic=dropout_rate == 0.0, scale=1.0)
     return _per_platform(
         (qkv,),

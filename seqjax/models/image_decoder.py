@@ -30,7 +30,6 @@ import numpy as np
 from seqjax.decoding import cache_capacity, default_batch_axes, empty_cache, with_decode
 from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
 from seqjax.models.transformer import DecoderBlock, TransformerConfig, _Stack, stack_config
-from seqjax.nn.attention import causal_mask
 
 Array = jax.Array
 Dtype = Any
@@ -158,7 +157,7 @@ class ImageTokenDecoder(nn.Module):
         b = text.shape[0]
         boi = jnp.full((b, 1), cfg.text_vocab_size, text.dtype)
         stream = jnp.concatenate([text, boi, image[:, :-1].astype(text.dtype)], axis=1)  # [B, S-1]
-        x = self._run(self.embed(stream, 0), causal_mask(stream.shape[1]), deterministic)
+        x = self._run(self.embed(stream, 0), None, deterministic)  # DecoderBlock is causal (is_causal)
         text_logits = self.text_head(x[:, : cfg.text_len - 1])
         image_logits = self.image_head(x[:, cfg.text_len :])
         return text_logits, image_logits

@@ -30,7 +30,7 @@ from flax.core import FrozenDict, unfreeze
 
 from seqjax import kernels
 from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
-from seqjax.nn.attention import MultiHeadAttention, causal_mask, padding_mask
+from seqjax.nn.attention import MultiHeadAttention
 from seqjax.nn.mlp import MlpBlock
 from seqjax.nn.norm import LayerNorm
 from seqjax.nn.position import AddSinusoidalPositions, LearnedPositionEmbedding
@@ -234,20 +234,25 @@ class _Sublayers(nn.Module):
 
 
 class EncoderBlock(_Sublayers):
-    """Self-attention, then the MLP, each in a residual branch. `(x [B, S, D], mask, deterministic) -> [B, S, D]`."""
+    """Self-attention, then the MLP, each in a residual branch.
+    `(x [B, S, D], mask, deterministic, segment_ids [B, S] | None) -> [B, S, D]`."""
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, deterministic: bool = True) -> Array:
+    def __call__(
+        self, x: Array, mask: Array | None, deterministic: bool = True, segment_ids: Array | None = None
+    ) -> Array:
         attn = _attention(self.config, "self_attention")
-        x = self.residual(x, lambda y: attn(y, mask=mask, deterministic=deterministic), "ln_self", deterministic)
+        kw = dict(mask=mask, deterministic=deterministic, segment_ids=segment_ids)
+        x = self.residual(x, lambda y: attn(y, **kw), "ln_self", deterministic)
         return self.mlp(x, deterministic)
 
 
 class DecoderBlock(_Sublayers):
-    """Causal self-attention (cached when `config.decode`), cross-attention to `encoded` (skipped when it is None,
-    as in a decoder-only model), then the MLP.
+    """Causal self-attention (`is_causal`, no [T, T] mask; cached when `config.decode`), cross-attention to
+    `encoded` (skipped when it is None, as in a decoder-only model), then the MLP.
 
-    `(x [B, T, D], encoded [B, S, D] | None, self_mask, cross_mask, deterministic) -> [B, T, D]`.
+    `(x [B, T, D], encoded [B, S, D] | None, self_mask, cross_mask, deterministic, segment_ids [B, T] | None)
+    -> [B, T, D]`; `self_mask` (usually None) and `segment_ids` (packed sequences) AND with causality.
     """
 
     @nn.compact
@@ -258,10 +263,12 @@ class DecoderBlock(_Sublayers):
         self_mask: Array | None,
         cross_mask: Array | None,
         deterministic: bool = True,
+        segment_ids: Array | None = None,
     ) -> Array:
         cfg = self.config
         attn = _attention(cfg, "self_attention", decode=cfg.decode)
-        x = self.residual(x, lambda y: attn(y, mask=self_mask, deterministic=deterministic), "ln_self", deterministic)
+        kw = dict(mask=self_mask, deterministic=deterministic, is_causal=True, segment_ids=segment_ids)
+        x = self.residual(x, lambda y: attn(y, **kw), "ln_self", deterministic)
         if encoded is not None:
             cross = _attention(cfg, "cross_attention")
             x = self.residual(
@@ -273,7 +280,8 @@ class DecoderBlock(_Sublayers):
 class _Stack(nn.Module):
     """L blocks, unrolled (`layers_i`) or scanned (`layers`, stacked parameters), optionally rematerialised.
 
-    `block_args` are broadcast to every layer; `deterministic` is static.
+    `block_args` are broadcast to every layer; `deterministic` is static; `segment_ids` (packed sequences), when
+    given, follows it.
     """
 
     config: TransformerConfig
@@ -281,19 +289,20 @@ class _Stack(nn.Module):
     num_layers: int
 
     @nn.compact
-    def __call__(self, x: Array, *block_args, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, *block_args, deterministic: bool = True, segment_ids: Array | None = None) -> Array:
         cfg = self.config
         block = self.block
         static = 2 + len(block_args)  # position of `deterministic` counting self
+        trailing = () if segment_ids is None else (segment_ids,)
         if cfg.remat_policy != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], static_argnums=(static,))
         if not cfg.scan_layers:
             for i in range(self.num_layers):
-                x = block(cfg, name=f"layers_{i}")(x, *block_args, deterministic)
+                x = block(cfg, name=f"layers_{i}")(x, *block_args, deterministic, *trailing)
             return x
 
         def body(module, carry, _):
-            return module(carry, *block_args, deterministic), None
+            return module(carry, *block_args, deterministic, *trailing), None
 
         scan = nn.scan(
             body,
@@ -353,11 +362,14 @@ class Embed(nn.Module):
             self.counter = _PositionCounter()
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def __call__(self, tokens: Array, deterministic: bool = True) -> Array:
+    def __call__(self, tokens: Array, deterministic: bool = True, positions: Array | None = None) -> Array:
+        """`positions` int `[B, T]` (packed sequences restart at 0; default 0..T-1) are not taken with decode."""
         cfg = self.config
         x = self.table(tokens)  # [B, T, D]
+        if cfg.decode and positions is not None:
+            raise ValueError("Embed: positions come from the cache with config.decode; do not pass them")
         if cfg.position != "none":
-            positions = self.counter(tokens.shape[1]) if cfg.decode else None
+            positions = self.counter(tokens.shape[1]) if cfg.decode else positions
             x = self.positions(x, positions)
         return self.dropout(x, deterministic=deterministic)
 
@@ -379,7 +391,8 @@ def _logits(config: TransformerConfig, embed: Embed, x: Array, vocab: int) -> Ar
 
 
 class Encoder(nn.Module):
-    """Token ids `[B, S]` → encodings `[B, S, D]`; padding (id 0) is masked out of every attention."""
+    """Token ids `[B, S]` → encodings `[B, S, D]`; padding (id 0) is masked out of every attention, as segment 0
+    (no [S, S] mask is built); padded positions' attention outputs are zeros, as with `padding_mask`."""
 
     config: TransformerConfig
     shared_embedding: nn.Embed | None = None
@@ -388,10 +401,10 @@ class Encoder(nn.Module):
     def __call__(self, inputs: Array, deterministic: bool = True) -> Array:
         cfg = self.config
         inputs = check_tokens(cfg, inputs, "inputs")
-        valid = inputs > 0
-        mask = padding_mask(valid, valid)  # [B, 1, S, S]; padded queries get zeros
+        segments = (inputs > 0).astype(jnp.int32)  # [B, S]: 1 real, 0 padding (attends to and is seen by nothing)
         x = Embed(cfg.replace(decode=False), cfg.vocab_size, self.shared_embedding, name="embed")(inputs, deterministic)
-        x = _Stack(cfg, EncoderBlock, cfg.num_layers, name="stack")(x, mask, deterministic=deterministic)
+        stack = _Stack(cfg, EncoderBlock, cfg.num_layers, name="stack")
+        x = stack(x, None, deterministic=deterministic, segment_ids=segments)
         if cfg.pre_norm:
             x = _layer_norm(cfg, "ln_final")(x)
         return x
@@ -411,12 +424,11 @@ class Decoder(nn.Module):
         if not cfg.decode:
             targets = shift_right(targets)
         cross_mask = (jnp.asarray(inputs) > 0)[:, None, None, :]  # [B, 1, 1, S]: keys that are not padding
-        self_mask = None if cfg.decode else causal_mask(targets.shape[1])  # the cache masks itself
         embed = Embed(cfg, cfg.target_vocab_size, self.shared_embedding, name="embed")
         x = embed(targets, deterministic)
         x = _Stack(cfg, DecoderBlock, cfg.decoder_layers, name="stack")(
-            x, encoded, self_mask, cross_mask, deterministic=deterministic
-        )
+            x, encoded, None, cross_mask, deterministic=deterministic
+        )  # self-attention is causal by `is_causal` (the cache masks itself)
         if cfg.pre_norm:
             x = _layer_norm(cfg, "ln_final")(x)
         return _logits(cfg, embed, x, cfg.target_vocab_size)
@@ -453,12 +465,23 @@ class Transformer(nn.Module):
 
 class DecoderLM(nn.Module):
     """Decoder-only language model: `tokens [B, T] -> logits [B, T, V]`, where `logits[:, t]` depends only on
-    `tokens[:, :t+1]` and predicts `tokens[:, t+1]` (no shift inside)."""
+    `tokens[:, :t+1]` and predicts `tokens[:, t+1]` (no shift inside).
+
+    Packed rows (`seqjax.data.pipeline.pack`): `segment_ids [B, T]` (1, 2, ... per sequence, 0 padding) keep each
+    sequence's attention within itself and `positions [B, T]` restart at 0 per sequence, so each sequence gets the
+    logits it would get alone (`seqjax.data.pipeline.packed_lm_targets` gives the labels and weights)."""
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens: Array, deterministic: bool = True) -> Array:
+    def __call__(
+        self,
+        tokens: Array,
+        deterministic: bool = True,
+        *,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+    ) -> Array:
         cfg = self.config
         if cfg.num_decoder_layers not in (None, cfg.num_layers):
             raise ValueError(
@@ -467,11 +490,10 @@ class DecoderLM(nn.Module):
             )
         tokens = check_tokens(cfg, tokens, "tokens")
         embed = Embed(cfg, cfg.vocab_size, name="embed")
-        x = embed(tokens, deterministic)
-        self_mask = None if cfg.decode else causal_mask(tokens.shape[1])
+        x = embed(tokens, deterministic, positions)
         x = _Stack(cfg, DecoderBlock, cfg.num_layers, name="stack")(
-            x, None, self_mask, None, deterministic=deterministic
-        )
+            x, None, None, None, deterministic=deterministic, segment_ids=segment_ids
+        )  # causal by `is_causal`: no [T, T] mask
         if cfg.pre_norm:
             x = _layer_norm(cfg, "ln_final")(x)
         return _logits(cfg, embed, x, cfg.vocab_size)

@@ -6,6 +6,7 @@ from seqjax.nn.attention import (
     combine_masks,
     padding_mask,
     scaled_dot_product_attention,
+    segment_mask,
 )
 from seqjax.nn.mlp import MlpBlock
 from seqjax.nn.position import (
@@ -49,6 +50,7 @@ __all__ = [
     "padding_mask",
     "rotary_frequencies",
     "scaled_dot_product_attention",
+    "segment_mask",
     "sinusoidal_embedding",
     "sinusoidal_positions",
     "sinusoidal_positions_2d",

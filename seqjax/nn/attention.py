@@ -1,18 +1,17 @@
-"""Masks, scaled dot-product attention, and multi-head attention with a KV cache.
+"""Scaled dot-product attention and multi-head attention with a KV cache (the masks live in `seqjax.nn.masks` and
+are re-exported here).
 
 Glossary: B batch (any number of leading dims, written B...), Tq / Tk query / key length, N heads, H head dim,
 D model width, F input features.
 
-The masks are pure functions, tested on their own; how attention is computed lives in `seqjax.kernels`, behind one
-registry: `scaled_dot_product_attention` and `MultiHeadAttention` take a kernel by name (`implementation`, default
-"auto": chosen per platform when the program is lowered) or any callable with `scaled_dot_product_attention`'s
-signature (`MultiHeadAttention(attention_fn=...)`, flax's convention). `MultiHeadAttention` only projects, caches
-and calls it (DESIGN.md, style 7).
+How attention is computed lives in `seqjax.kernels`, behind one registry: `scaled_dot_product_attention` and
+`MultiHeadAttention` take a kernel by name (`implementation`, default "auto": chosen per platform when the program
+is lowered) or any callable with `scaled_dot_product_attention`'s signature (`MultiHeadAttention(attention_fn=...)`,
+flax's convention). `MultiHeadAttention` only projects, caches and calls it (DESIGN.md, style 7).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,60 +23,23 @@ from jax import lax
 
 from seqjax import kernels
 from seqjax.kernels.registry import BLOCKING
+from seqjax.nn.masks import causal_mask, combine_masks, padding_mask, segment_mask
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "MultiHeadAttention",
+    "causal_mask",
+    "combine_masks",
+    "padding_mask",
+    "scaled_dot_product_attention",
+    "segment_mask",
+]
 
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
 
 IMPLEMENTATIONS = kernels.NAMES
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Masks
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def causal_mask(length: int) -> Array:
-    """Lower-triangular mask: query t may attend to keys 0..t.
-
-    Returns:
-      bool `[1, 1, length, length]`, True = may attend.
-    """
-    if length < 1:
-        raise ValueError(f"causal_mask: length must be >= 1, got {length}")
-    return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
-
-
-def padding_mask(q_valid: Array, k_valid: Array | None = None) -> Array:
-    """Mask from per-position validity flags.
-
-    Args:
-      q_valid: bool `[B, Tq]`, True for real (non-padding) query positions.
-      k_valid: bool `[B, Tk]`; defaults to `q_valid` (self-attention).
-
-    Returns:
-      bool `[B, 1, Tq, Tk]`: True where both the query and the key are valid. Rows of padding queries are fully
-      masked, so attention returns zeros there.
-    """
-    k_valid = q_valid if k_valid is None else k_valid
-    q_valid, k_valid = jnp.asarray(q_valid, bool), jnp.asarray(k_valid, bool)
-    if q_valid.ndim != 2 or k_valid.ndim != 2 or q_valid.shape[0] != k_valid.shape[0]:
-        raise ValueError(
-            f"padding_mask expects q_valid [B, Tq] and k_valid [B, Tk] with the same B; got {q_valid.shape} and "
-            f"{k_valid.shape}"
-        )
-    return q_valid[:, None, :, None] & k_valid[:, None, None, :]
-
-
-def combine_masks(*masks: Array | None) -> Array | None:
-    """Logical AND of the given masks (broadcasting), ignoring None entries; None if all are None."""
-    present = [jnp.asarray(m, bool) for m in masks if m is not None]
-    if not present:
-        return None
-    ndim = {m.ndim for m in present}
-    if len(ndim) != 1:
-        raise ValueError(f"combine_masks: masks must have the same rank, got shapes {[m.shape for m in present]}")
-    return functools.reduce(jnp.logical_and, present)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,6 +62,8 @@ def scaled_dot_product_attention(
     precision: lax.PrecisionLike = None,
     implementation: str = "auto",
     block_elements: int | None = None,
+    is_causal: bool = False,
+    segment_ids: Array | tuple[Array, Array] | None = None,
 ) -> Array | tuple[Array, Array]:
     """Z = softmax(Q Kᵀ · scale + bias) V per head, with masking and dropout on the weights.
 
@@ -120,6 +84,11 @@ def scaled_dot_product_attention(
         take a call (`bias`, `return_weights`, dropout) hands it on, ending at "reference".
       block_elements: target size of one block's scores for the blocked kernel (a speed knob; the result does not
         depend on it; ignored by kernels that do not block).
+      is_causal: query i attends only to keys 0..i (top-left aligned when Tq != Tk, as in jax.nn and torch), without
+        building a `[Tq, Tk]` mask: the blocked kernel computes it inside each block.
+      segment_ids: packed sequences: int `[B..., T]` (Tq == Tk) or a pair (`[B..., Tq]`, `[B..., Tk]`); a query
+        attends only to keys with its id, and id 0 is padding (its queries get zeros, its keys are never attended).
+        Computed inside the blocks like `is_causal`. Both AND with `mask`.
 
     Returns:
       `[B..., Tq, N, H]` in the dtype of `value`, and the weights when `return_weights`. The logits and the softmax
@@ -139,6 +108,8 @@ def scaled_dot_product_attention(
         return_weights=return_weights,
         scale=scale,
         precision=precision,
+        is_causal=is_causal,
+        segment_ids=segment_ids,
         **options,
     )
 
@@ -219,12 +190,17 @@ class MultiHeadAttention(nn.Module):
         inputs_kv: Array | None = None,
         mask: Array | None = None,
         deterministic: bool = True,
+        *,
+        is_causal: bool = False,
+        segment_ids: Array | tuple[Array, Array] | None = None,
     ) -> Array:
         """Args:
           inputs_q: `[B..., Tq, F]`.
           inputs_kv: `[B..., Tk, F']` for cross-attention; None for self-attention.
           mask: bool broadcastable to `[B..., N, Tq, Tk]`, True = may attend.
           deterministic: disables dropout.
+          is_causal, segment_ids: as in `scaled_dot_product_attention` (no `[Tq, Tk]` mask is built); passed to
+            `attention_fn` only when set. With `decode`, the cache's own mask is causal and segment ids are refused.
 
         Returns:
           `[B..., Tq, D]`.
@@ -248,6 +224,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.decode and not self_attention:
             raise ValueError("decode=True caches self-attention only; call it without inputs_kv")
+        if self.decode and segment_ids is not None:
+            raise ValueError("decode=True does not take segment_ids (the cache holds one sequence per row)")
         out_features = self.out_features or inputs_q.shape[-1]
         n, h = self.num_heads, qkv_features // self.num_heads
 
@@ -282,11 +260,13 @@ class MultiHeadAttention(nn.Module):
         want_weights = self.is_mutable_collection("intermediates")
         attention_fn = self.attention_fn or kernels.attention_kernel(self.implementation)
         qkv_fn = getattr(attention_fn, "self_attention", None)
+        structure = {} if not is_causal and segment_ids is None else dict(is_causal=is_causal, segment_ids=segment_ids)
         if self_attention and self.fuse_qkv:
             qkv = _project(inputs_q, [wq, wk, wv], dtype, self.precision)  # [B..., T, 3, N, H]
             if qkv_fn is not None and not (self.decode or want_weights):
                 # The kernel takes the projection as it is (one copy fewer than slicing q, k, v out of it).
-                out = qkv_fn(qkv, mask, dropout_rate=rate, dropout_rng=dropout_rng, precision=self.precision)
+                kw = dict(dropout_rate=rate, dropout_rng=dropout_rng, precision=self.precision, **structure)
+                out = qkv_fn(qkv, mask, **kw)
                 return self._out(out, wo, dtype)
             query, key, value = (qkv[..., i, :, :] for i in range(3))
         elif self.fuse_qkv:
@@ -301,6 +281,7 @@ class MultiHeadAttention(nn.Module):
 
         if self.decode:
             key, value, mask = self._update_cache(key, value, mask)
+            structure = {}  # the cache's mask is causal over the positions cached so far
 
         result = attention_fn(
             query,
@@ -313,6 +294,7 @@ class MultiHeadAttention(nn.Module):
             return_weights=want_weights,
             scale=1.0,
             precision=self.precision,
+            **structure,
         )
         if want_weights:
             result, attn = result

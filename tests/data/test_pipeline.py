@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from seqjax.data import hide_accelerators_from_tensorflow
-from seqjax.data.pipeline import Pipeline, Seq2SeqCollate, Windows, pack, pad, stack
+from seqjax.data.pipeline import Pipeline, Seq2SeqCollate, Windows, pack, packed_lm_targets, pad, stack
 
 SOURCE = [{"x": np.array([i, 2 * i], np.int32), "id": np.int32(i)} for i in range(50)]
 
@@ -133,3 +133,12 @@ def test_tensorflow_if_imported_is_kept_off_accelerators(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", fake)
     hide_accelerators_from_tensorflow()
     assert calls == [([], "GPU"), ([], "TPU")]
+
+
+def test_packed_lm_targets_stop_at_segment_boundaries_and_padding():
+    packed = pack([np.array([5, 6, 7]), np.array([8, 9]), np.array([4, 4, 4, 4])], rows=2, length=6)
+    labels, weights = packed_lm_targets(packed["tokens"], packed["segment_ids"])
+    assert packed["tokens"].tolist() == [[5, 6, 7, 8, 9, 0], [4, 4, 4, 4, 0, 0]]
+    assert labels.tolist() == [[6, 7, 8, 9, 0, 0], [4, 4, 4, 0, 0, 0]]
+    assert weights.tolist() == [[1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 0]]  # 7 -> 8 crosses into the next sequence
+    assert labels.dtype == np.int32 and weights.dtype == np.float32

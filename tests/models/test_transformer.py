@@ -297,3 +297,82 @@ def test_bfloat16_parameters_under_strict_promotion(rng):
 def test_decoder_lm_rejects_num_decoder_layers(rng):
     with pytest.raises(ValueError, match="num_decoder_layers=3 is for the encoder-decoder"):
         DecoderLM(_config(num_decoder_layers=3)).init(rng, _tokens(rng, (1, 4)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Packed sequences (segment_ids, positions)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scan, remat, implementation",
+    [(False, "none", "auto"), (True, "full", "auto"), (False, "none", "blocked"), (False, "none", "reference")],
+)
+def test_packed_row_gives_each_sequence_its_own_logits(rng, scan, remat, implementation):
+    """A packed row (seqjax.data.pipeline.pack) through DecoderLM with its segment_ids and positions gives every
+    sequence the logits it gets alone, and the loss over packed_lm_targets' weights is the separate runs' loss."""
+    from seqjax.data.pipeline import pack, packed_lm_targets
+
+    lengths = (5, 3, 6, 2)  # rows of 9: [5, 3, pad], [6, 2, pad]
+    seqs = [np.asarray(_tokens(jax.random.fold_in(rng, i), (n,))) for i, n in enumerate(lengths)]
+    packed = pack(seqs, rows=2, length=9)
+    assert packed["segment_ids"].tolist() == [[1] * 5 + [2] * 3 + [0], [1] * 6 + [2] * 2 + [0]]
+    cfg = _config(scan_layers=scan, remat_policy=remat, attention_implementation=implementation, position="learned")
+    model = DecoderLM(cfg)
+    params = _init(model, rng, jnp.asarray(packed["tokens"]))
+    kw = dict(segment_ids=jnp.asarray(packed["segment_ids"]), positions=jnp.asarray(packed["positions"]))
+    logits = np.asarray(jax.jit(lambda t: model.apply({"params": params}, t, **kw))(jnp.asarray(packed["tokens"])))
+    where = [(0, 0), (0, 5), (1, 0), (1, 6)]  # (row, start) of each sequence
+    alone = [np.asarray(model.apply({"params": params}, jnp.asarray(s)[None]))[0] for s in seqs]
+    for (row, start), s, want in zip(where, seqs, alone, strict=True):
+        np.testing.assert_allclose(logits[row, start : start + len(s)], want, rtol=1e-5, atol=1e-5)
+
+    labels, weights = packed_lm_targets(packed["tokens"], packed["segment_ids"])
+    assert weights.tolist()[0] == [1, 1, 1, 1, 0, 1, 1, 0, 0]  # no target across a boundary, none on padding
+    logp = jax.nn.log_softmax(jnp.asarray(logits))
+    nll = -jnp.take_along_axis(logp, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
+    packed_loss = float(jnp.sum(nll * weights) / jnp.sum(weights))
+    alone_nll = [
+        -jnp.take_along_axis(jax.nn.log_softmax(a[:-1]), jnp.asarray(s)[1:, None], axis=-1)
+        for a, s in zip(alone, seqs, strict=True)
+    ]
+    np.testing.assert_allclose(packed_loss, float(jnp.mean(jnp.concatenate(alone_nll))), rtol=1e-5)
+
+
+def test_packed_gradients_equal_the_separate_runs(rng):
+    """Gradients of the weighted loss over a packed batch equal those of the same sequences run one by one."""
+    from seqjax.data.pipeline import pack, packed_lm_targets
+
+    seqs = [np.asarray(_tokens(jax.random.fold_in(rng, i), (n,))) for i, n in enumerate((4, 7, 3))]
+    packed = pack(seqs, rows=1, length=16)
+    labels, weights = packed_lm_targets(packed["tokens"], packed["segment_ids"])
+    model = DecoderLM(_config(position="learned"))
+    params = _init(model, rng, jnp.asarray(packed["tokens"]))
+
+    def packed_loss(p):
+        logits = model.apply({"params": p}, jnp.asarray(packed["tokens"]),
+                             segment_ids=jnp.asarray(packed["segment_ids"]),
+                             positions=jnp.asarray(packed["positions"]))  # fmt: skip
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * weights)
+
+    def separate_loss(p):
+        total = 0.0
+        for s in seqs:
+            logits = model.apply({"params": p}, jnp.asarray(s)[None])[0, :-1]
+            total = total - jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(s)[1:, None], -1))
+        return total
+
+    (a, ga), (b, gb) = jax.value_and_grad(packed_loss)(params), jax.value_and_grad(separate_loss)(params)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+    for u, w in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+def test_decode_refuses_segment_ids_and_positions(rng):
+    model = DecoderLM(_config(decode=True))
+    tokens = _tokens(rng, (1, 4))
+    with pytest.raises(ValueError, match="segment_ids"):
+        model.init(rng, tokens, segment_ids=jnp.ones((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="positions"):
+        model.init(rng, tokens, positions=jnp.arange(4)[None])

@@ -458,7 +458,7 @@ def test_mha_above_one_block_matches_flax(rng, shape, heads, native, monkeypatch
     else:
         monkeypatch.setattr(cpu_attention, "applies", lambda *a: False)
         fused = blocked_kernel._qkv_attention
-        monkeypatch.setattr(blocked_kernel, "_qkv_attention", lambda *a: calls.append(a[-1]) or fused(*a))
+        monkeypatch.setattr(blocked_kernel, "_qkv_attention", lambda *a: calls.append(a[6]) or fused(*a))
     x = jax.random.normal(rng, shape)
     ours, theirs = MultiHeadAttention(num_heads=heads), _flax_mha(num_heads=heads)
     params = theirs.init(jax.random.key(12), x)
@@ -498,11 +498,11 @@ def test_fused_self_attention_equals_the_blocked_kernel(rng):
     key = jax.random.key(4)
 
     def fused(qkv):
-        return blocked_kernel._qkv_attention(qkv, mask, key, 0.2, None, bb)
+        return blocked_kernel._qkv_attention(qkv, mask, None, key, 0.2, None, bb, False)
 
     def blocked(qkv):
         hm = jnp.moveaxis(qkv, 1, 3)
-        return blocked_kernel._run_blocked(hm[:, 0], hm[:, 1], hm[:, 2], mask, 0.2, key, None, 2**19, True)
+        return blocked_kernel._run_blocked(hm[:, 0], hm[:, 1], hm[:, 2], mask, None, False, 0.2, key, None, 2**19, True)
 
     for f in (lambda g: jnp.sum(jnp.sin(g(qkv))), lambda g: jax.grad(lambda x: jnp.sum(jnp.sin(g(x))))(qkv)):
         np.testing.assert_allclose(np.asarray(jax.jit(f, static_argnums=0)(fused)),

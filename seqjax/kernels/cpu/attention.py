@@ -106,19 +106,27 @@ def self_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     precision: lax.PrecisionLike = None,
+    is_causal: bool = False,
+    segment_ids=None,
 ) -> Array:
     """`blocked.self_attention`'s function (qkv `[B..., T, 3, N, H]`, q already scaled → `[B..., T, N, H]`) by the
     C++ kernel where it `applies` (also within one block: it keeps qkv, the output and a log-sum-exp for the backward
     pass, not the [B, N, T, T] probabilities and masks, which in a small model are what pushes the training step's
-    temporary memory over glibc's mmap threshold; BENCHMARKS.md, "nanoGPT's CPU shape"), else by `blocked`."""
+    temporary memory over glibc's mmap threshold; BENCHMARKS.md, "nanoGPT's CPU shape"), else by `blocked`.
+    The C++ kernel takes only a mask: `is_causal` and `segment_ids` are spelled out into it, which stays small
+    since the kernel applies only up to MAX_LENGTH positions (longer sequences run `blocked`, which builds none)."""
     *batch, t, _, n, h = qkv.shape
     b = math.prod(batch)
     if not applies(qkv, dropout_rate, t):
         return blocked.self_attention(qkv, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                                      precision=precision)  # fmt: skip
-    common.check_shapes(*common.split_qkv(qkv), mask, None)
+                                      precision=precision, is_causal=is_causal,
+                                      segment_ids=segment_ids)  # fmt: skip
+    q, k, v = common.split_qkv(qkv)
+    common.check_shapes(q, k, v, mask, None)
     common.check_mask_dtype(mask)
-    flat = common.flat_mask(None if mask is None else jnp.asarray(mask), tuple(batch))
+    mask = None if mask is None else jnp.asarray(mask)
+    mask = common.dense_mask(mask, is_causal, common.segment_pair(segment_ids, q, k), q, k)
+    flat = common.flat_mask(mask, tuple(batch))
     return qkv_attention(qkv.reshape(b, t, 3, n, h), flat, precision).reshape(*batch, t, n, h)
 
 
@@ -135,6 +143,8 @@ def attention(
     return_weights: bool = False,
     scale: float | None = None,
     precision: lax.PrecisionLike = None,
+    is_causal: bool = False,
+    segment_ids=None,
 ) -> Array | tuple[Array, Array]:
     """`seqjax.nn.scaled_dot_product_attention` by the C++ kernel where a call is self-attention shaped (Tq = Tk,
     one head dim) and `self_attention` takes it (q, k and v are stacked into one array: a copy that the fused
@@ -145,7 +155,8 @@ def attention(
     if bias is not None or return_weights or q.shape != k.shape or v.shape != k.shape:
         return blocked.attention(q, k, v, mask, bias=bias, dropout_rate=rate, dropout_rng=dropout_rng,
                                  deterministic=rate == 0.0, return_weights=return_weights, scale=scale,
-                                 precision=precision)  # fmt: skip
+                                 precision=precision, is_causal=is_causal, segment_ids=segment_ids)  # fmt: skip
     qkv = jnp.stack([q * jnp.asarray(scale, q.dtype), k, v], axis=-3)  # [B..., T, 3, N, H]
-    out = self_attention(qkv, mask, dropout_rate=rate, dropout_rng=dropout_rng, precision=precision)
+    out = self_attention(qkv, mask, dropout_rate=rate, dropout_rng=dropout_rng, precision=precision,
+                         is_causal=is_causal, segment_ids=segment_ids)  # fmt: skip
     return out.astype(value.dtype)
