@@ -4,8 +4,8 @@ Vaswani et al. 2017: an encoder (self-attention, then a feed-forward block, per 
 attend causally to themselves and then to the topmost encoder's output. Pre-LN (the default, stable without warm-up
 tricks) or post-LN (the original paper). Every model takes one frozen `TransformerConfig`.
 
-Glossary: B batch, S source length, T target length, D width (`emb_dim`), N heads, M MLP width, V vocabulary,
-L layers. Token id 0 is padding (and the decoder's start-of-sequence token after the shift right).
+Glossary: B batch, S source length, T target length, D width (`emb_dim`), N heads, K key/value heads, M MLP width,
+V vocabulary, L layers. Token id 0 is padding (and the decoder's start-of-sequence token after the shift right).
 
 Layer stacks: with `scan_layers=False` the blocks are submodules `layers_0 ... layers_{L-1}`; with `scan_layers=True`
 one submodule `layers` holds every parameter with a leading `[L]` axis and `nn.scan` runs it, so the traced program
@@ -13,7 +13,12 @@ has one block whatever the depth. `stack_layers` / `unstack_layers` convert para
 two layouts. `remat_policy` recomputes activations in the backward pass (see `REMAT_POLICIES`).
 
 Cached decoding follows Flax's convention: `decode=True`, a "cache" collection created by `init` on tokens
-`[B, max_decode_len]`, then one call per step with `mutable=["cache"]`; positions come from the cache.
+`[B, max_decode_len]`, then one call per step with `mutable=["cache"]`; positions come from the cache (rotary ones
+from each attention's cache index).
+
+Positions are added to the token embeddings ("sinusoidal", "learned") or rotate the queries and keys of every
+self-attention ("rope", as in Llama; cross-attention has none). `num_kv_heads` < `num_heads` is grouped-query
+attention: the KV caches hold K heads.
 """
 
 from __future__ import annotations
@@ -57,9 +62,12 @@ def _layer_norm(config: TransformerConfig, name: str) -> Callable[[Array], Array
     return lambda x: norm(x.astype(jnp.float32)).astype(config.dtype)
 
 
-def _attention(config: TransformerConfig, name: str, decode: bool = False) -> MultiHeadAttention:
+def _attention(config: TransformerConfig, name: str, decode: bool = False, cross: bool = False) -> MultiHeadAttention:
+    """A self-attention (rotary with `position="rope"`) or, with `cross`, a cross-attention sublayer."""
     return MultiHeadAttention(
         num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        rope_base=config.rope_base if config.position == "rope" and not cross else None,
         qkv_features=config.attention_dim,
         dropout_rate=config.attention_dropout_rate,
         dtype=config.dtype,
@@ -127,7 +135,7 @@ class DecoderBlock(_Sublayers):
         attn = _attention(cfg, "self_attention", decode=cfg.decode)
         x = self.residual(x, lambda y: attn(y, mask=self_mask, deterministic=deterministic), "ln_self", deterministic)
         if encoded is not None:
-            cross = _attention(cfg, "cross_attention")
+            cross = _attention(cfg, "cross_attention", cross=True)
             x = self.residual(
                 x, lambda y: cross(y, encoded, mask=cross_mask, deterministic=deterministic), "ln_cross", deterministic
             )
@@ -190,7 +198,8 @@ class _PositionCounter(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding plus positions plus dropout: `tokens [B, T] -> [B, T, D]`.
+    """Token embedding plus positions ("sinusoidal" or "learned"; none for "rope") plus dropout:
+    `tokens [B, T] -> [B, T, D]`.
 
     With `config.decode` the positions come from a "cache" counter that advances by T per call, so a prompt
     prefilled in one call and the tokens fed after it get the positions a full pass would give them.
@@ -220,7 +229,7 @@ class Embed(nn.Module):
     def __call__(self, tokens: Array, deterministic: bool = True) -> Array:
         cfg = self.config
         x = self.table(tokens)  # [B, T, D]
-        if cfg.position != "none":
+        if cfg.position in ("sinusoidal", "learned"):  # "rope" rotates inside each self-attention instead
             positions = self.counter(tokens.shape[1]) if cfg.decode else None
             x = self.positions(x, positions)
         return self.dropout(x, deterministic=deterministic)

@@ -29,7 +29,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
-POSITIONS = ("sinusoidal", "learned", "none")
+POSITIONS = ("sinusoidal", "learned", "rope", "none")
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 ATTENTION_IMPLEMENTATIONS = kernels.NAMES  # seqjax.kernels.registry; "auto" chooses per platform
 
@@ -43,6 +43,8 @@ class TransformerConfig(ConfigBase):
       output_vocab_size: V of the decoder's targets and logits; None: same as `vocab_size`.
       emb_dim: D.
       num_heads: N (must divide `qkv_dim`).
+      num_kv_heads: K, the key/value heads of every attention (grouped-query attention; 1 is multi-query); must
+        divide `num_heads`. None: `num_heads`.
       num_layers: L of the encoder and of the decoder.
       num_decoder_layers: L of the decoder when it differs; None: `num_layers`.
       qkv_dim: N*H of the attention projections; None: `emb_dim`.
@@ -50,7 +52,10 @@ class TransformerConfig(ConfigBase):
       max_len: the longest sequence positions are defined for (and the longest cache).
       dropout_rate: dropout on the embeddings and on each sublayer's output, in [0, 1).
       attention_dropout_rate: dropout on the attention weights, in [0, 1).
-      position: "sinusoidal" (fixed table), "learned" (a `[max_len, D]` table) or "none".
+      position: "sinusoidal" (fixed table), "learned" (a `[max_len, D]` table), both added to the embeddings;
+        "rope" (rotary embeddings of the queries and keys in every self-attention, none added; head dim even); or
+        "none".
+      rope_base: the rotary frequency base (with `position="rope"`), > 0.
       pre_norm: LayerNorm before each sublayer plus a final one (True), or after each residual add (the paper).
       tie_embeddings: the decoder's logits use its token embedding transposed (scaled by 1/sqrt(D)).
       share_embeddings: encoder and decoder share one token embedding (needs equal vocabularies).
@@ -67,6 +72,7 @@ class TransformerConfig(ConfigBase):
     output_vocab_size: int | None = None
     emb_dim: int = 512
     num_heads: int = 8
+    num_kv_heads: int | None = None
     num_layers: int = 6
     num_decoder_layers: int | None = None
     qkv_dim: int | None = None
@@ -75,6 +81,7 @@ class TransformerConfig(ConfigBase):
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
     position: str = "sinusoidal"
+    rope_base: float = 10000.0
     pre_norm: bool = True
     tie_embeddings: bool = True
     share_embeddings: bool = False
@@ -90,13 +97,19 @@ class TransformerConfig(ConfigBase):
         check_positive_ints(
             self,
             ("vocab_size", "emb_dim", "num_heads", "num_layers", "mlp_dim", "max_len"),
-            optional=("output_vocab_size", "num_decoder_layers", "qkv_dim"),
+            optional=("output_vocab_size", "num_decoder_layers", "qkv_dim", "num_kv_heads"),
         )
         if self.attention_dim % self.num_heads:
             raise ValueError(
                 f"TransformerConfig.num_heads={self.num_heads} must divide the attention width "
                 f"(qkv_dim or emb_dim) = {self.attention_dim}"
             )
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"TransformerConfig.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
+            )
+        if not self.rope_base > 0:
+            raise ValueError(f"TransformerConfig.rope_base must be > 0, got rope_base={self.rope_base!r}")
         check_rates(self, ("dropout_rate", "attention_dropout_rate"))
         if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
@@ -107,6 +120,11 @@ class TransformerConfig(ConfigBase):
             raise ValueError(f"TransformerConfig.position={self.position!r} is unknown; use one of {POSITIONS}")
         if self.position == "sinusoidal" and self.emb_dim % 2:
             raise ValueError(f"TransformerConfig.emb_dim={self.emb_dim} must be even for sinusoidal positions")
+        if self.position == "rope" and (self.attention_dim // self.num_heads) % 2:
+            raise ValueError(
+                f"TransformerConfig.position='rope' needs an even head dim; (qkv_dim or emb_dim) / num_heads = "
+                f"{self.attention_dim} / {self.num_heads} = {self.attention_dim // self.num_heads}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"TransformerConfig.activation={self.activation!r} is unknown; use one of {sorted(ACTIVATIONS)}"
