@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from seqjax.kernels import common
 from seqjax.nn import MultiHeadAttention, causal_mask
@@ -146,6 +147,14 @@ def test_cached_decoding_equals_the_full_pass(kv_heads, prefill):
         outs.append(y)
         cache = upd["cache"]
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_gradients(x64):
+    """Gradients through the rotation and the grouped heads (parameters and inputs) by finite differences."""
+    x = np.random.default_rng(18).normal(size=(2, 5, 16))
+    m = MultiHeadAttention(N, num_kv_heads=2, rope_base=100.0, param_dtype=jnp.float64)
+    params = m.init(jax.random.key(8), x)
+    check_grads(lambda p, x: m.apply(p, x, mask=causal_mask(5)), (params, x), order=1, modes=["rev"])
 
 
 def test_errors_name_the_settings(rng):
