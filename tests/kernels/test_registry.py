@@ -82,6 +82,22 @@ def test_blocked_kernel_on_grouped_heads_in_small_blocks():
         np.testing.assert_allclose(np.asarray(u), np.asarray(ww), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["reference", "jax"])
+def test_grouped_heads_are_not_repeated_in_memory(name):
+    """The "reference" kernel (a grouped einsum) and "jax" (jax.nn groups natively; GPU and TPU run it under "auto")
+    never build k or v with N heads, forward or backward: no value of the program has shape [B, Tk, N, H] or
+    [B, N, Tk, H]."""
+    q, k, v = jnp.ones((2, 3, 4, 8)), jnp.ones((2, 5, 1, 8)), jnp.ones((2, 5, 1, 8))
+    f = lambda *a: jnp.sum(scaled_dot_product_attention(*a, implementation=name))
+    shapes, todo = set(), [jax.make_jaxpr(jax.grad(f, (0, 1, 2)))(q, k, v).jaxpr]
+    while todo:
+        for eqn in todo.pop().eqns:
+            shapes |= {tuple(getattr(x.aval, "shape", ())) for x in eqn.outvars}
+            todo += [getattr(p, "jaxpr", p) for p in eqn.params.values() if hasattr(getattr(p, "jaxpr", p), "eqns")]
+    assert (2, 1, 5, 8) in shapes or (2, 5, 1, 8) in shapes
+    assert not {(2, 5, 4, 8), (2, 4, 5, 8)} & shapes
+
+
 def test_heads_that_do_not_group_name_the_shapes():
     q, k, v, _ = _case(1, 4, 4, 8)
     with pytest.raises(ValueError, match=r"multiple of the key/value heads K.*\(1, 4, 3, 8\)"):
