@@ -357,6 +357,8 @@ def attention(
         mask = common.dense_mask(mask, is_causal, segs, q, k)  # at most one block's size (or asked for)
         out, weights = reference.attention_and_weights(q, k, v, mask, bias, scale, rate, dropout_rng, precision)
         return (out, weights) if return_weights else out
+    # The blocks take one key/value head per query head: grouped ones are repeated (their gradients summed back).
+    k, v = common.repeat_kv(k, v, n)
     # Flatten the batch dims, fold the scale into the (smaller) query tensor, and run the blocks.
     q = (q * jnp.asarray(scale, q.dtype)).reshape(b, tq, n, h)
     k, v = k.reshape(b, tk, n, h), v.reshape(b, tk, n, v.shape[-1])

@@ -1,6 +1,9 @@
-"""What every attention kernel shares: argument checks, the accumulation dtype, flat-batch masks, the device count.
+"""What every attention kernel shares: argument checks, the accumulation dtype, flat-batch masks, the device count,
+grouped key/value heads.
 
-Glossary: B batch (any number of leading dims, B...), Tq / Tk query / key length, N heads, H head dim.
+Glossary: B batch (any number of leading dims, B...), Tq / Tk query / key length, N heads, H head dim, K key/value
+heads (grouped-query attention: N a multiple of K, query head n reads key/value head n // (N/K); K = 1 is
+multi-query attention).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ Dtype = Any
 
 
 def check_shapes(query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None) -> None:
-    """Raises a ValueError naming the shapes unless query is [B..., Tq, N, H], key/value [B..., Tk, N, H] (value's H
-    may differ) and mask / bias broadcast to [B..., N, Tq, Tk] with the same rank."""
+    """Raises a ValueError naming the shapes unless query is [B..., Tq, N, H], key/value [B..., Tk, K, H] with N a
+    multiple of K (value's H may differ) and mask / bias broadcast to [B..., N, Tq, Tk] with the same rank."""
     if query.ndim < 3:
         raise ValueError(f"query must be [B..., Tq, N, H] (rank >= 3), got shape {query.shape}")
     if key.ndim != query.ndim or value.ndim != query.ndim:
@@ -28,11 +31,14 @@ def check_shapes(query: Array, key: Array, value: Array, mask: Array | None, bia
         )
     if key.shape != value.shape[:-1] + key.shape[-1:] or key.shape[:-3] != query.shape[:-3]:
         raise ValueError(
-            f"expected query [B..., Tq, N, H] and key/value [B..., Tk, N, H] with equal B..., Tk and N; got query "
+            f"expected query [B..., Tq, N, H] and key/value [B..., Tk, K, H] with equal B..., Tk and K; got query "
             f"{query.shape}, key {key.shape}, value {value.shape}"
         )
-    if key.shape[-2] != query.shape[-2]:
-        raise ValueError(f"query and key must have the same number of heads; got {query.shape} and {key.shape}")
+    if query.shape[-2] % key.shape[-2]:
+        raise ValueError(
+            f"the query's heads N must be a multiple of the key/value heads K (grouped-query attention); got query "
+            f"{query.shape} and key {key.shape}"
+        )
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"query and key must have the same head dim; got {query.shape} and {key.shape}")
     batch, (tq, n), tk = query.shape[:-3], query.shape[-3:-1], key.shape[-3]
@@ -69,6 +75,16 @@ def prepare(query, key, value, mask, bias, dropout_rate, dropout_rng, determinis
         raise ValueError("dropout_rng is required when dropout_rate > 0 and deterministic is False")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return query, key, value, mask, bias, scale, dropout_rate if use_dropout else 0.0
+
+
+def repeat_kv(key: Array, value: Array, num_heads: int) -> tuple[Array, Array]:
+    """Grouped key/value `[B..., Tk, K, H]` → `[B..., Tk, N, H]`, head k repeated for query heads k*G .. k*G+G-1
+    (G = N/K), for kernels that need one key/value head per query head; a no-op when K = N. The gradient of the
+    repeat sums over each group."""
+    groups = num_heads // key.shape[-2]
+    if groups == 1:
+        return key, value
+    return jnp.repeat(key, groups, axis=-2), jnp.repeat(value, groups, axis=-2)
 
 
 def split_qkv(qkv: Array) -> tuple[Array, Array, Array]:

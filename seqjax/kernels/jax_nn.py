@@ -3,8 +3,10 @@ it applies and XLA's formulation elsewhere (the default on GPU and TPU).
 
 jax.nn.dot_product_attention has neither dropout nor the weights, and needs value's head dim to equal the query's:
 such calls go to `blocked` (`applies` says which). A fully masked query row returns zeros, as in the other kernels.
+Grouped key/value heads (K < N) are passed as they are: jax.nn (XLA's formulation and cuDNN) groups the query heads
+itself, without repeating k and v.
 
-Glossary: B batch (B...), Tq / Tk query / key length, N heads, H head dim.
+Glossary: B batch (B...), Tq / Tk query / key length, N heads, H head dim, K key/value heads.
 """
 
 from __future__ import annotations

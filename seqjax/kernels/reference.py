@@ -33,14 +33,27 @@ def dropout(weights: Array, rate: float, rng: Array) -> Array:
 
 
 def attention_and_weights(q, k, v, mask, bias, scale, dropout_rate, dropout_rng, precision):
-    """softmax(q kᵀ·scale + bias) v on checked arrays; returns (out [B..., Tq, N, H], weights [B..., N, Tq, Tk])."""
+    """softmax(q kᵀ·scale + bias) v on checked arrays; returns (out [B..., Tq, N, H], weights [B..., N, Tq, Tk]).
+    Grouped key/value heads (k, v `[B..., Tk, K, H]`, K < N) are read in place: the queries are viewed as
+    `[B..., Tq, K, N/K, H]`, so k and v are never repeated."""
     acc = common.acc_dtype(q.dtype)
-    logits = jnp.einsum("...qnh,...knh->...nqk", q, k, precision=precision, preferred_element_type=acc)
+    *batch, tq, n, h = q.shape
+    kv, tk = k.shape[-2], k.shape[-3]
+    if kv < n:
+        qg = q.reshape(*batch, tq, kv, n // kv, h)  # [B..., Tq, K, G, H]
+        logits = jnp.einsum("...qkgh,...skh->...kgqs", qg, k, precision=precision, preferred_element_type=acc)
+        logits = logits.reshape(*batch, n, tq, tk)  # [B..., N, Tq, Tk]
+    else:
+        logits = jnp.einsum("...qnh,...knh->...nqk", q, k, precision=precision, preferred_element_type=acc)
     logits = logits * jnp.asarray(scale, acc)
     if bias is not None:
         logits = logits + bias.astype(acc)
     weights = masked_softmax(logits, mask)
     probs = weights if dropout_rate == 0.0 else dropout(weights, dropout_rate, dropout_rng)
+    if kv < n:
+        probs = probs.reshape(*batch, kv, n // kv, tq, tk)  # [B..., K, G, Tq, Tk]
+        out = jnp.einsum("...kgqs,...skh->...qkgh", probs.astype(v.dtype), v, precision=precision)
+        return out.reshape(*batch, tq, n, v.shape[-1]), weights
     out = jnp.einsum("...nqk,...knh->...qnh", probs.astype(v.dtype), v, precision=precision)
     return out, weights
 

@@ -4,8 +4,8 @@ Vaswani et al. 2017: an encoder (self-attention, then a feed-forward block, per 
 attend causally to themselves and then to the topmost encoder's output. Pre-LN (the default, stable without warm-up
 tricks) or post-LN (the original paper). Every model takes one frozen `TransformerConfig`.
 
-Glossary: B batch, S source length, T target length, D width (`emb_dim`), N heads, M MLP width, V vocabulary,
-L layers. Token id 0 is padding (and the decoder's start-of-sequence token after the shift right).
+Glossary: B batch, S source length, T target length, D width (`emb_dim`), N heads, K key/value heads, M MLP width,
+V vocabulary, L layers. Token id 0 is padding (and the decoder's start-of-sequence token after the shift right).
 
 Layer stacks: with `scan_layers=False` the blocks are submodules `layers_0 ... layers_{L-1}`; with `scan_layers=True`
 one submodule `layers` holds every parameter with a leading `[L]` axis and `nn.scan` runs it, so the traced program
@@ -13,12 +13,16 @@ has one block whatever the depth. `stack_layers` / `unstack_layers` convert para
 two layouts. `remat_policy` recomputes activations in the backward pass (see `REMAT_POLICIES`).
 
 Cached decoding follows Flax's convention: `decode=True`, a "cache" collection created by `init` on tokens
-`[B, max_decode_len]`, then one call per step with `mutable=["cache"]`; positions come from the cache.
+`[B, max_decode_len]`, then one call per step with `mutable=["cache"]`; positions come from the cache (rotary ones
+from each attention's cache index).
+
+Positions are added to the token embeddings ("sinusoidal", "learned") or rotate the queries and keys of every
+self-attention ("rope", as in Llama; cross-attention has none). `num_kv_heads` < `num_heads` is grouped-query
+attention: the KV caches hold K heads.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +32,17 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict, unfreeze
 
-from seqjax import kernels
-from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
+# The configuration lives in transformer_config.py; its names are re-exported here, where they were first defined.
+from seqjax.models.transformer_config import (
+    ACTIVATIONS,
+    ATTENTION_IMPLEMENTATIONS,
+    POSITIONS,
+    REMAT_POLICIES,
+    STACK_FIELDS,
+    TransformerConfig,
+    check_tokens,
+    stack_config,
+)
 from seqjax.nn.attention import MultiHeadAttention
 from seqjax.nn.mlp import MlpBlock
 from seqjax.nn.norm import LayerNorm
@@ -37,148 +50,6 @@ from seqjax.nn.position import AddSinusoidalPositions, LearnedPositionEmbedding
 
 Array = jax.Array
 Dtype = Any
-
-# Name → policy passed to `jax.checkpoint` ("none": no remat; "full": save nothing, recompute the block).
-REMAT_POLICIES: dict[str, Callable | None] = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-}
-POSITIONS = ("sinusoidal", "learned", "none")
-ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
-ATTENTION_IMPLEMENTATIONS = kernels.NAMES  # seqjax.kernels.registry; "auto" chooses per platform
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig(ConfigBase):
-    """Every hyperparameter of the Transformer models; derive variants with `config.replace(...)`.
-
-    Attributes:
-      vocab_size: V of the inputs (the encoder's, or the decoder-only model's).
-      output_vocab_size: V of the decoder's targets and logits; None: same as `vocab_size`.
-      emb_dim: D.
-      num_heads: N (must divide `qkv_dim`).
-      num_layers: L of the encoder and of the decoder.
-      num_decoder_layers: L of the decoder when it differs; None: `num_layers`.
-      qkv_dim: N*H of the attention projections; None: `emb_dim`.
-      mlp_dim: M.
-      max_len: the longest sequence positions are defined for (and the longest cache).
-      dropout_rate: dropout on the embeddings and on each sublayer's output, in [0, 1).
-      attention_dropout_rate: dropout on the attention weights, in [0, 1).
-      position: "sinusoidal" (fixed table), "learned" (a `[max_len, D]` table) or "none".
-      pre_norm: LayerNorm before each sublayer plus a final one (True), or after each residual add (the paper).
-      tie_embeddings: the decoder's logits use its token embedding transposed (scaled by 1/sqrt(D)).
-      share_embeddings: encoder and decoder share one token embedding (needs equal vocabularies).
-      activation: the MLP's nonlinearity, "relu" (the paper), "gelu" or "silu".
-      dtype: compute dtype; LayerNorm statistics, softmax and logits stay float32.
-      param_dtype: storage dtype of the parameters (LayerNorm's scale and bias stay float32).
-      scan_layers: run each stack with `nn.scan` over stacked parameters (compile time independent of depth).
-      remat_policy: "none" or a key of `REMAT_POLICIES`.
-      attention_implementation: see `seqjax.nn.scaled_dot_product_attention`.
-      decode: cached autoregressive decoding (see the module docstring).
-    """
-
-    vocab_size: int
-    output_vocab_size: int | None = None
-    emb_dim: int = 512
-    num_heads: int = 8
-    num_layers: int = 6
-    num_decoder_layers: int | None = None
-    qkv_dim: int | None = None
-    mlp_dim: int = 2048
-    max_len: int = 256
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
-    position: str = "sinusoidal"
-    pre_norm: bool = True
-    tie_embeddings: bool = True
-    share_embeddings: bool = False
-    activation: str = "gelu"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-    attention_implementation: str = "auto"
-    decode: bool = False
-
-    def __post_init__(self):
-        check_positive_ints(
-            self,
-            ("vocab_size", "emb_dim", "num_heads", "num_layers", "mlp_dim", "max_len"),
-            optional=("output_vocab_size", "num_decoder_layers", "qkv_dim"),
-        )
-        if self.attention_dim % self.num_heads:
-            raise ValueError(
-                f"TransformerConfig.num_heads={self.num_heads} must divide the attention width "
-                f"(qkv_dim or emb_dim) = {self.attention_dim}"
-            )
-        check_rates(self, ("dropout_rate", "attention_dropout_rate"))
-        if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"TransformerConfig.remat_policy={self.remat_policy!r} is unknown; use 'none' or one of "
-                f"{sorted(REMAT_POLICIES)}"
-            )
-        if self.position not in POSITIONS:
-            raise ValueError(f"TransformerConfig.position={self.position!r} is unknown; use one of {POSITIONS}")
-        if self.position == "sinusoidal" and self.emb_dim % 2:
-            raise ValueError(f"TransformerConfig.emb_dim={self.emb_dim} must be even for sinusoidal positions")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"TransformerConfig.activation={self.activation!r} is unknown; use one of {sorted(ACTIVATIONS)}"
-            )
-        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"TransformerConfig.attention_implementation={self.attention_implementation!r} is unknown; use one "
-                f"of {ATTENTION_IMPLEMENTATIONS}"
-            )
-        if self.share_embeddings and self.target_vocab_size != self.vocab_size:
-            raise ValueError(
-                f"TransformerConfig.share_embeddings needs output_vocab_size ({self.output_vocab_size}) equal to "
-                f"vocab_size ({self.vocab_size})"
-            )
-
-    @property
-    def attention_dim(self) -> int:
-        return self.qkv_dim or self.emb_dim
-
-    @property
-    def target_vocab_size(self) -> int:
-        return self.output_vocab_size or self.vocab_size
-
-    @property
-    def decoder_layers(self) -> int:
-        return self.num_decoder_layers or self.num_layers
-
-
-# The fields a model that reuses the Transformer's blocks (ViT, the image decoder) passes on to them.
-STACK_FIELDS = (
-    "emb_dim", "num_heads", "num_layers", "mlp_dim", "dropout_rate", "attention_dropout_rate", "dtype",
-    "param_dtype", "scan_layers", "remat_policy", "attention_implementation",
-)  # fmt: skip
-
-
-def stack_config(owner: Any, **extra) -> TransformerConfig:
-    """The `TransformerConfig` for the block stack of another model's config `owner`: its `STACK_FIELDS` plus
-    `extra`; token fields unused. Validation errors name the owner's class and field."""
-    fields = {name: getattr(owner, name) for name in STACK_FIELDS}
-    try:
-        return TransformerConfig(**{"vocab_size": 1, "max_len": 1, "position": "none", **fields, **extra})
-    except ValueError as e:
-        raise ValueError(str(e).replace("TransformerConfig.", f"{type(owner).__name__}.")) from None
-
-
-def check_tokens(config: TransformerConfig, tokens: Array, name: str) -> Array:
-    """Integer `[B, T]` with T <= max_len, or a ValueError naming the argument and the field."""
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"{name} must be integer token ids [B, T], got shape {tokens.shape} dtype {tokens.dtype}")
-    if tokens.shape[1] > config.max_len:
-        raise ValueError(
-            f"{name} has length {tokens.shape[1]} > TransformerConfig.max_len={config.max_len} (shape {tokens.shape})"
-        )
-    return tokens
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -193,9 +64,12 @@ def _layer_norm(config: TransformerConfig, name: str) -> Callable[[Array], Array
     return lambda x: norm(x.astype(jnp.float32)).astype(config.dtype)
 
 
-def _attention(config: TransformerConfig, name: str, decode: bool = False) -> MultiHeadAttention:
+def _attention(config: TransformerConfig, name: str, decode: bool = False, cross: bool = False) -> MultiHeadAttention:
+    """A self-attention (rotary with `position="rope"`) or, with `cross`, a cross-attention sublayer."""
     return MultiHeadAttention(
         num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        rope_base=config.rope_base if config.position == "rope" and not cross else None,
         qkv_features=config.attention_dim,
         dropout_rate=config.attention_dropout_rate,
         dtype=config.dtype,
@@ -205,6 +79,11 @@ def _attention(config: TransformerConfig, name: str, decode: bool = False) -> Mu
         implementation=config.attention_implementation,
         name=name,
     )
+
+
+def _rotary(config: TransformerConfig, positions: Array | None) -> dict:
+    """The self-attention's `positions` argument: given positions (packed rows) reach it only with rotary ones."""
+    return {"positions": positions} if config.position == "rope" and positions is not None else {}
 
 
 class _Sublayers(nn.Module):
@@ -235,14 +114,19 @@ class _Sublayers(nn.Module):
 
 class EncoderBlock(_Sublayers):
     """Self-attention, then the MLP, each in a residual branch.
-    `(x [B, S, D], mask, deterministic, segment_ids [B, S] | None) -> [B, S, D]`."""
+    `(x [B, S, D], mask, deterministic, segment_ids [B, S] | None, positions [B, S] | None) -> [B, S, D]`."""
 
     @nn.compact
     def __call__(
-        self, x: Array, mask: Array | None, deterministic: bool = True, segment_ids: Array | None = None
+        self,
+        x: Array,
+        mask: Array | None,
+        deterministic: bool = True,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
     ) -> Array:
         attn = _attention(self.config, "self_attention")
-        kw = dict(mask=mask, deterministic=deterministic, segment_ids=segment_ids)
+        kw = dict(mask=mask, deterministic=deterministic, segment_ids=segment_ids, **_rotary(self.config, positions))
         x = self.residual(x, lambda y: attn(y, **kw), "ln_self", deterministic)
         return self.mlp(x, deterministic)
 
@@ -251,8 +135,9 @@ class DecoderBlock(_Sublayers):
     """Causal self-attention (`is_causal`, no [T, T] mask; cached when `config.decode`), cross-attention to
     `encoded` (skipped when it is None, as in a decoder-only model), then the MLP.
 
-    `(x [B, T, D], encoded [B, S, D] | None, self_mask, cross_mask, deterministic, segment_ids [B, T] | None)
-    -> [B, T, D]`; `self_mask` (usually None) and `segment_ids` (packed sequences) AND with causality.
+    `(x [B, T, D], encoded [B, S, D] | None, self_mask, cross_mask, deterministic, segment_ids [B, T] | None,
+    positions [B, T] | None) -> [B, T, D]`; `self_mask` (usually None) and `segment_ids` (packed sequences) AND with
+    causality; `positions` are the rotary ones (with `position="rope"`).
     """
 
     @nn.compact
@@ -264,13 +149,15 @@ class DecoderBlock(_Sublayers):
         cross_mask: Array | None,
         deterministic: bool = True,
         segment_ids: Array | None = None,
+        positions: Array | None = None,
     ) -> Array:
         cfg = self.config
         attn = _attention(cfg, "self_attention", decode=cfg.decode)
         kw = dict(mask=self_mask, deterministic=deterministic, is_causal=True, segment_ids=segment_ids)
+        kw.update(_rotary(cfg, positions))
         x = self.residual(x, lambda y: attn(y, **kw), "ln_self", deterministic)
         if encoded is not None:
-            cross = _attention(cfg, "cross_attention")
+            cross = _attention(cfg, "cross_attention", cross=True)
             x = self.residual(
                 x, lambda y: cross(y, encoded, mask=cross_mask, deterministic=deterministic), "ln_cross", deterministic
             )
@@ -280,8 +167,8 @@ class DecoderBlock(_Sublayers):
 class _Stack(nn.Module):
     """L blocks, unrolled (`layers_i`) or scanned (`layers`, stacked parameters), optionally rematerialised.
 
-    `block_args` are broadcast to every layer; `deterministic` is static; `segment_ids` (packed sequences), when
-    given, follows it.
+    `block_args` are broadcast to every layer; `deterministic` is static; `segment_ids` and `positions` (packed
+    sequences), when given, follow it.
     """
 
     config: TransformerConfig
@@ -289,11 +176,18 @@ class _Stack(nn.Module):
     num_layers: int
 
     @nn.compact
-    def __call__(self, x: Array, *block_args, deterministic: bool = True, segment_ids: Array | None = None) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        *block_args,
+        deterministic: bool = True,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+    ) -> Array:
         cfg = self.config
         block = self.block
         static = 2 + len(block_args)  # position of `deterministic` counting self
-        trailing = () if segment_ids is None else (segment_ids,)
+        trailing = () if segment_ids is None and positions is None else (segment_ids, positions)
         if cfg.remat_policy != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], static_argnums=(static,))
         if not cfg.scan_layers:
@@ -335,7 +229,8 @@ class _PositionCounter(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding plus positions plus dropout: `tokens [B, T] -> [B, T, D]`.
+    """Token embedding plus positions ("sinusoidal" or "learned"; none for "rope") plus dropout:
+    `tokens [B, T] -> [B, T, D]`.
 
     With `config.decode` the positions come from a "cache" counter that advances by T per call, so a prompt
     prefilled in one call and the tokens fed after it get the positions a full pass would give them.
@@ -368,7 +263,7 @@ class Embed(nn.Module):
         x = self.table(tokens)  # [B, T, D]
         if cfg.decode and positions is not None:
             raise ValueError("Embed: positions come from the cache with config.decode; do not pass them")
-        if cfg.position != "none":
+        if cfg.position in ("sinusoidal", "learned"):  # "rope" rotates inside each self-attention instead
             positions = self.counter(tokens.shape[1]) if cfg.decode else positions
             x = self.positions(x, positions)
         return self.dropout(x, deterministic=deterministic)
@@ -492,7 +387,7 @@ class DecoderLM(nn.Module):
         embed = Embed(cfg, cfg.vocab_size, name="embed")
         x = embed(tokens, deterministic, positions)
         x = _Stack(cfg, DecoderBlock, cfg.num_layers, name="stack")(
-            x, None, None, None, deterministic=deterministic, segment_ids=segment_ids
+            x, None, None, None, deterministic=deterministic, segment_ids=segment_ids, positions=positions
         )  # causal by `is_causal`: no [T, T] mask
         if cfg.pre_norm:
             x = _layer_norm(cfg, "ln_final")(x)
@@ -544,3 +439,25 @@ def unstack_layers(tree: Any) -> dict:
         else:
             out[key] = unstack_layers(value)
     return out
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "ATTENTION_IMPLEMENTATIONS",
+    "POSITIONS",
+    "REMAT_POLICIES",
+    "STACK_FIELDS",
+    "Decoder",
+    "DecoderBlock",
+    "DecoderLM",
+    "Embed",
+    "Encoder",
+    "EncoderBlock",
+    "Transformer",
+    "TransformerConfig",
+    "check_tokens",
+    "shift_right",
+    "stack_config",
+    "stack_layers",
+    "unstack_layers",
+]

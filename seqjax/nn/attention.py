@@ -1,8 +1,8 @@
 """Scaled dot-product attention and multi-head attention with a KV cache (the masks live in `seqjax.nn.masks` and
 are re-exported here).
 
-Glossary: B batch (any number of leading dims, written B...), Tq / Tk query / key length, N heads, H head dim,
-D model width, F input features.
+Glossary: B batch (any number of leading dims, written B...), Tq / Tk query / key length, N heads, K key/value
+heads (grouped-query attention), H head dim, D model width, F input features, L cache length.
 
 How attention is computed lives in `seqjax.kernels`, behind one registry: `scaled_dot_product_attention` and
 `MultiHeadAttention` take a kernel by name (`implementation`, default "auto": chosen per platform when the program
@@ -12,6 +12,7 @@ flax's convention). `MultiHeadAttention` only projects, caches and calls it (DES
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from jax import lax
 from seqjax import kernels
 from seqjax.kernels.registry import BLOCKING
 from seqjax.nn.masks import causal_mask, combine_masks, padding_mask, segment_mask
+from seqjax.nn.position import apply_rotary
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -138,13 +140,16 @@ class _Weights(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention: project to N heads, attend, project back.
+    """Multi-head attention: project to N query heads and K key/value heads, attend, project back.
 
     Parameters have the names and shapes of flax's `nn.MultiHeadDotProductAttention` (query/key/value kernels
-    `[F, N, H]`, biases `[N, H]`, out kernel `[N, H, D]`), so weights move between the two unchanged.
+    `[F, N, H]`, biases `[N, H]`, out kernel `[N, H, D]`), so weights move between the two unchanged; with grouped
+    heads the key/value kernels are `[F, K, H]` and their biases `[K, H]`.
 
     Attributes:
       num_heads: N.
+      num_kv_heads: K, the key/value heads (grouped-query attention: query head n reads key/value head n // (N/K),
+        Hugging Face's layout); 1 is multi-query attention; must divide N. None: N.
       qkv_features: N*H; defaults to the query input's width.
       out_features: D; defaults to the query input's width.
       dropout_rate: dropout on the attention weights.
@@ -153,13 +158,17 @@ class MultiHeadAttention(nn.Module):
       param_dtype: storage dtype of the parameters.
       precision: matmul precision.
       kernel_init, bias_init, out_kernel_init: initialisers (out_kernel_init defaults to kernel_init).
+      rope_base: rotary position embeddings (`seqjax.nn.apply_rotary`, rotate-half convention as in Llama) with this
+        frequency base, applied to the queries and keys of self-attention after their projection (so the cache holds
+        rotated keys); None: no rotary embedding. H must be even.
       decode: incremental decoding of self-attention with a KV cache in the "cache" collection. `init` with inputs
-        `[B, L, F]` creates a cache for L positions; each later call with `[B, T, F]` (T >= 1, T = the whole prompt
-        for a one-pass prefill) writes T positions and attends causally over everything cached so far.
+        `[B, L, F]` creates a cache for L positions (`cached_key` / `cached_value` `[B, L, K, H]`); each later call
+        with `[B, T, F]` (T >= 1, T = the whole prompt for a one-pass prefill) writes T positions and attends
+        causally over everything cached so far; rotary positions continue from the cache index.
       attention_fn: the attention computation, a callable with `scaled_dot_product_attention`'s signature (flax's
-        convention; called with `scale=1.0`, the scale being folded into the query kernel); None: the kernel named by
-        `implementation`. A kernel with a `self_attention` method (`seqjax.kernels.AttentionKernel`) is given
-        self-attention's fused projection as it is.
+        convention; called with `scale=1.0`, the scale being folded into the query kernel, and with key/value of K
+        heads); None: the kernel named by `implementation`. A kernel with a `self_attention` method
+        (`seqjax.kernels.AttentionKernel`) is given self-attention's fused projection as it is (when K = N).
       implementation: a kernel of `seqjax.kernels.registry` by name, as in `scaled_dot_product_attention`.
       fuse_qkv: compute the query/key/value projections as one matmul (same parameters, same function; faster).
 
@@ -182,6 +191,8 @@ class MultiHeadAttention(nn.Module):
     attention_fn: Callable[..., Any] | None = None
     implementation: str = "auto"
     fuse_qkv: bool = True
+    num_kv_heads: int | None = None
+    rope_base: float | None = None
 
     @nn.compact
     def __call__(
@@ -193,6 +204,7 @@ class MultiHeadAttention(nn.Module):
         *,
         is_causal: bool = False,
         segment_ids: Array | tuple[Array, Array] | None = None,
+        positions: Array | None = None,
     ) -> Array:
         """Args:
           inputs_q: `[B..., Tq, F]`.
@@ -201,6 +213,8 @@ class MultiHeadAttention(nn.Module):
           deterministic: disables dropout.
           is_causal, segment_ids: as in `scaled_dot_product_attention` (no `[Tq, Tk]` mask is built); passed to
             `attention_fn` only when set. With `decode`, the cache's own mask is causal and segment ids are refused.
+          positions: rotary positions of the tokens, integer `[Tq]` or `[B..., Tq]` (with `rope_base` only);
+            default 0..Tq-1, or, when decoding, the cache index + 0..Tq-1.
 
         Returns:
           `[B..., Tq, D]`.
@@ -228,15 +242,18 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("decode=True does not take segment_ids (the cache holds one sequence per row)")
         out_features = self.out_features or inputs_q.shape[-1]
         n, h = self.num_heads, qkv_features // self.num_heads
+        kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        if kv < 1 or self.num_heads % kv:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+        rotate = self._rotary(positions, inputs_q.shape[-2], h, self_attention)
 
-        def weights(name, fan_in):
-            return _Weights(
-                (fan_in, n, h), (n, h), self.use_bias, self.kernel_init, self.bias_init, self.param_dtype, name=name
-            )()
+        def weights(name, fan_in, heads):
+            shapes = (fan_in, heads, h), (heads, h)
+            return _Weights(*shapes, self.use_bias, self.kernel_init, self.bias_init, self.param_dtype, name=name)()
 
-        wq = weights("query", inputs_q.shape[-1])
-        wk = weights("key", inputs_kv.shape[-1])
-        wv = weights("value", inputs_kv.shape[-1])
+        wq = weights("query", inputs_q.shape[-1], n)
+        wk = weights("key", inputs_kv.shape[-1], kv)
+        wv = weights("value", inputs_kv.shape[-1], kv)
         wo = _Weights(
             (n, h, out_features),
             (out_features,),
@@ -262,22 +279,22 @@ class MultiHeadAttention(nn.Module):
         qkv_fn = getattr(attention_fn, "self_attention", None)
         structure = {} if not is_causal and segment_ids is None else dict(is_causal=is_causal, segment_ids=segment_ids)
         if self_attention and self.fuse_qkv:
-            qkv = _project(inputs_q, [wq, wk, wv], dtype, self.precision)  # [B..., T, 3, N, H]
-            if qkv_fn is not None and not (self.decode or want_weights):
+            qkv = _project(inputs_q, [wq, wk, wv], dtype, self.precision)  # [B..., T, N+2K, H]
+            qkv = jnp.concatenate([rotate(qkv[..., : n + kv, :]), qkv[..., n + kv :, :]], axis=-2) if rotate else qkv
+            if kv == n and qkv_fn is not None and not (self.decode or want_weights):
                 # The kernel takes the projection as it is (one copy fewer than slicing q, k, v out of it).
+                qkv = qkv.reshape(*qkv.shape[:-2], 3, n, h)  # [B..., T, 3, N, H]
                 kw = dict(dropout_rate=rate, dropout_rng=dropout_rng, precision=self.precision, **structure)
                 out = qkv_fn(qkv, mask, **kw)
                 return self._out(out, wo, dtype)
-            query, key, value = (qkv[..., i, :, :] for i in range(3))
-        elif self.fuse_qkv:
-            query = _project(inputs_q, [wq], dtype, self.precision)[..., 0, :, :]
-            kv = _project(inputs_kv, [wk, wv], dtype, self.precision)
-            key, value = kv[..., 0, :, :], kv[..., 1, :, :]
+            query, key, value = jnp.split(qkv, [n, n + kv], axis=-2)
+        elif self.fuse_qkv:  # cross-attention
+            query = _project(inputs_q, [wq], dtype, self.precision)
+            key, value = jnp.split(_project(inputs_kv, [wk, wv], dtype, self.precision), [kv], axis=-2)
         else:
-            query, key, value = (
-                _project(x, [w], dtype, self.precision)[..., 0, :, :]
-                for x, w in ((inputs_q, wq), (inputs_kv, wk), (inputs_kv, wv))
-            )
+            pairs = ((inputs_q, wq), (inputs_kv, wk), (inputs_kv, wv))
+            query, key, value = (_project(x, [w], dtype, self.precision) for x, w in pairs)
+            query, key = (rotate(query), rotate(key)) if rotate else (query, key)
 
         if self.decode:
             key, value, mask = self._update_cache(key, value, mask)
@@ -309,6 +326,24 @@ class MultiHeadAttention(nn.Module):
             out = out + bias.astype(dtype)
         return out
 
+    def _rotary(self, positions: Array | None, length: int, head_dim: int, self_attention: bool):
+        """The rotary embedding, x [B..., T, heads, H] → x rotated at `positions` (default 0..T-1, after the cache
+        index when decoding); None without `rope_base`."""
+        if self.rope_base is None:
+            if positions is not None:
+                raise ValueError("positions are rotary positions: they need rope_base (None turns rotary off)")
+            return None
+        if not (self.rope_base > 0 and head_dim % 2 == 0 and self_attention):
+            raise ValueError(
+                f"rotary embeddings need rope_base > 0 (got {self.rope_base}), an even head dim (qkv_features / "
+                f"num_heads = {head_dim}) and self-attention (no inputs_kv; got {self_attention=})"
+            )
+        if positions is None:
+            positions = jnp.arange(length)  # [T]
+            if self.decode and self.has_variable("cache", "cache_index"):
+                positions = positions + self.get_variable("cache", "cache_index")
+        return functools.partial(apply_rotary, positions=positions, base=self.rope_base)
+
     def _update_cache(self, key: Array, value: Array, mask: Array | None):
         """Writes this call's keys/values into the cache; returns the whole cache and the causal mask over it."""
         initialized = self.has_variable("cache", "cached_key")
@@ -337,10 +372,11 @@ class MultiHeadAttention(nn.Module):
 
 
 def _project(x: Array, weights: Sequence[tuple[Array, Array | None]], dtype: Dtype, precision) -> Array:
-    """x [B..., T, F] times k kernels [F, N, H] as one [B*T, F] x [F, k*N*H] matmul → [B..., T, k, N, H]."""
-    f, n, h = weights[0][0].shape
-    kernel = jnp.stack([w for w, _ in weights], axis=1).astype(dtype)  # [F, k, N, H]
-    y = jnp.dot(x.reshape(-1, f), kernel.reshape(f, -1), precision=precision)  # [B*T, k*N*H]
+    """x [B..., T, F] times kernels [F, N_i, H] as one [B*T, F] x [F, ΣN_i*H] matmul → [B..., T, ΣN_i, H] (for
+    three kernels of N heads, a free reshape makes it [B..., T, 3, N, H])."""
+    f, _, h = weights[0][0].shape
+    kernel = jnp.concatenate([w for w, _ in weights], axis=1).astype(dtype)  # [F, ΣN_i, H]
+    y = jnp.dot(x.reshape(-1, f), kernel.reshape(f, -1), precision=precision)  # [B*T, ΣN_i*H]
     if weights[0][1] is not None:
-        y = y + jnp.stack([b for _, b in weights]).astype(dtype).reshape(-1)
-    return y.reshape(*x.shape[:-1], len(weights), n, h)  # [B..., T, k, N, H]
+        y = y + jnp.concatenate([b for _, b in weights]).astype(dtype).reshape(-1)
+    return y.reshape(*x.shape[:-1], kernel.shape[1], h)  # [B..., T, ΣN_i, H]

@@ -46,6 +46,66 @@ def test_every_kernel_gives_the_reference(name, t):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["multi-query", "grouped"])
+@pytest.mark.parametrize("t", [6, 384], ids=["one-block", "blocks"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_kernel_takes_grouped_heads(name, t, kv_heads):
+    """Key/value with K < N heads (grouped-query attention) give what the reference gives on k, v repeated to N
+    heads (query head n reads key/value head n // (N/K), as jnp.repeat lays them out), values and gradients."""
+    q, k, v, mask = _case(2, t, 4, 8)
+    k, v = k[..., :kv_heads, :], v[..., :kv_heads, :]
+    repeat = lambda x: jnp.repeat(x, 4 // kv_heads, axis=-2)
+
+    def loss(impl, expand):
+        f = lambda q, k, v: jnp.sum(jnp.sin(scaled_dot_product_attention(q, *expand(k, v), mask, implementation=impl)))
+        return jax.jit(jax.value_and_grad(f, (0, 1, 2)))(q, k, v)
+
+    (got, got_grads), (want, want_grads) = loss(name, lambda *kv: kv), loss("reference", lambda *kv: map(repeat, kv))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for u, w in zip(got_grads, want_grads, strict=True):
+        assert u.shape == w.shape
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
+
+
+def test_blocked_kernel_on_grouped_heads_in_small_blocks():
+    """The blocked kernel forced into query blocks (small `block_elements`) on grouped heads."""
+    q, k, v, mask = _case(2, 40, 4, 8)
+    k, v = k[..., :2, :], v[..., :2, :]
+    want = scaled_dot_product_attention(q, k, v, mask, implementation="reference")
+    f = lambda q, k, v: scaled_dot_product_attention(q, k, v, mask, implementation="blocked", block_elements=256)
+    np.testing.assert_allclose(np.asarray(f(q, k, v)), np.asarray(want), rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), (0, 1, 2))(q, k, v)
+    w = jax.grad(
+        lambda *a: jnp.sum(scaled_dot_product_attention(*a, mask, implementation="reference") ** 2), (0, 1, 2)
+    )(q, k, v)
+    for u, ww in zip(g, w, strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(ww), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["reference", "jax"])
+def test_grouped_heads_are_not_repeated_in_memory(name):
+    """The "reference" kernel (a grouped einsum) and "jax" (jax.nn groups natively; GPU and TPU run it under "auto")
+    never build k or v with N heads, forward or backward: no value of the program has shape [B, Tk, N, H] or
+    [B, N, Tk, H]."""
+    q, k, v = jnp.ones((2, 3, 4, 8)), jnp.ones((2, 5, 1, 8)), jnp.ones((2, 5, 1, 8))
+    f = lambda *a: jnp.sum(scaled_dot_product_attention(*a, implementation=name))
+    shapes, todo = set(), [jax.make_jaxpr(jax.grad(f, (0, 1, 2)))(q, k, v).jaxpr]
+    while todo:
+        for eqn in todo.pop().eqns:
+            shapes |= {tuple(getattr(x.aval, "shape", ())) for x in eqn.outvars}
+            todo += [getattr(p, "jaxpr", p) for p in eqn.params.values() if hasattr(getattr(p, "jaxpr", p), "eqns")]
+    assert (2, 1, 5, 8) in shapes or (2, 5, 1, 8) in shapes
+    assert not {(2, 5, 4, 8), (2, 4, 5, 8)} & shapes
+
+
+def test_heads_that_do_not_group_name_the_shapes():
+    q, k, v, _ = _case(1, 4, 4, 8)
+    with pytest.raises(ValueError, match=r"multiple of the key/value heads K.*\(1, 4, 3, 8\)"):
+        scaled_dot_product_attention(q, k[..., :3, :], v[..., :3, :], implementation="reference")
+    with pytest.raises(ValueError, match=r"equal B\.\.\., Tk and K"):
+        scaled_dot_product_attention(q, k[..., :2, :], v, implementation="reference")
+
+
 def test_names_and_aliases():
     assert set(kernels.ATTENTION) == {"auto", "reference", "blocked", "jax", "cudnn", "cpu"}
     assert kernels.attention_kernel("xla") is kernels.ATTENTION["auto"]

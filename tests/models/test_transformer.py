@@ -145,6 +145,54 @@ def test_seq2seq_cached_decoding_equals_full_pass(rng, scan):
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_rope_gqa_lm_cached_decoding_equals_full_pass(rng, scan, kv_heads):
+    """Rotary positions and grouped-query attention (4 query heads, K = 1 or 2): a prompt prefilled in one call,
+    then one token per call (`apply({"params", "cache"}, tokens[:, t:t+1], mutable=["cache"])`), gives the full
+    pass; the caches hold K heads and no position table or counter exists."""
+    cfg = _config(scan_layers=scan, position="rope", rope_base=500.0, num_heads=4, num_kv_heads=kv_heads)
+    tokens = _tokens(rng, (2, 12))
+    model = DecoderLM(cfg)
+    params = _init(model, rng, tokens)
+    kernel = params["stack"]["layers" if scan else "layers_0"]["self_attention"]["key"]["kernel"]
+    assert kernel.shape[-2:] == (kv_heads, 4) and "positions" not in params["embed"]
+    full = model.apply({"params": params}, tokens)
+    dec = DecoderLM(cfg.replace(decode=True))
+    cache = dec.init(rng, jnp.zeros((2, 12), jnp.int32))["cache"]
+    shapes = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(cache)}
+    assert "position_index" not in str(shapes)
+    cached = [s for k, s in shapes.items() if "cached_" in k]  # [(L,) B, 12, K, H]
+    assert len(cached) == (2 if scan else 4) and all(s[-3:] == (12, kv_heads, 4) for s in cached)
+    step = jax.jit(lambda cache, t: dec.apply({"params": params, "cache": cache}, t, mutable=["cache"]))
+    logits, new = step(cache, tokens[:, :5])
+    np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
+    for t in range(5, 12):
+        logits, new = step(new["cache"], tokens[:, t : t + 1])
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+    # The rotation is applied: the same parameters without positions give other logits.
+    none = DecoderLM(cfg.replace(position="none")).apply({"params": params}, tokens)
+    assert np.abs(np.asarray(none[:, 1:] - full[:, 1:])).max() > 1e-3
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_rope_gqa_seq2seq_cached_decoding_equals_full_pass(rng, scan):
+    cfg = _config(scan_layers=scan, position="rope", num_heads=4, num_kv_heads=2)
+    inputs = jnp.pad(_tokens(rng, (2, 7)), ((0, 0), (0, 2)))
+    targets = _tokens(jax.random.fold_in(rng, 1), (2, 8))
+    model = Transformer(cfg)
+    params = _init(model, rng, inputs, targets)
+    full = model.apply({"params": params}, inputs, targets)
+    fed = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+    step = jax.jit(decoding.seq2seq_step(model))
+    state = decoding.seq2seq_state(model, params, inputs, 8)
+    logits, state = step(state, fed[:, :3])
+    np.testing.assert_allclose(logits, full[:, :3], rtol=1e-5, atol=1e-5)
+    for t in range(3, 8):
+        logits, state = step(state, fed[:, t : t + 1])
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
 def test_decode_rejects_prompt_longer_than_cache_or_max_len(rng):
     cfg = _config()
     model = DecoderLM(cfg)
@@ -261,6 +309,10 @@ def test_bfloat16_compute_keeps_float32_logits(rng):
         (dict(activation="swish"), "activation"),
         (dict(attention_implementation="flash"), "attention_implementation"),
         (dict(share_embeddings=True, output_vocab_size=5), "share_embeddings"),
+        (dict(num_kv_heads=3), "num_kv_heads"),  # does not divide num_heads=2
+        (dict(num_kv_heads=0), "num_kv_heads"),
+        (dict(rope_base=0.0), "rope_base"),
+        (dict(position="rope", num_heads=16), "position"),  # head dim 1: rotary pairs need an even one
     ],
 )
 def test_bad_config_names_the_field(overrides, field):

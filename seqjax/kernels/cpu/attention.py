@@ -147,15 +147,16 @@ def attention(
     segment_ids=None,
 ) -> Array | tuple[Array, Array]:
     """`seqjax.nn.scaled_dot_product_attention` by the C++ kernel where a call is self-attention shaped (Tq = Tk,
-    one head dim) and `self_attention` takes it (q, k and v are stacked into one array: a copy that the fused
-    projection of `MultiHeadAttention` avoids), else by `blocked`."""
+    one head dim) and `self_attention` takes it (q, k and v are stacked into one array, grouped key/value heads
+    repeated into it: a copy that the fused projection of `MultiHeadAttention` avoids), else by `blocked`."""
     q, k, v, mask, bias, scale, rate = common.prepare(
         query, key, value, mask, bias, dropout_rate, dropout_rng, deterministic, scale
     )
-    if bias is not None or return_weights or q.shape != k.shape or v.shape != k.shape:
+    if bias is not None or return_weights or q.shape[:-2] != k.shape[:-2] or v.shape != k.shape:
         return blocked.attention(q, k, v, mask, bias=bias, dropout_rate=rate, dropout_rng=dropout_rng,
                                  deterministic=rate == 0.0, return_weights=return_weights, scale=scale,
                                  precision=precision, is_causal=is_causal, segment_ids=segment_ids)  # fmt: skip
+    k, v = common.repeat_kv(k, v, q.shape[-2])  # the kernel reads one k/v head per query head
     qkv = jnp.stack([q * jnp.asarray(scale, q.dtype), k, v], axis=-3)  # [B..., T, 3, N, H]
     out = self_attention(qkv, mask, dropout_rate=rate, dropout_rng=dropout_rng, precision=precision,
                          is_causal=is_causal, segment_ids=segment_ids)  # fmt: skip
