@@ -357,10 +357,17 @@ def test_decoder_lm_rejects_num_decoder_layers(rng):
 
 
 @pytest.mark.parametrize(
-    "scan, remat, implementation",
-    [(False, "none", "auto"), (True, "full", "auto"), (False, "none", "blocked"), (False, "none", "reference")],
+    "scan, remat, implementation, position",
+    [
+        (False, "none", "auto", "learned"),
+        (True, "full", "auto", "learned"),
+        (False, "none", "blocked", "learned"),
+        (False, "none", "reference", "learned"),
+        (False, "none", "auto", "rope"),  # rotary + grouped heads: segments hold with K=1 kv heads too
+        (True, "none", "blocked", "rope"),
+    ],
 )
-def test_packed_row_gives_each_sequence_its_own_logits(rng, scan, remat, implementation):
+def test_packed_row_gives_each_sequence_its_own_logits(rng, scan, remat, implementation, position):
     """A packed row (seqjax.data.pipeline.pack) through DecoderLM with its segment_ids and positions gives every
     sequence the logits it gets alone, and the loss over packed_lm_targets' weights is the separate runs' loss."""
     from seqjax.data.pipeline import pack, packed_lm_targets
@@ -369,7 +376,8 @@ def test_packed_row_gives_each_sequence_its_own_logits(rng, scan, remat, impleme
     seqs = [np.asarray(_tokens(jax.random.fold_in(rng, i), (n,))) for i, n in enumerate(lengths)]
     packed = pack(seqs, rows=2, length=9)
     assert packed["segment_ids"].tolist() == [[1] * 5 + [2] * 3 + [0], [1] * 6 + [2] * 2 + [0]]
-    cfg = _config(scan_layers=scan, remat_policy=remat, attention_implementation=implementation, position="learned")
+    cfg = _config(scan_layers=scan, remat_policy=remat, attention_implementation=implementation, position=position)
+    cfg = cfg.replace(num_kv_heads=1) if position == "rope" else cfg
     model = DecoderLM(cfg)
     params = _init(model, rng, jnp.asarray(packed["tokens"]))
     kw = dict(segment_ids=jnp.asarray(packed["segment_ids"]), positions=jnp.asarray(packed["positions"]))
