@@ -1,13 +1,6 @@
 """Experiment entry points: `python -m experiments.NAME --workdir DIR [--config FILE] [--config.key=value ...]`.
 
-Launched that way, the process first restarts itself with glibc's huge-page tunable (`seqjax.runtime`: XLA's
-per-step buffers then cost far fewer page faults; the dalle decoder measured 3.4 -> 4.3 steps/s); importing these
-modules from other code changes nothing.
+Each module's `main()` calls `experiments._common.run`, which on a CPU-only host first restarts the process with
+glibc's huge-page tunable (`seqjax.runtime.restart_with_hugepages_on_cpu`; `SEQJAX_HUGEPAGES=0` opts out) and logs
+what it did; `experiments.sweep` makes the same call. Importing these modules changes nothing.
 """
-
-import sys
-
-from seqjax.runtime import launched_module, reexec_with_hugepages
-
-if (launched_module(sys.orig_argv) or "").startswith("experiments."):
-    reexec_with_hugepages()

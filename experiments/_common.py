@@ -85,6 +85,11 @@ def run(task_cls: type, default_config: str) -> None:
     (what is allowed)`, and exit status 2; other errors keep their traceback."""
     from absl import app
 
+    from seqjax import runtime
+
+    # CPU hosts only: XLA's per-step buffers get huge pages (a fifth to a quarter of a step was page faults;
+    # BENCHMARKS.md). It restarts this command once, with GLIBC_TUNABLES set; SEQJAX_HUGEPAGES=0 opts out.
+    runtime.restart_with_hugepages_on_cpu()
     argv = parse_command_line(default_config, sys.argv)
     app.run(lambda _: _train(task_cls), argv=argv, flags_parser=lambda _: argv)
 
@@ -95,8 +100,10 @@ def _train(task_cls: type) -> None:
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     from seqjax.errors import ConfigError
+    from seqjax.runtime import hugepage_status
     from seqjax.training import train_and_evaluate
 
+    print(f"seqjax: {hugepage_status()}", file=sys.stderr)
     config, workdir = flags.FLAGS.config, os.path.abspath(flags.FLAGS.workdir)
     if "workdir" in inspect.signature(task_cls).parameters:  # tasks that train stages of their own in the workdir
         build = lambda: task_cls(config, workdir=workdir)

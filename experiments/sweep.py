@@ -131,4 +131,7 @@ def run_sweep(argv):
 
 
 if __name__ == "__main__":
+    from seqjax import runtime
+
+    runtime.restart_with_hugepages_on_cpu()  # as experiments._common.run: CPU hosts only, SEQJAX_HUGEPAGES=0 opts out
     app.run(main)

@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from seqjax.runtime import hugepage_environ
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPERIMENTS = ["dalle", "lm", "rnn_lm", "seq2seq", "sequence_models", "vit", "vqvae"]
 # The tiny seq2seq run of tests/experiments/test_experiments.py.
@@ -92,9 +94,14 @@ def test_a_dataset_missing_from_data_dir_is_one_line(tmp_path, name, variant, da
 
 def test_an_unwritable_workdir_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")  # a path under a file: not writable, even for root
-    line = _one_error_line(_run(_seq2seq(tmp_path / "file" / "run")))
+    out = _run(_seq2seq(tmp_path / "file" / "run"))
+    line = _one_error_line(out)
     assert line == f"error: workdir: cannot write to {tmp_path / 'file' / 'run'}: Not a directory " \
         "(a directory this user may write)"  # fmt: skip
+    # The entry point says whether it restarted with glibc's huge pages (CPU host) and how to turn that off.
+    restarted = "GLIBC_TUNABLES" not in os.environ and hugepage_environ(os.environ) is not None
+    status = next(s for s in out.stderr.splitlines() if s.startswith("seqjax: glibc huge pages"))
+    assert ("SEQJAX_HUGEPAGES=0 turns this off" in status) == restarted, status
 
 
 def test_flag_and_config_file_errors_are_one_line(tmp_path):
