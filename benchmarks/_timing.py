@@ -46,12 +46,12 @@ def paired_ratios(reference: list, contender: list) -> list:
     return [r / c for r, c in zip(reference, contender, strict=True)]
 
 
-def matmul_peak_step(n: int):
-    """A jit-compiled float32 n x n x n `jnp.dot` as a step to time, and its FLOPs (2 n^3): the peer that gives
+def matmul_peak_step(n: int, dtype: str = "float32"):
+    """A jit-compiled n x n x n `jnp.dot` in `dtype` as a step to time, and its FLOPs (2 n^3): the peer that gives
     "fraction of the machine's matmul peak" (time it in the same run as the contender)."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((n, n), jnp.float32)
+    a = jnp.ones((n, n), dtype)
     mm = jax.jit(lambda a: jnp.dot(a, a))
     return (lambda: jax.block_until_ready(mm(a))), 2 * n**3

@@ -34,6 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+from _timing import matmul_peak_step
 
 from seqjax import decoding
 from seqjax.models import DecoderLM, TransformerConfig
@@ -73,16 +74,15 @@ def device_peak(dtype: str) -> float | None:
 
 
 def measured_peak(dtype, n: int) -> float:
-    """FLOP/s of a jit-compiled n^3 matmul in `dtype` (median of 5 runs)."""
-    a = jnp.ones((n, n), dtype)
-    mm = jax.jit(lambda a: a @ a)
-    jax.block_until_ready(mm(a))
+    """FLOP/s of a jit-compiled n^3 matmul in `dtype` (median of 5 runs after a warm-up)."""
+    step, flops = matmul_peak_step(n, dtype)
+    step()
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        jax.block_until_ready(mm(a))
+        step()
         times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+    return flops / statistics.median(times)
 
 
 def time_steps(step, state, batch, steps: int, repeats: int) -> float:
