@@ -27,7 +27,7 @@ import numpy as np
 
 from experiments import vit as vit_experiment
 from experiments import vqvae as vqvae_experiment
-from experiments._common import PipelineTask, run
+from experiments.common import PipelineTask, run
 from experiments.configs import vit as vit_configs
 from experiments.configs import vqvae as vqvae_configs
 from seqjax import decoding

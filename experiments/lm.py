@@ -10,8 +10,8 @@ them (marked ok / BAD on synthetic_text); curves.png the losses.
 
 from __future__ import annotations
 
-from experiments._common import dropout_kwargs, run
-from experiments._text import TextLMTask, sample
+from experiments.common import dropout_kwargs, run
+from experiments.text_lm import TextLMTask, sample
 from seqjax import decoding
 from seqjax.models import DecoderLM, TransformerConfig
 

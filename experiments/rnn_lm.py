@@ -9,8 +9,8 @@ distinct ones. samples.txt, curves.png.
 
 from __future__ import annotations
 
-from experiments._common import dropout_kwargs, run
-from experiments._text import TextLMTask, sample
+from experiments.common import dropout_kwargs, run
+from experiments.text_lm import TextLMTask, sample
 from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig, rnn_state, rnn_step
 
 

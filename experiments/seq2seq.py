@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, dropout_kwargs, run
+from experiments.common import PipelineTask, dropout_kwargs, run
 from seqjax import decoding
 from seqjax.data import datasets
 from seqjax.data.builders import build, seq_tasks

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, eval_chunks, run
+from experiments.common import PipelineTask, eval_chunks, run
 from seqjax.data.builders import build, time_series
 from seqjax.data.pipeline import Pipeline, stack
 from seqjax.data.sources import data_dir, head

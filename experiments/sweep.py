@@ -60,7 +60,7 @@ def experiment_module(name: str):
 
 
 def default_config_path(module) -> str:
-    from experiments._common import CONFIGS
+    from experiments.common import CONFIGS
 
     return module.CONFIG if os.path.isabs(module.CONFIG) else os.path.join(CONFIGS, module.CONFIG)
 
@@ -75,8 +75,8 @@ def split_config(spec: str) -> tuple[str, str | None]:
 
 def main(argv):
     """Runs the sweep; a bad config of a trial (or a workdir in use) is one line, `error: config.KEY: ...`, and
-    exit status 2 (see `experiments._common.exit_with_error`)."""
-    from experiments._common import exit_with_error
+    exit status 2 (see `experiments.common.exit_with_error`)."""
+    from experiments.common import exit_with_error
 
     try:
         run_sweep(argv)
@@ -133,5 +133,5 @@ def run_sweep(argv):
 if __name__ == "__main__":
     from seqjax import runtime
 
-    runtime.restart_with_hugepages_on_cpu()  # as experiments._common.run: CPU hosts only, SEQJAX_HUGEPAGES=0 opts out
+    runtime.restart_with_hugepages_on_cpu()  # as experiments.common.run: CPU hosts only, SEQJAX_HUGEPAGES=0 opts out
     app.run(main)

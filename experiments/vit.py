@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, dropout_kwargs, run
+from experiments.common import PipelineTask, dropout_kwargs, run
 from seqjax.data.pipeline import Mapped, Pipeline, stack
 from seqjax.data.sources import head, image_sources, images_to_float
 from seqjax.models.vit import ViT, attention_rollout, vit_config

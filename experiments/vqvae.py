@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask, run
+from experiments.common import PipelineTask, run
 from seqjax.data.pipeline import Mapped, Pipeline, stack
 from seqjax.data.sources import head, image_sources, images_to_float
 from seqjax.models.vqvae import VQVAE, VQVAEConfig

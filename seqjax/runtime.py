@@ -6,7 +6,7 @@ of it, 4 KB at a time (measured here: 30,000 faults per LSTM forward+backward, a
 BENCHMARKS.md). glibc >= 2.35 has a tunable that asks for transparent huge pages on those mappings, 2 MB per fault:
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`. Tunables are read when a process starts, so a running process cannot set it
 for itself; `reexec_with_hugepages()` restarts the current command with it. The experiment entry points call
-`restart_with_hugepages_on_cpu()` first thing in `experiments._common.run` (CPU hosts only: on a GPU/TPU host the
+`restart_with_hugepages_on_cpu()` first thing in `experiments.common.run` (CPU hosts only: on a GPU/TPU host the
 step's buffers live on the device) and log `hugepage_status()`. Set `SEQJAX_HUGEPAGES=0` to opt out; other
 GLIBC_TUNABLES settings are left alone.
 """

@@ -1,5 +1,5 @@
 """seqjax.runtime: when the huge-page tunable is added to the environment, and that the experiments' entry points
-restart with it (on CPU hosts, first thing in `experiments._common.run`) while importing them does not."""
+restart with it (on CPU hosts, first thing in `experiments.common.run`) while importing them does not."""
 
 import importlib.util
 import os
@@ -82,7 +82,7 @@ def test_importing_the_experiments_changes_nothing_and_run_restarts_first(monkey
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert out.stdout.strip() == "None"
 
-    from experiments import _common
+    from experiments import common
 
     class Restarted(Exception):
         pass
@@ -91,6 +91,6 @@ def test_importing_the_experiments_changes_nothing_and_run_restarts_first(monkey
         raise Restarted
 
     monkeypatch.setattr(runtime, "restart_with_hugepages_on_cpu", restart)
-    monkeypatch.setattr(_common, "parse_command_line", lambda *a: pytest.fail("parsed before the restart"))
+    monkeypatch.setattr(common, "parse_command_line", lambda *a: pytest.fail("parsed before the restart"))
     with pytest.raises(Restarted):
-        _common.run(object, "unused.py")
+        common.run(object, "unused.py")

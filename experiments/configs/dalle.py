@@ -6,7 +6,7 @@ of experiments/configs/vqvae.py and vit.py). Variant `:accelerator`: a wider, de
 
 import ml_collections
 
-from experiments._common import base_config
+from experiments.common import base_config
 
 
 def get_config(variant: str = "cpu"):

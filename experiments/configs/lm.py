@@ -4,8 +4,8 @@ Variants: `:tiny_shakespeare`, `:lm1b` (the real datasets, prepared beforehand; 
 `:accelerator` (lm1b subwords at base size, for a GPU/TPU).
 """
 
-from experiments._common import base_config
-from experiments._text import text_config
+from experiments.common import base_config
+from experiments.text_lm import text_config
 
 
 def get_config(variant: str = "cpu"):

@@ -4,8 +4,8 @@ Variants: `:tiny_shakespeare` (prepared beforehand; see seqjax.data.datasets), `
 1024 units on tiny_shakespeare, for a GPU/TPU).
 """
 
-from experiments._common import base_config
-from experiments._text import text_config
+from experiments.common import base_config
+from experiments.text_lm import text_config
 
 
 def get_config(variant: str = "cpu"):

@@ -5,7 +5,7 @@ Variants: `--config experiments/configs/seq2seq.py:translation` (TED Portuguese 
 `:accelerator` (a base-size model on long sequences, for a GPU/TPU).
 """
 
-from experiments._common import base_config
+from experiments.common import base_config
 
 
 def get_config(variant: str = "cpu"):

@@ -3,7 +3,7 @@
 Variant `:accelerator`: longer series, wider models, more data.
 """
 
-from experiments._common import base_config
+from experiments.common import base_config
 
 
 def get_config(variant: str = "cpu"):

@@ -4,7 +4,7 @@ Variants: `:mnist`, `:cifar10` (prepared beforehand; see seqjax.data.datasets), 
 cifar10, for a GPU/TPU).
 """
 
-from experiments._common import base_config
+from experiments.common import base_config
 
 
 def get_config(variant: str = "cpu"):

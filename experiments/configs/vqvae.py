@@ -3,7 +3,7 @@
 Variant `:accelerator`: 512 codes on cifar10.
 """
 
-from experiments._common import base_config
+from experiments.common import base_config
 
 
 def get_config(variant: str = "cpu"):

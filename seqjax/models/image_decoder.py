@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.decoding import cache_capacity, default_batch_axes, empty_cache, with_decode
-from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
-from seqjax.models.transformer import DecoderBlock, TransformerConfig, _Stack, stack_config
+from seqjax.models.config_base import ConfigBase, check_positive_ints, check_rates
+from seqjax.models.transformer import DecoderBlock, LayerStack, TransformerConfig, stack_config
 
 Array = jax.Array
 Dtype = Any
@@ -117,7 +117,7 @@ class ImageTokenDecoder(nn.Module):
         self.text_pos = self.param("text_pos", init, (cfg.text_len + 1, cfg.emb_dim), cfg.param_dtype)
         self.row_pos = self.param("row_pos", init, (h, cfg.emb_dim), cfg.param_dtype)
         self.col_pos = self.param("col_pos", init, (w, cfg.emb_dim), cfg.param_dtype)
-        self.stack = _Stack(cfg.transformer_config(), DecoderBlock, cfg.num_layers)
+        self.stack = LayerStack(cfg.transformer_config(), DecoderBlock, cfg.num_layers)
         self.ln_final = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32)
         self.text_head = nn.Dense(cfg.text_vocab_size, dtype=jnp.float32)
         self.image_head = nn.Dense(cfg.image_vocab_size, dtype=jnp.float32)

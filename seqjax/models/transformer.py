@@ -164,7 +164,7 @@ class DecoderBlock(_Sublayers):
         return self.mlp(x, deterministic)
 
 
-class _Stack(nn.Module):
+class LayerStack(nn.Module):
     """L blocks, unrolled (`layers_i`) or scanned (`layers`, stacked parameters), optionally rematerialised.
 
     `block_args` are broadcast to every layer; `deterministic` is static; `segment_ids` and `positions` (packed
@@ -298,7 +298,7 @@ class Encoder(nn.Module):
         inputs = check_tokens(cfg, inputs, "inputs")
         segments = (inputs > 0).astype(jnp.int32)  # [B, S]: 1 real, 0 padding (attends to and is seen by nothing)
         x = Embed(cfg.replace(decode=False), cfg.vocab_size, self.shared_embedding, name="embed")(inputs, deterministic)
-        stack = _Stack(cfg, EncoderBlock, cfg.num_layers, name="stack")
+        stack = LayerStack(cfg, EncoderBlock, cfg.num_layers, name="stack")
         x = stack(x, None, deterministic=deterministic, segment_ids=segments)
         if cfg.pre_norm:
             x = _layer_norm(cfg, "ln_final")(x)
@@ -321,7 +321,7 @@ class Decoder(nn.Module):
         cross_mask = (jnp.asarray(inputs) > 0)[:, None, None, :]  # [B, 1, 1, S]: keys that are not padding
         embed = Embed(cfg, cfg.target_vocab_size, self.shared_embedding, name="embed")
         x = embed(targets, deterministic)
-        x = _Stack(cfg, DecoderBlock, cfg.decoder_layers, name="stack")(
+        x = LayerStack(cfg, DecoderBlock, cfg.decoder_layers, name="stack")(
             x, encoded, None, cross_mask, deterministic=deterministic
         )  # self-attention is causal by `is_causal` (the cache masks itself)
         if cfg.pre_norm:
@@ -386,7 +386,7 @@ class DecoderLM(nn.Module):
         tokens = check_tokens(cfg, tokens, "tokens")
         embed = Embed(cfg, cfg.vocab_size, name="embed")
         x = embed(tokens, deterministic, positions)
-        x = _Stack(cfg, DecoderBlock, cfg.num_layers, name="stack")(
+        x = LayerStack(cfg, DecoderBlock, cfg.num_layers, name="stack")(
             x, None, None, None, deterministic=deterministic, segment_ids=segment_ids, positions=positions
         )  # causal by `is_causal`: no [T, T] mask
         if cfg.pre_norm:

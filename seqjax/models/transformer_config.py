@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax import kernels
-from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
+from seqjax.models.config_base import ConfigBase, check_positive_ints, check_rates
 
 Array = jax.Array
 Dtype = Any

@@ -2,7 +2,7 @@
 
 Glossary: B batch, H x W image size, C channels, P patch size, h x w = H/P x W/P patch grid, D width, K classes.
 
-The encoder blocks are the Transformer's own (`seqjax.models.transformer.EncoderBlock` under `_Stack`), so
+The encoder blocks are the Transformer's own (`seqjax.models.transformer.EncoderBlock` under `LayerStack`), so
 `scan_layers`, `remat_policy`, `dtype` and the attention implementation work the same way. Named variants follow
 the ViT paper and its successors: `vit_config("S/16", num_classes=10)`.
 
@@ -21,13 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.models._config import ConfigBase, check_positive_ints
+from seqjax.models.config_base import ConfigBase, check_positive_ints
 from seqjax.models.transformer import (
     ATTENTION_IMPLEMENTATIONS,
     REMAT_POLICIES,
     EncoderBlock,
+    LayerStack,
     TransformerConfig,
-    _Stack,
     stack_config,
 )
 from seqjax.nn.position import sinusoidal_positions_2d
@@ -166,7 +166,7 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.emb_dim)), x], axis=1)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         tcfg = cfg.transformer_config()
-        x = _Stack(tcfg, EncoderBlock, cfg.num_layers, name="stack")(x, None, deterministic=deterministic)
+        x = LayerStack(tcfg, EncoderBlock, cfg.num_layers, name="stack")(x, None, deterministic=deterministic)
         x = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32, name="ln_final")(x.astype(jnp.float32))
         pooled = x[:, 0] if cfg.pool == "cls" else x.mean(axis=1)  # [B, D]
         if cfg.num_classes == 0:

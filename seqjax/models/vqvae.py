@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.models._config import ConfigBase, check_positive_ints, check_rates
+from seqjax.models.config_base import ConfigBase, check_positive_ints, check_rates
 
 Array = jax.Array
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seqjax.data.builders import time_series as ts
-from seqjax.data.builders._base import build
+from seqjax.data.builders.seeded import build
 from seqjax.data.builders.time_series import TimeSeriesConfig, ar_process, fit_ar, is_stationary
 
 TRUE_AR = (0.5, -0.3, 0.2)

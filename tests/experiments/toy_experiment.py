@@ -6,7 +6,7 @@ of tests/training/toy_task.py, a few steps.
 
 import os
 
-from experiments._common import run
+from experiments.common import run
 from tests.training.toy_task import ToyTask, toy_config
 
 TASK, CONFIG = ToyTask, os.path.abspath(__file__)

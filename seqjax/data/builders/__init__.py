@@ -11,6 +11,6 @@
 """
 
 from seqjax.data.builders import captioned_shapes, seq_tasks, synthetic_text, time_series
-from seqjax.data.builders._base import SeededBuilder, SeededConfig, build
+from seqjax.data.builders.seeded import SeededBuilder, SeededConfig, build
 
 __all__ = ["SeededBuilder", "SeededConfig", "build", "captioned_shapes", "seq_tasks", "synthetic_text", "time_series"]

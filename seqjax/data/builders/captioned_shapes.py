@@ -27,7 +27,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
-from seqjax.data.builders._base import SeededBuilder, SeededConfig
+from seqjax.data.builders.seeded import SeededBuilder, SeededConfig
 
 SHAPES = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "circle", "square", "triangle")
 COLOURS = {

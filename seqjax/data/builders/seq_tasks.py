@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from seqjax.data.builders._base import SeededBuilder, SeededConfig
+from seqjax.data.builders.seeded import SeededBuilder, SeededConfig
 
 TASKS = ("copy", "reverse", "sort", "trim", "omit", "permute", "addition")
 ADDITION_VOCAB = 11  # '0'..'9' -> 1..10, '+' -> 11

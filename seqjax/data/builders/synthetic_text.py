@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import numpy as np
 import tensorflow_datasets as tfds
 
-from seqjax.data.builders._base import SeededBuilder, SeededConfig
+from seqjax.data.builders.seeded import SeededBuilder, SeededConfig
 
 START = "S"
 

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import tensorflow_datasets as tfds
 
-from seqjax.data.builders._base import SeededBuilder, SeededConfig
+from seqjax.data.builders.seeded import SeededBuilder, SeededConfig
 
 KINDS = ("sines", "mixture", "ar")
 UNIT_CIRCLE_TOLERANCE = 1e-8  # a root this close to the unit circle counts as on it (np.roots has rounding error)

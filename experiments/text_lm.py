@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import PipelineTask
+from experiments.common import PipelineTask
 from seqjax import decoding
 from seqjax.data import datasets
 from seqjax.data.builders import build, synthetic_text
