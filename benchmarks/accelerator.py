@@ -37,7 +37,7 @@ import optax
 from _timing import matmul_peak_step
 
 from seqjax import decoding
-from seqjax.models import DecoderLM, TransformerConfig
+from seqjax.models import DecoderLM, LMStep, TransformerConfig, lm_state
 from seqjax.models.vit import ViT, vit_config
 from seqjax.training import cross_entropy
 
@@ -170,10 +170,10 @@ def part_decode(args) -> None:
     model = DecoderLM(lm_config(args, decode_len=prompt_len + new))
     prompt = jax.random.randint(jax.random.key(0), (b, prompt_len), 1, args.vocab)
     params = model.init(jax.random.key(1), prompt)["params"]
-    step = decoding.lm_step(model)
+    step = LMStep(model)
 
     def generate():
-        state = decoding.lm_state(model, params, b, prompt_len + new)
+        state = lm_state(model, params, b, prompt_len + new)
         return jax.block_until_ready(decoding.greedy(step, state, prompt, new))
 
     generate()  # compile

@@ -21,7 +21,7 @@ train: one step (forward, backward, Adam update) of an encoder language model, 6
 compile: trace + lower + compile of the same training step, from fresh jit objects, at 2, 6, 12 and 24 layers,
   unrolled and with `scan_layers=True`; the table gives seconds and the 24-layer / 2-layer ratio.
 decode: 256 tokens, 6 layers, D=512, 8 heads, MLP 2048, B=8, with `seqjax.models.DecoderLM` and the KV cache
-  (`seqjax.decoding.lm_step` jit-compiled, one token per call, cache donated), each step timed on its own after a
+  (`LMStep` jit-compiled, one token per call, cache donated), each step timed on its own after a
   warm-up pass (median over --decode-passes passes); the mean per-token time of the first and last 64 tokens and
   their ratio. Baseline: recompute, i.e. at every step the full forward of the decode=False model on the tokens so
   far, padded up to the next multiple of 32 (8 compilations; causal, so the logits at t are exact). Totals over
@@ -46,8 +46,7 @@ import numpy as np
 import optax
 from _timing import interleaved_medians, interleaved_times, matmul_peak_step, medians, paired_ratios, torch_available
 
-from seqjax import decoding
-from seqjax.models import DecoderLM, Encoder, TransformerConfig
+from seqjax.models import DecoderLM, Encoder, LMStep, TransformerConfig, lm_state
 from seqjax.models.transformer import REMAT_POLICIES
 from seqjax.nn.position import sinusoidal_embedding
 from seqjax.training import fused_linear_cross_entropy
@@ -214,7 +213,7 @@ def part_decode(args) -> None:
     tokens = random_tokens(jax.random.key(2), (b, n), args.vocab)
     params = model.init(jax.random.key(3), tokens)["params"]
     columns = [jax.block_until_ready(tokens[:, t : t + 1]) for t in range(n)]
-    lm_step = decoding.lm_step(model)
+    lm_step = LMStep(model)
 
     def cached_fn(params, cache, token):
         logits, state = lm_step({"params": params, "cache": cache}, token)
@@ -223,7 +222,7 @@ def part_decode(args) -> None:
     cached = jax.jit(cached_fn, donate_argnums=(1,))
 
     def cached_pass():
-        cache = decoding.lm_state(model, params, b, n)["cache"]
+        cache = lm_state(model, params, b, n)["cache"]
         times = np.zeros(n)
         for t in range(n):
             t0 = time.perf_counter()

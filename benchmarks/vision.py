@@ -27,7 +27,7 @@ from _timing import interleaved_medians, matmul_peak_step
 
 from seqjax import decoding
 from seqjax.models import ImageDecoderConfig, ImageTokenDecoder, ViT, vit_config
-from seqjax.models.image_decoder import image_prompt, image_state, image_step
+from seqjax.models.image_decoder import ImageStep, image_prompt, image_state
 
 
 def part_train(args) -> None:
@@ -79,7 +79,7 @@ def part_generate(args) -> None:
     image = jax.random.randint(jax.random.key(1), (b, n), 0, 512)
     params = jax.jit(model.init)(jax.random.key(2), text, image)["params"]
     prompt = image_prompt(model, text)
-    step, key = image_step(model), jax.random.key(3)
+    step, key = ImageStep(model), jax.random.key(3)
 
     def cached():
         tokens = decoding.sample(step, image_state(model, params, b), prompt, key, n, top_k=64)

@@ -35,7 +35,7 @@ from seqjax.data.builders import captioned_shapes
 from seqjax.data.pipeline import Pipeline, pad, stack
 from seqjax.data.sources import captioned_shapes_sources, head, images_to_float
 from seqjax.data.tokenizers import WordTokenizer
-from seqjax.models.image_decoder import ImageDecoderConfig, ImageTokenDecoder, image_prompt, image_state, image_step
+from seqjax.models.image_decoder import ImageDecoderConfig, ImageStep, ImageTokenDecoder, image_prompt, image_state
 from seqjax.plotting import plot_image_grid
 from seqjax.training import Checkpointer, TrainState, make_optimizer, train_and_evaluate
 from seqjax.training.metrics import Mean
@@ -172,7 +172,7 @@ class DalleTask(PipelineTask):
         text = jnp.asarray(self._encode_text(captions))
         state = image_state(self.model, params, len(captions), self.config.guidance_scale)
         codes = decoding.sample(
-            image_step(self.model),
+            ImageStep(self.model),
             state,
             image_prompt(self.model, text),
             rng,

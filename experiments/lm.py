@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from experiments.common import dropout_kwargs, run
 from experiments.text_lm import TextLMTask, sample
-from seqjax import decoding
-from seqjax.models import DecoderLM, TransformerConfig
+from seqjax.models import DecoderLM, LMStep, TransformerConfig, lm_state
 
 
 class LMTask(TextLMTask):
@@ -38,8 +37,8 @@ class LMTask(TextLMTask):
         return self.model.apply({"params": params}, tokens, **dropout_kwargs(rng))
 
     def _sample(self, params, num, rng):
-        state = decoding.lm_state(self.model, params, num, self.config.seq_len + 1)
-        return sample(decoding.lm_step(self.model), state, num, rng, self.config)
+        state = lm_state(self.model, params, num, self.config.seq_len + 1)
+        return sample(LMStep(self.model), state, num, rng, self.config)
 
 
 TASK, CONFIG = LMTask, "lm.py"  # what experiments.sweep runs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from experiments.common import dropout_kwargs, run
 from experiments.text_lm import TextLMTask, sample
-from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig, rnn_state, rnn_step
+from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig, RNNStep, rnn_state
 
 
 class RNNLMTask(TextLMTask):
@@ -33,7 +33,7 @@ class RNNLMTask(TextLMTask):
         return logits
 
     def _sample(self, params, num, rng):
-        return sample(rnn_step(self.model), rnn_state(self.model, params, num), num, rng, self.config)
+        return sample(RNNStep(self.model), rnn_state(self.model, params, num), num, rng, self.config)
 
 
 TASK, CONFIG = RNNLMTask, "rnn_lm.py"  # what experiments.sweep runs

@@ -28,7 +28,7 @@ from seqjax.data.builders import build, seq_tasks
 from seqjax.data.pipeline import Pipeline, Seq2SeqCollate
 from seqjax.data.sources import data_dir, head
 from seqjax.data.tokenizers import BOS, EOS
-from seqjax.models import Transformer, TransformerConfig
+from seqjax.models import Seq2SeqStep, Transformer, TransformerConfig, seq2seq_state
 from seqjax.plotting import attention_weights, plot_attention
 from seqjax.training import cross_entropy
 from seqjax.training.vectorized import hparam
@@ -129,8 +129,8 @@ class Seq2SeqTask(PipelineTask):
 
     def report(self, params, model_state, workdir):
         inputs, labels = jnp.asarray(self.test["inputs"]), self.test["labels"]
-        step = decoding.seq2seq_step(self.model)
-        state = decoding.seq2seq_state(self.model, params, inputs, self.target_len)
+        step = Seq2SeqStep(self.model)
+        state = seq2seq_state(self.model, params, inputs, self.target_len)
         start = jnp.zeros((len(inputs), 1), jnp.int32)
         greedy = np.asarray(decoding.greedy(step, state, start, self.target_len, eos_id=self.eos))
         beams, _ = decoding.beam_search(

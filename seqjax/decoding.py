@@ -6,9 +6,9 @@ One interface covers every model with a cache or a carried state: a **step funct
 
 that reads T new tokens, returns their next-token logits and the updated state. The prompt `[B, P]` is read in one
 call (prefill), then one token per call. `state` is any pytree: a Transformer's KV cache with its parameters
-(`lm_step` / `lm_state`, `seq2seq_step` / `seq2seq_state`), or a recurrent model's carry. Steps must be hashable
-(they are static arguments of the jit-compiled loops): use a module-level function or a frozen dataclass, and keep
-arrays (parameters included) in `state`.
+(`seqjax.models.LMStep` / `lm_state`, `Seq2SeqStep` / `seq2seq_state`), or a recurrent model's carry (`RNNStep` /
+`rnn_state`); this module knows no model. Steps must be hashable (they are static arguments of the jit-compiled
+loops): use a module-level function or a frozen dataclass, and keep arrays (parameters included) in `state`.
 
 All functions return only the new tokens, `[B, max_new_tokens]` (beam search: `[B, K, max_new_tokens]`); after a
 sequence emits `eos_id`, its later tokens are `pad_id` (which a model may also generate: compare positions with the
@@ -19,12 +19,10 @@ one prompt length (no padding mask in the cached path).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -54,14 +52,6 @@ def _check(prompt: Array, max_new_tokens: int, step: StepFn | None = None, state
                 f"({max_new_tokens}) - 1 = {need}; make the cache longer"
             )
     return prompt
-
-
-def cache_capacity(cache: Any) -> int:
-    """Positions a Transformer KV cache holds (the length axis of its first `cached_key`)."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
-        if getattr(path[-1], "key", None) == "cached_key":
-            return leaf.shape[-3]
-    raise ValueError("cache_capacity: no cached_key in the cache")
 
 
 def _generate(step, state, prompt, max_new_tokens, choose, eos_id, pad_id):
@@ -151,16 +141,12 @@ def sample(
 
 
 def default_batch_axes(state: State) -> Any:
-    """Where each state leaf keeps its batch: None for parameters (under a "params" key) and scalars (cache
-    counters); axis 1 under a scanned "layers" stack (`[L, B, ...]`; a `[L]` counter has none); 0 otherwise."""
+    """Where each state leaf keeps its batch, for steps without a `batch_axes` method: None for parameters (under a
+    "params" key) and scalars, axis 0 for every other leaf."""
 
     def axis(path, leaf):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if "params" in keys or jnp.ndim(leaf) == 0:
-            return None
-        if "layers" in keys:
-            return None if jnp.ndim(leaf) == 1 else 1
-        return 0
+        return None if "params" in keys or jnp.ndim(leaf) == 0 else 0
 
     return jax.tree_util.tree_map_with_path(axis, state)
 
@@ -254,82 +240,3 @@ def beam_search(
     tokens = jnp.concatenate([finished[1], alive[1]], axis=1)
     scores, best = lax.top_k(scores, k)
     return jnp.take_along_axis(tokens, best[..., None], axis=1), scores
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Adapters for the Transformer models (decode=True configs)
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def empty_cache(model: nn.Module, *args) -> Any:
-    """The "cache" collection `model.init(key, *args)` would create, as zeros, without running the model."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args)["cache"])
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-def with_decode(model: nn.Module) -> nn.Module:
-    """The model with `config.decode=True` (itself if it already has it)."""
-    return model if model.config.decode else model.clone(config=model.config.replace(decode=True))
-
-
-@dataclasses.dataclass(frozen=True)
-class lm_step:
-    """Step function of a `DecoderLM`; the state is `lm_state(...)`: `{"params", "cache"}`."""
-
-    model: nn.Module
-
-    def __call__(self, state: State, tokens: Array) -> tuple[Array, State]:
-        logits, new = with_decode(self.model).apply(
-            {"params": state["params"], "cache": state["cache"]}, tokens, mutable=["cache"]
-        )
-        return logits, {"params": state["params"], "cache": new["cache"]}
-
-    def capacity(self, state: State) -> int:
-        return cache_capacity(state["cache"])
-
-
-def lm_state(model: nn.Module, params: Any, batch_size: int, max_decode_len: int) -> State:
-    """An empty KV cache for `max_decode_len` positions (prompt + new tokens - 1), with the parameters."""
-    if max_decode_len > model.config.max_len:
-        raise ValueError(f"max_decode_len={max_decode_len} exceeds TransformerConfig.max_len={model.config.max_len}")
-    cache = empty_cache(with_decode(model), jnp.zeros((batch_size, max_decode_len), jnp.int32))
-    return {"params": params, "cache": cache}
-
-
-@dataclasses.dataclass(frozen=True)
-class seq2seq_step:
-    """Step function of an encoder-decoder `Transformer` over `seq2seq_state(...)`: `{"params", "cache",
-    "encoded", "inputs"}` (the source is encoded once, in `seq2seq_state`)."""
-
-    model: nn.Module
-
-    def __call__(self, state: State, tokens: Array) -> tuple[Array, State]:
-        logits, new = with_decode(self.model).apply(
-            {"params": state["params"], "cache": state["cache"]},
-            state["encoded"],
-            state["inputs"],
-            tokens,
-            mutable=["cache"],
-            method="decode",
-        )
-        return logits, {**state, "cache": new["cache"]}
-
-    def capacity(self, state: State) -> int:
-        return cache_capacity(state["cache"])
-
-
-def seq2seq_state(model: nn.Module, params: Any, inputs: Array, max_decode_len: int) -> State:
-    """Encodes `inputs [B, S]` and makes an empty decoder cache for `max_decode_len` target positions."""
-    if max_decode_len > model.config.max_len:
-        raise ValueError(f"max_decode_len={max_decode_len} exceeds TransformerConfig.max_len={model.config.max_len}")
-    return _seq2seq_state(model, params, jnp.asarray(inputs), max_decode_len)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_decode_len"))
-def _seq2seq_state(model: nn.Module, params: Any, inputs: Array, max_decode_len: int) -> State:
-    # Compiled once per model and shape (equal models hash equal): a sweep's trials share it.
-    decoder = with_decode(model)
-    encoded = decoder.apply({"params": params}, inputs, method="encode")
-    targets = jnp.zeros((inputs.shape[0], max_decode_len), jnp.int32)
-    cache = empty_cache(decoder, inputs, targets)
-    return {"params": params, "cache": cache, "encoded": encoded, "inputs": inputs}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seqjax import decoding
-from seqjax.models import DecoderLM, TransformerConfig
+from seqjax.models import DecoderLM, LMStep, TransformerConfig, lm_state
 
 V = 5
 
@@ -202,10 +202,10 @@ def test_filter_logits_against_numpy(rng):
         decoding.filter_logits(logits, top_p=1.5)
 
 
-def _lm(rng):
+def _lm(rng, scan_layers=False):
     cfg = TransformerConfig(
         vocab_size=13, emb_dim=16, num_heads=2, num_layers=2, mlp_dim=32, max_len=16, dropout_rate=0.0,
-        attention_dropout_rate=0.0,
+        attention_dropout_rate=0.0, scan_layers=scan_layers,
     )  # fmt: skip
     model = DecoderLM(cfg)
     prompt = jax.random.randint(rng, (3, 4), 1, 13)
@@ -215,8 +215,8 @@ def _lm(rng):
 
 def test_transformer_sampling_limits_equal_greedy_and_seed_fixes_output(rng):
     model, params, prompt = _lm(rng)
-    step, n = decoding.lm_step(model), 8
-    state = decoding.lm_state(model, params, 3, 4 + n - 1)
+    step, n = LMStep(model), 8
+    state = lm_state(model, params, 3, 4 + n - 1)
     greedy = decoding.greedy(step, state, prompt, n)
     np.testing.assert_array_equal(decoding.sample(step, state, prompt, rng, n, top_k=1), greedy)
     np.testing.assert_array_equal(decoding.sample(step, state, prompt, rng, n, top_p=1e-6), greedy)
@@ -228,11 +228,13 @@ def test_transformer_sampling_limits_equal_greedy_and_seed_fixes_output(rng):
     assert not np.array_equal(a, b)
 
 
-def test_transformer_beam_search_scores_match_full_pass(rng):
-    model, params, prompt = _lm(rng)
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_transformer_beam_search_scores_match_full_pass(rng, scan_layers):
+    """Scanned layers keep the cache's batch at axis 1: LMStep.batch_axes says so, or beams would mix."""
+    model, params, prompt = _lm(rng, scan_layers)
     n, k = 5, 3
-    state = decoding.lm_state(model, params, 3, 4 + n - 1)
-    tokens, scores = decoding.beam_search(decoding.lm_step(model), state, prompt, n, beam_size=k, alpha=0.0)
+    state = lm_state(model, params, 3, 4 + n - 1)
+    tokens, scores = decoding.beam_search(LMStep(model), state, prompt, n, beam_size=k, alpha=0.0)
     # Re-score every returned beam with one full forward pass.
     for j in range(k):
         seq = jnp.concatenate([prompt, tokens[:, j]], axis=1)
@@ -254,23 +256,23 @@ def test_bad_arguments(rng):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_recurrent_lm_through_the_same_functions(rng, cell):
-    from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig, rnn_state, rnn_step
+    from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig, RNNStep, rnn_state
 
     model = RecurrentLM(RecurrentLMConfig(vocab_size=11, emb_dim=8, hidden_size=16, num_layers=2, cell=cell))
     tokens = jax.random.randint(rng, (3, 9), 0, 11)
     params = jax.jit(model.init)(rng, tokens)["params"]
     full, _ = model.apply({"params": params}, tokens)
-    step = jax.jit(rnn_step(model))
+    step = jax.jit(RNNStep(model))
     logits, state = step(rnn_state(model, params, 3), tokens[:, :4])  # prefill carries the state forward
     for t in range(4, 9):
         logits, state = step(state, tokens[:, t : t + 1])
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
     state = rnn_state(model, params, 3)
-    greedy = decoding.greedy(rnn_step(model), state, tokens[:, :4], 6)
-    beam, _ = decoding.beam_search(rnn_step(model), state, tokens[:, :4], 6, beam_size=1)
+    greedy = decoding.greedy(RNNStep(model), state, tokens[:, :4], 6)
+    beam, _ = decoding.beam_search(RNNStep(model), state, tokens[:, :4], 6, beam_size=1)
     np.testing.assert_array_equal(beam[:, 0], greedy)
-    np.testing.assert_array_equal(decoding.sample(rnn_step(model), state, tokens[:, :4], rng, 6, top_k=1), greedy)
-    beams, scores = decoding.beam_search(rnn_step(model), state, tokens[:, :4], 4, beam_size=3, alpha=0.0)
+    np.testing.assert_array_equal(decoding.sample(RNNStep(model), state, tokens[:, :4], rng, 6, top_k=1), greedy)
+    beams, scores = decoding.beam_search(RNNStep(model), state, tokens[:, :4], 4, beam_size=3, alpha=0.0)
     seq = jnp.concatenate([tokens[:, :4], beams[:, 1]], axis=1)  # re-score the second beam with a full pass
     logp = jax.nn.log_softmax(model.apply({"params": params}, seq)[0], axis=-1)
     ref = jnp.take_along_axis(logp[:, 3:-1], beams[:, 1, :, None], axis=-1).sum(axis=(1, 2))
@@ -303,11 +305,11 @@ def test_beam_search_rejects_pad_or_eos_outside_vocabulary(rng):
 
 def test_cache_too_short_is_an_error(rng):
     model, params, prompt = _lm(rng)
-    state = decoding.lm_state(model, params, 3, 8)
+    state = lm_state(model, params, 3, 8)
     for fn in (decoding.greedy, lambda *a: decoding.beam_search(*a, beam_size=2)):
         with pytest.raises(ValueError, match=r"holds 8 positions but prompt \(4\) \+ max_new_tokens \(6\) - 1 = 9"):
-            fn(decoding.lm_step(model), state, prompt, 6)
-    assert decoding.greedy(decoding.lm_step(model), state, prompt, 5).shape == (3, 5)  # exactly fits
+            fn(LMStep(model), state, prompt, 6)
+    assert decoding.greedy(LMStep(model), state, prompt, 5).shape == (3, 5)  # exactly fits
 
 
 def test_top_p_one_keeps_everything(rng):

@@ -16,8 +16,8 @@ from seqjax.models.classical import (
     markov_sample,
     predict_ahead,
 )
-from seqjax.models.image_decoder import ImageDecoderConfig, ImageTokenDecoder
-from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig
+from seqjax.models.image_decoder import ImageDecoderConfig, ImageStep, ImageTokenDecoder, image_prompt, image_state
+from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig, RNNStep, rnn_state
 from seqjax.models.transformer import (
     DecoderBlock,
     DecoderLM,
@@ -28,6 +28,7 @@ from seqjax.models.transformer import (
     stack_layers,
     unstack_layers,
 )
+from seqjax.models.transformer_steps import LMStep, Seq2SeqStep, lm_state, seq2seq_state
 from seqjax.models.vit import ViT, ViTConfig, vit_config
 from seqjax.models.vqvae import VQVAE, VQVAEConfig
 
@@ -61,22 +62,31 @@ __all__ = [
     "Encoder",
     "EncoderBlock",
     "ImageDecoderConfig",
+    "ImageStep",
     "ImageTokenDecoder",
+    "LMStep",
     "LatentAutoregressiveModel",
     "MarkovModel",
     "NaiveModel",
+    "RNNStep",
     "RecurrentLM",
     "RecurrentLMConfig",
+    "Seq2SeqStep",
     "Transformer",
     "TransformerConfig",
     "VQVAEConfig",
     "ViT",
     "ViTConfig",
     "get_model",
+    "image_prompt",
+    "image_state",
+    "lm_state",
     "markov_fit",
     "markov_log_likelihood",
     "markov_sample",
     "predict_ahead",
+    "rnn_state",
+    "seq2seq_state",
     "stack_layers",
     "unstack_layers",
     "vit_config",

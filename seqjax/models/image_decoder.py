@@ -10,7 +10,7 @@ Vt]` predict text tokens 1..Lt-1, `image_logits` `[B, N, K]` (outputs at the beg
 tokens but the last) predict image tokens 0..N-1. The loss weights the image part by `image_loss_weight` (DALL-E:
 7/8).
 
-Generation (`seqjax.decoding`): `image_step(model)` over `image_state(...)` reads the caption plus the
+Generation (`seqjax.decoding`): `ImageStep(model)` over `image_state(...)` reads the caption plus the
 begin-of-image token in one prefill call, then one image token per call, returning image logits, so `greedy`,
 `sample` (top-k / top-p / temperature) and `beam_search` produce the N image tokens; the VQ-VAE decodes them to
 pixels. `guidance_scale` in `image_state` turns on classifier-free guidance: an unconditional copy of every stream
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.decoding import cache_capacity, default_batch_axes, empty_cache, with_decode
 from seqjax.models.config_base import ConfigBase, check_positive_ints, check_rates
 from seqjax.models.transformer import DecoderBlock, LayerStack, TransformerConfig, stack_config
+from seqjax.models.transformer_steps import CachedStep, empty_cache, with_decode
 
 Array = jax.Array
 Dtype = Any
@@ -208,7 +208,7 @@ def _nll(logits: Array, labels: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class image_step:
+class ImageStep(CachedStep):
     """Step function over `image_state(...)`: prefill with `image_prompt(text)`, then image tokens."""
 
     model: ImageTokenDecoder
@@ -227,13 +227,10 @@ class image_step:
             logits = uncond + scale * (cond - uncond)
         return logits, {**state, "cache": new["cache"]}
 
-    def capacity(self, state: Any) -> int:
-        return cache_capacity(state["cache"])
-
     def batch_axes(self, state: Any) -> Any:
         if state["guidance_scale"] is not None:
             raise ValueError("beam search with classifier-free guidance is not supported; use greedy or sample")
-        return default_batch_axes(state)
+        return super().batch_axes(state)
 
 
 def image_prompt(model: ImageTokenDecoder, text: Array) -> Array:

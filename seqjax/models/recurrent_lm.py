@@ -2,7 +2,7 @@
 
 Glossary: B batch, T length, E embedding width, H hidden width, V vocabulary, L layers.
 
-The carried state plays the KV cache's role in `seqjax.decoding`: `rnn_step(model)` reads tokens from the state
+The carried state plays the KV cache's role in `seqjax.decoding`: `RNNStep(model)` reads tokens from the state
 `{"params", "carry"}` that `rnn_state` makes, so the same greedy / sampling / beam-search loops drive it.
 """
 
@@ -69,7 +69,7 @@ class RecurrentLM(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class rnn_step:
+class RNNStep:
     """Step function of a `RecurrentLM` over `rnn_state(...)`: `{"params", "carry"}`."""
 
     model: RecurrentLM

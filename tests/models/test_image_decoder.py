@@ -9,7 +9,7 @@ import pytest
 
 from seqjax import decoding
 from seqjax.models import get_model
-from seqjax.models.image_decoder import ImageDecoderConfig, ImageTokenDecoder, image_prompt, image_state, image_step
+from seqjax.models.image_decoder import ImageDecoderConfig, ImageStep, ImageTokenDecoder, image_prompt, image_state
 from seqjax.models.vqvae import VQVAEConfig
 from seqjax.plotting import plot_image_grid
 from tests.models.squares import quadrant_squares
@@ -56,14 +56,14 @@ def test_cached_generation_equals_full_recompute(rng, scan):
 
         params = stack_layers(jax.jit(ImageTokenDecoder(_config()).init)(rng, text, image)["params"])
     _, full = model.apply({"params": params}, text, image)
-    step = jax.jit(image_step(model))
+    step = jax.jit(ImageStep(model))
     logits, state = step(image_state(model, params, 2), image_prompt(model, text))
     np.testing.assert_allclose(logits[:, -1], full[:, 0], rtol=1e-5, atol=1e-5)
     for j in range(5):
         logits, state = step(state, image[:, j : j + 1])
         np.testing.assert_allclose(logits[:, 0], full[:, j + 1], rtol=1e-5, atol=1e-5)
     # And greedy generation reproduces the argmax chain of full passes.
-    tokens = decoding.greedy(image_step(model), image_state(model, params, 2), image_prompt(model, text), 6)
+    tokens = decoding.greedy(ImageStep(model), image_state(model, params, 2), image_prompt(model, text), 6)
     _, again = model.apply({"params": params}, text, tokens)
     np.testing.assert_array_equal(np.argmax(again, -1), tokens)
 
@@ -71,10 +71,10 @@ def test_cached_generation_equals_full_recompute(rng, scan):
 def test_classifier_free_guidance_mixes_logits(rng):
     model, params, text, _ = _setup(rng)
     prompt = image_prompt(model, text)
-    cond, _ = image_step(model)(image_state(model, params, 2), prompt)
-    uncond, _ = image_step(model)(image_state(model, params, 2), image_prompt(model, jnp.zeros_like(text)))
+    cond, _ = ImageStep(model)(image_state(model, params, 2), prompt)
+    uncond, _ = ImageStep(model)(image_state(model, params, 2), image_prompt(model, jnp.zeros_like(text)))
     for scale in (0.0, 1.0, 3.0):
-        guided, _ = image_step(model)(image_state(model, params, 2, guidance_scale=scale), prompt)
+        guided, _ = ImageStep(model)(image_state(model, params, 2, guidance_scale=scale), prompt)
         np.testing.assert_allclose(guided, uncond + scale * (cond - uncond), rtol=1e-5, atol=1e-5)
 
 
@@ -160,7 +160,7 @@ def test_tiny_text_to_image_model_draws_what_the_caption_says(rng, tmp_path):
 
     test_captions = jnp.arange(1, 5).repeat(8)[:, None]  # 8 pictures of each caption
     state = image_state(model, params, 32)
-    drawn = decoding.sample(image_step(model), state, image_prompt(model, test_captions), rng, 16, top_k=4)
+    drawn = decoding.sample(ImageStep(model), state, image_prompt(model, test_captions), rng, 16, top_k=4)
     pictures = vqvae.apply(vq_vars, drawn.reshape(32, 4, 4), method="decode")
     accuracy = float(np.mean(_brightest_quadrant(pictures) == np.asarray(test_captions[:, 0])))
     assert accuracy > 0.6, f"pictures match their captions {accuracy:.2f} of the time (chance 0.25)"

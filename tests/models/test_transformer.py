@@ -7,8 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax import decoding
-from seqjax.models import DecoderLM, Encoder, Transformer, TransformerConfig, get_model, stack_layers, unstack_layers
+from seqjax.models import (
+    DecoderLM,
+    Encoder,
+    LMStep,
+    Seq2SeqStep,
+    Transformer,
+    TransformerConfig,
+    get_model,
+    lm_state,
+    seq2seq_state,
+    stack_layers,
+    unstack_layers,
+)
 
 V = 19
 
@@ -118,8 +129,8 @@ def test_lm_cached_decoding_equals_full_pass(rng, scan, position):
     model = DecoderLM(cfg)
     params = _init(model, rng, tokens)
     full = model.apply({"params": params}, tokens)
-    step = jax.jit(decoding.lm_step(model))
-    state = decoding.lm_state(model, params, 2, 12)
+    step = jax.jit(LMStep(model))
+    state = lm_state(model, params, 2, 12)
     logits, state = step(state, tokens[:, :5])  # prefill the prompt in one pass
     np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
     for t in range(5, 12):
@@ -136,8 +147,8 @@ def test_seq2seq_cached_decoding_equals_full_pass(rng, scan):
     params = _init(model, rng, inputs, targets)
     full = model.apply({"params": params}, inputs, targets)
     fed = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]  # what teacher forcing feeds: start token, then targets
-    step = jax.jit(decoding.seq2seq_step(model))
-    state = decoding.seq2seq_state(model, params, inputs, 8)
+    step = jax.jit(Seq2SeqStep(model))
+    state = seq2seq_state(model, params, inputs, 8)
     logits, state = step(state, fed[:, :3])
     np.testing.assert_allclose(logits, full[:, :3], rtol=1e-5, atol=1e-5)
     for t in range(3, 8):
@@ -184,8 +195,8 @@ def test_rope_gqa_seq2seq_cached_decoding_equals_full_pass(rng, scan):
     params = _init(model, rng, inputs, targets)
     full = model.apply({"params": params}, inputs, targets)
     fed = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
-    step = jax.jit(decoding.seq2seq_step(model))
-    state = decoding.seq2seq_state(model, params, inputs, 8)
+    step = jax.jit(Seq2SeqStep(model))
+    state = seq2seq_state(model, params, inputs, 8)
     logits, state = step(state, fed[:, :3])
     np.testing.assert_allclose(logits, full[:, :3], rtol=1e-5, atol=1e-5)
     for t in range(3, 8):
@@ -197,11 +208,11 @@ def test_decode_rejects_prompt_longer_than_cache_or_max_len(rng):
     cfg = _config()
     model = DecoderLM(cfg)
     params = _init(model, rng, _tokens(rng, (1, 4)))
-    state = decoding.lm_state(model, params, 1, 6)
+    state = lm_state(model, params, 1, 6)
     with pytest.raises(ValueError, match="at most 6 positions"):
-        decoding.lm_step(model)(state, _tokens(rng, (1, 7)))
+        LMStep(model)(state, _tokens(rng, (1, 7)))
     with pytest.raises(ValueError, match="max_len=16"):
-        decoding.lm_state(model, params, 1, 17)
+        lm_state(model, params, 1, 17)
     with pytest.raises(ValueError, match=r"tokens has length 17 > TransformerConfig.max_len=16"):
         model.apply({"params": params}, _tokens(rng, (1, 17)))
 

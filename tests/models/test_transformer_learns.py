@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from seqjax import decoding
-from seqjax.models import Transformer, TransformerConfig
+from seqjax.models import Seq2SeqStep, Transformer, TransformerConfig, seq2seq_state
 
 V, L = 10, 6  # tokens 1..9 (0 is padding / start), length 6
 
@@ -48,7 +48,7 @@ def test_tiny_transformer_learns(rng, task):
             params, opt_state, loss = train_step(params, opt_state, jax.random.fold_in(rng, i))
 
     inputs, targets = _batch(jax.random.key(1234), 256, task)
-    state = decoding.seq2seq_state(model, params, inputs, L)
-    out = decoding.greedy(decoding.seq2seq_step(model), state, jnp.zeros((256, 1), jnp.int32), L)
+    state = seq2seq_state(model, params, inputs, L)
+    out = decoding.greedy(Seq2SeqStep(model), state, jnp.zeros((256, 1), jnp.int32), L)
     accuracy = float(np.mean(np.all(np.asarray(out) == np.asarray(targets), axis=1)))
     assert accuracy > 0.95, f"{task}: exact-match accuracy {accuracy:.3f} after training (final loss {loss:.4f})"
