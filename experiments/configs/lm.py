@@ -23,6 +23,7 @@ def get_config(variant: str = "cpu"):
     text_config(c)
     c.tokens, c.seq_len = "word", 24  # synthetic_text as words: at depth 3 a sentence has at most 21
     # TransformerConfig's fields (the task adds vocab_size, from the tokenizer, and max_len = seq_len + 1).
+    # attention_dropout_rate is its own key (the task used dropout_rate for both before).
     c.model = ml_collections.ConfigDict(
         dict(
             emb_dim=128,

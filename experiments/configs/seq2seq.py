@@ -31,7 +31,8 @@ def get_config(variant: str = "cpu"):
     c.num_train_examples = 20_000
     c.num_eval_examples = 512
     c.eval_batch_size = 256
-    # TransformerConfig's fields (the task adds vocab_size and max_len, from the data).
+    # TransformerConfig's fields (the task adds vocab_size and max_len, from the data). attention_dropout_rate is
+    # its own key (the task used dropout_rate for both before).
     c.model = ml_collections.ConfigDict(
         dict(
             emb_dim=64,
