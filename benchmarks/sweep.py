@@ -27,7 +27,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {
-    "small": dict(emb_dim=32, num_heads=2, num_layers=1, mlp_dim=64, batch_size=16, num_train_steps=400),
+    "small": dict(
+        batch_size=16,
+        num_train_steps=400,
+        **{f"model.{k}": v for k, v in dict(emb_dim=32, num_heads=2, num_layers=1, mlp_dim=64).items()},
+    ),
     "default": dict(num_train_steps=400),
 }
 COMMON = dict(eval_every_steps=0, checkpoint_every_steps=200, log_every_steps=50, warmup_steps=20)

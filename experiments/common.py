@@ -147,7 +147,7 @@ def parse_command_line(default_config: str, argv: list[str]) -> list[str]:
     except (flags.Error, ConfigError) as e:
         exit_with_error(_flag_error(e))
     except (KeyError, AttributeError) as e:  # ml_collections: an override of a key the config does not have
-        message = _unknown_key(e, argv)
+        message = _unknown_key(e, argv, _config_file(default_config, argv))
         if message is None:
             raise
         exit_with_error(message)
@@ -185,9 +185,30 @@ def _config_value(key: str) -> Any:
     return node
 
 
-def _unknown_key(error: BaseException, argv: list[str]) -> str | None:
+def _config_file(default_config: str, argv: list[str]) -> Any:
+    """The config that `--config FILE[:VARIANT]` in `argv` (or the default config file) names, without overrides;
+    None when it cannot be read."""
+    from seqjax.sweeps import load_config, split_config
+
+    spec = os.path.join(CONFIGS, default_config)
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    try:
+        return load_config(*split_config(spec))
+    except Exception:  # the error being reported is the override's, not this one
+        return None
+
+
+def _unknown_key(error: BaseException, argv: list[str], config: Any = None) -> str | None:
     """ml_collections' KeyError / AttributeError for `--config.A.B=...` where the config has no A (or A no B) as
-    `config.A: no such key (did you mean ...?)`; None when it is not about an override on the command line."""
+    `config.A: no such key (did you mean ...?)`, or `(moved to config.model.A)` for a key that `config` now holds
+    in a section (`seqjax.sweeps.moved_key`: the model's fields moved into `config.model`); None when it is not about
+    an override on the command line."""
+    from seqjax.sweeps import moved_key
+
     texts, e = [], error
     while e is not None:  # ml_collections wraps the KeyError that names the key (and its suggestion) twice
         texts.append(str(e.args[0]) if e.args else "")
@@ -197,13 +218,26 @@ def _unknown_key(error: BaseException, argv: list[str]) -> str | None:
         if not arg.startswith("--config."):
             continue
         parts = arg.split("=", 1)[0][len("--config.") :].split(".")
+        if config is not None and _holds(config, parts):
+            continue  # a key the config has: not the one reported
+        moved = None if config is None else moved_key(config, ".".join(parts))
         for depth, part in enumerate(parts):
             if f"'{part}'" in text:
+                if moved:
+                    return f"config.{'.'.join(parts[: depth + 1])}: no such key (moved to config.{moved})"
                 near = re.search(rf'Did you mean "([\w-]+)" instead of "{re.escape(part)}"', text)
                 suggestion = ".".join([*parts[:depth], near.group(1)]) if near else None
                 hint = f"did you mean config.{suggestion}?" if near else "not in the config file"
                 return f"config.{'.'.join(parts[: depth + 1])}: no such key ({hint})"
     return None
+
+
+def _holds(config: Any, parts: list[str]) -> bool:
+    for part in parts:
+        if not hasattr(config, "keys") or part not in config:
+            return False
+        config = config[part]
+    return True
 
 
 def _jsonable(d: dict) -> dict:

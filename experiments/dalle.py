@@ -92,22 +92,17 @@ class DalleTask(PipelineTask):
         sources = captioned_shapes_sources(config)
         train = head(sources["train"])
         self.tokenizer = WordTokenizer.fit([ex["caption"] for ex in train])
-        self.tokens = self._tokenize(train, os.path.join(workdir, "tokens.npz"))
-        grid = self.vq_task.shape[0] // 2**self.vq_task.model.config.num_downsamples
+        vq = self.vq_task.model.config
+        grid = self.vq_task.shape[0] // 2**vq.num_downsamples
         self.model = ImageTokenDecoder(
             ImageDecoderConfig(
+                **config.model,
                 text_vocab_size=self.tokenizer.vocab_size,
-                image_vocab_size=self.vq_task.model.config.num_codes,
-                text_len=config.text_len,
+                image_vocab_size=vq.num_codes,
                 image_grid=(grid, grid),
-                emb_dim=config.emb_dim,
-                num_heads=config.num_heads,
-                num_layers=config.num_layers,
-                mlp_dim=config.mlp_dim,
-                caption_dropout=config.caption_dropout,
-                scan_layers=True,
             )
         )
+        self.tokens = self._tokenize(train, os.path.join(workdir, "tokens.npz"))
         source = [{"text": t, "image": c} for t, c in zip(self.tokens["text"], self.tokens["image"], strict=True)]
         self.pipeline = Pipeline(source, config.batch_size, seed=config.seed, collate=stack, prefetch=2)
         test = head(sources["test"], config.num_eval_examples)
@@ -116,7 +111,7 @@ class DalleTask(PipelineTask):
         self.test_images = images_to_float(np.stack([ex["image"] for ex in test]))
 
     def _encode_text(self, captions) -> np.ndarray:
-        return pad([self.tokenizer.encode(c) for c in captions], self.config.text_len)
+        return pad([self.tokenizer.encode(c) for c in captions], self.model.config.text_len)
 
     def _tokenize(self, examples, path) -> dict[str, np.ndarray]:
         """Captions to character ids and images to VQ codes, once (cached beside the run)."""
@@ -140,7 +135,7 @@ class DalleTask(PipelineTask):
         return tokens
 
     def init(self, rng):
-        text = jnp.zeros((1, self.config.text_len), jnp.int32)
+        text = jnp.zeros((1, self.model.config.text_len), jnp.int32)
         image = jnp.zeros((1, self.model.config.num_image_tokens), jnp.int32)
         return jax.jit(self.model.init)(rng, text, image)["params"], {}
 

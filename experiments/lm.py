@@ -18,20 +18,8 @@ from seqjax.models import DecoderLM, LMStep, TransformerConfig, lm_state
 class LMTask(TextLMTask):
     def __init__(self, config):
         super().__init__(config)
-        self.model = DecoderLM(
-            TransformerConfig(
-                vocab_size=self.tokenizer.vocab_size,
-                emb_dim=config.emb_dim,
-                num_heads=config.num_heads,
-                num_layers=config.num_layers,
-                mlp_dim=config.mlp_dim,
-                max_len=config.seq_len + 1,
-                dropout_rate=config.dropout_rate,
-                attention_dropout_rate=config.dropout_rate,
-                scan_layers=config.scan_layers,
-                position="learned",
-            )
-        )
+        vocab_size, max_len = self.tokenizer.vocab_size, config.seq_len + 1
+        self.model = DecoderLM(TransformerConfig(**config.model, vocab_size=vocab_size, max_len=max_len))
 
     def _logits(self, params, tokens, rng=None):
         return self.model.apply({"params": params}, tokens, **dropout_kwargs(rng))

@@ -1,7 +1,7 @@
-"""rnn_lm: a recurrent character language model, `--config.cell=lstm|gru|rnn`, on `synthetic_text` (default) or
+"""rnn_lm: a recurrent character language model, `--config.model.cell=lstm|gru|rnn`, on `synthetic_text` (default) or
 `tiny_shakespeare`.
 
-    python -m experiments.rnn_lm --workdir runs/rnn_lm [--config.cell=gru]
+    python -m experiments.rnn_lm --workdir runs/rnn_lm [--config.model.cell=gru]
 
 summary.json: eval perplexity and accuracy; for synthetic_text the grammaticality of 256 samples and the share of
 distinct ones. samples.txt, curves.png.
@@ -17,16 +17,7 @@ from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig, RNNStep, 
 class RNNLMTask(TextLMTask):
     def __init__(self, config):
         super().__init__(config)
-        self.model = RecurrentLM(
-            RecurrentLMConfig(
-                vocab_size=self.tokenizer.vocab_size,
-                emb_dim=config.emb_dim,
-                hidden_size=config.hidden_size,
-                num_layers=config.num_layers,
-                cell=config.cell,
-                dropout_rate=config.dropout_rate,
-            )
-        )
+        self.model = RecurrentLM(RecurrentLMConfig(**config.model, vocab_size=self.tokenizer.vocab_size))
 
     def _logits(self, params, tokens, rng=None):
         logits, _ = self.model.apply({"params": params}, tokens, **dropout_kwargs(rng))

@@ -2,7 +2,7 @@
 addition) or on translation (`--config experiments/configs/seq2seq.py:translation`: TED talks Portuguese ->
 English, `ted_hrlr_translate/pt_to_en`, with a SentencePiece vocabulary trained on both languages).
 
-    python -m experiments.seq2seq --workdir runs/seq2seq [--config.task=sort] [--config.num_train_steps=...]
+    python -m experiments.seq2seq --workdir runs/seq2seq [--config.task=sort] [--config.model.num_layers=4]
 
 Trains with teacher forcing (cross-entropy on the target tokens), then decodes the held-out split greedily and
 with beam search: summary.json holds the exact-match accuracy of both (a sequence counts only if every token and
@@ -65,19 +65,8 @@ class Seq2SeqTask(PipelineTask):
         else:
             sources, vocab = self._translation_sources(config)
         self.eos = vocab["eos"]
-        self.model = Transformer(
-            TransformerConfig(
-                vocab_size=vocab["size"],
-                emb_dim=config.emb_dim,
-                num_heads=config.num_heads,
-                num_layers=config.num_layers,
-                mlp_dim=config.mlp_dim,
-                max_len=max(self.input_len, self.target_len),
-                dropout_rate=config.dropout_rate,
-                attention_dropout_rate=config.dropout_rate,
-                scan_layers=config.scan_layers,
-            )
-        )
+        max_len = max(self.input_len, self.target_len)
+        self.model = Transformer(TransformerConfig(**config.model, vocab_size=vocab["size"], max_len=max_len))
         collate = Seq2SeqCollate(vocab["bos"], self.eos, self.input_len, self.target_len)
         self.pipeline = Pipeline(sources["train"], config.batch_size, seed=config.seed, collate=collate, prefetch=2)
         self.test = collate(head(sources["test"], config.num_eval_examples))

@@ -55,11 +55,13 @@ class RecurrentPredictor(nn.Module):
         return nn.Dense(1)(h)[..., 0]
 
 
-def make_models(config) -> dict[str, nn.Module]:
-    h = config.hidden
+def make_models(max_len: int, hidden: int, tau: int) -> dict[str, nn.Module]:
+    """The seven predictors: each of width `hidden`; the naive one over series of up to `max_len` steps, the
+    autoregressive one over a window of `tau` (`config.model` holds hidden and tau, the task adds max_len)."""
+    h = hidden
     return {
-        "naive": NaiveModel(max_len=config.length, hidden=h),
-        "autoregressive": AutoregressiveModel(tau=config.tau, hidden=h),
+        "naive": NaiveModel(max_len=max_len, hidden=h),
+        "autoregressive": AutoregressiveModel(tau=tau, hidden=h),
         "markov": MarkovModel(hidden=h),
         "latent_ar": LatentAutoregressiveModel(hidden=h),
         "rnn": RecurrentPredictor(SimpleRNN, h),
@@ -85,7 +87,7 @@ class SequenceModelsTask(PipelineTask):
         sources = build("time_series", data_dir(config), data).as_data_source()
         self.pipeline = Pipeline(sources["train"], config.batch_size, seed=config.seed, collate=stack, prefetch=2)
         self.test = stack(head(sources["test"]))["series"]
-        self.models = make_models(config)
+        self.models = make_models(config.length, **config.model)
 
     def init(self, rng):
         x = jnp.zeros((1, self.config.length))

@@ -65,14 +65,6 @@ def default_config_path(module) -> str:
     return module.CONFIG if os.path.isabs(module.CONFIG) else os.path.join(CONFIGS, module.CONFIG)
 
 
-def split_config(spec: str) -> tuple[str, str | None]:
-    """FILE[:VARIANT] -> (FILE, VARIANT or None)."""
-    path, sep, variant = spec.rpartition(":")
-    if sep and path.endswith(".py"):
-        return path, variant
-    return spec, None
-
-
 def main(argv):
     """Runs the sweep; a bad config of a trial (or a workdir in use) is one line, `error: config.KEY: ...`, and
     exit status 2 (see `experiments.common.exit_with_error`)."""
@@ -94,7 +86,7 @@ def run_sweep(argv):
         if not FLAGS[name].value:
             raise app.UsageError(f"--{name} is required")
     module = experiment_module(FLAGS.experiment)
-    base, variant = split_config(FLAGS.config) if FLAGS.config else (default_config_path(module), None)
+    base, variant = sweeps.split_config(FLAGS.config) if FLAGS.config else (default_config_path(module), None)
     sweep = sweeps.load_sweep(FLAGS.sweep)
     workdir = os.path.abspath(FLAGS.workdir)
     if FLAGS.dry_run:

@@ -31,16 +31,7 @@ class ViTTask(PipelineTask):
         keep = lambda ex: {"image": ex["image"], "label": ex["label"]}
         self.pipeline = Pipeline(Mapped(train, keep), config.batch_size, seed=config.seed, collate=stack, prefetch=2)
         self.test = stack([keep(e) for e in head(test, config.num_eval_examples)])
-        self.model = ViT(
-            vit_config(
-                config.variant,
-                num_classes=len(self.names),
-                image_size=self.shape[0],
-                pool=config.pool,
-                dropout_rate=config.dropout_rate,
-                scan_layers=config.scan_layers,
-            )
-        )
+        self.model = ViT(vit_config(**config.model, num_classes=len(self.names), image_size=self.shape[0]))
 
     def init(self, rng):
         return jax.jit(self.model.init)(rng, jnp.zeros((1, *self.shape)))["params"], {}

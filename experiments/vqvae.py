@@ -22,19 +22,6 @@ from seqjax.models.vqvae import VQVAE, VQVAEConfig
 from seqjax.plotting import plot_image_grid
 
 
-def vqvae_model(config, image_shape) -> VQVAE:
-    return VQVAE(
-        VQVAEConfig(
-            num_codes=config.num_codes,
-            code_dim=config.code_dim,
-            channels=config.channels,
-            num_downsamples=config.num_downsamples,
-            res_blocks=config.get("res_blocks", 0),  # config files from before it existed
-            image_channels=image_shape[-1],
-        )
-    )
-
-
 class VQVAETask(PipelineTask):
     def __init__(self, config):
         self.config = config
@@ -42,7 +29,7 @@ class VQVAETask(PipelineTask):
         keep = lambda ex: {"image": ex["image"]}
         self.pipeline = Pipeline(Mapped(train, keep), config.batch_size, seed=config.seed, collate=stack, prefetch=2)
         self.test = stack([keep(e) for e in head(test, config.num_eval_examples)])
-        self.model = vqvae_model(config, self.shape)
+        self.model = VQVAE(VQVAEConfig(**config.model, image_channels=self.shape[-1]))
 
     def init(self, rng):
         variables = jax.jit(self.model.init)(rng, jnp.zeros((1, *self.shape)))
@@ -61,14 +48,14 @@ class VQVAETask(PipelineTask):
 
     def report(self, params, model_state, workdir):
         if workdir is not None:
+            model = self.model.config
             images = images_to_float(self.test["image"][:10])
             recon, _ = self.model.apply({"params": params, **model_state}, images)
             plot_image_grid(
                 [np.asarray(images), np.clip(np.asarray(recon), 0, 1)],
                 os.path.join(workdir, "reconstructions.png"),
                 row_titles=["original", "reconstruction"],
-                title=f"VQ-VAE: {self.config.num_codes} codes, {self.shape[0] // 2**self.config.num_downsamples}² "
-                f"tokens per image",
+                title=f"VQ-VAE: {model.num_codes} codes, {self.shape[0] // 2**model.num_downsamples}² tokens per image",
             )
         return {}
 

@@ -4,6 +4,8 @@ Variants: `:tiny_shakespeare`, `:lm1b` (the real datasets, prepared beforehand; 
 `:accelerator` (lm1b subwords at base size, for a GPU/TPU).
 """
 
+import ml_collections
+
 from experiments.common import base_config
 from experiments.text_lm import text_config
 
@@ -20,9 +22,20 @@ def get_config(variant: str = "cpu"):
     )
     text_config(c)
     c.tokens, c.seq_len = "word", 24  # synthetic_text as words: at depth 3 a sentence has at most 21
-    c.emb_dim, c.num_heads, c.num_layers, c.mlp_dim = 128, 4, 2, 512
-    c.dropout_rate = 0.0
-    c.scan_layers = True
+    # TransformerConfig's fields (the task adds vocab_size, from the tokenizer, and max_len = seq_len + 1).
+    # attention_dropout_rate is its own key (the task used dropout_rate for both before).
+    c.model = ml_collections.ConfigDict(
+        dict(
+            emb_dim=128,
+            num_heads=4,
+            num_layers=2,
+            mlp_dim=512,
+            dropout_rate=0.0,
+            attention_dropout_rate=0.0,
+            position="learned",
+            scan_layers=True,
+        )
+    )
     if variant == "tiny_shakespeare":
         c.update(dict(dataset="tiny_shakespeare", seq_len=128, num_train_steps=5000))
     elif variant == "lm1b":
@@ -35,11 +48,9 @@ def get_config(variant: str = "cpu"):
                 vocab_size=32_000,
                 batch_size=256,
                 num_train_steps=100_000,
-                emb_dim=512,
-                num_heads=8,
-                num_layers=6,
-                mlp_dim=2048,
-                dropout_rate=0.1,
+                model=dict(
+                    emb_dim=512, num_heads=8, num_layers=6, mlp_dim=2048, dropout_rate=0.1, attention_dropout_rate=0.1
+                ),
                 parallel="jit",
             )
         )

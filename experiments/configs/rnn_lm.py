@@ -4,6 +4,8 @@ Variants: `:tiny_shakespeare` (prepared beforehand; see seqjax.data.datasets), `
 1024 units on tiny_shakespeare, for a GPU/TPU).
 """
 
+import ml_collections
+
 from experiments.common import base_config
 from experiments.text_lm import text_config
 
@@ -18,9 +20,8 @@ def get_config(variant: str = "cpu"):
         checkpoint_every_steps=500,
     )
     text_config(c)
-    c.cell = "lstm"  # lstm | gru | rnn
-    c.emb_dim, c.hidden_size, c.num_layers = 64, 256, 1
-    c.dropout_rate = 0.0
+    # RecurrentLMConfig's fields (the task adds vocab_size, from the tokenizer); cell: lstm | gru | rnn.
+    c.model = ml_collections.ConfigDict(dict(cell="lstm", emb_dim=64, hidden_size=256, num_layers=1, dropout_rate=0.0))
     if variant == "tiny_shakespeare":
         c.update(dict(dataset="tiny_shakespeare", seq_len=128, num_train_steps=5000))
     elif variant == "accelerator":
@@ -28,11 +29,9 @@ def get_config(variant: str = "cpu"):
             dict(
                 dataset="tiny_shakespeare",
                 seq_len=256,
-                hidden_size=1024,
-                num_layers=2,
+                model=dict(hidden_size=1024, num_layers=2, dropout_rate=0.2),
                 batch_size=256,
                 num_train_steps=20_000,
-                dropout_rate=0.2,
                 parallel="jit",
             )
         )

@@ -5,6 +5,8 @@ Variants: `--config experiments/configs/seq2seq.py:translation` (TED Portuguese 
 `:accelerator` (a base-size model on long sequences, for a GPU/TPU).
 """
 
+import ml_collections
+
 from experiments.common import base_config
 
 
@@ -29,21 +31,29 @@ def get_config(variant: str = "cpu"):
     c.num_train_examples = 20_000
     c.num_eval_examples = 512
     c.eval_batch_size = 256
-    c.emb_dim, c.num_heads, c.num_layers, c.mlp_dim = 64, 4, 2, 256
-    c.dropout_rate = 0.0
+    # TransformerConfig's fields (the task adds vocab_size and max_len, from the data). attention_dropout_rate is
+    # its own key (the task used dropout_rate for both before).
+    c.model = ml_collections.ConfigDict(
+        dict(
+            emb_dim=64,
+            num_heads=4,
+            num_layers=2,
+            mlp_dim=256,
+            dropout_rate=0.0,
+            attention_dropout_rate=0.0,
+            scan_layers=True,
+        )
+    )
     c.label_smoothing = 0.0
-    c.scan_layers = True
     c.beam_size = 4
     if variant == "translation":  # prepared beforehand (see seqjax.data.datasets)
         c.update(
             dict(
                 dataset="ted_hrlr_translate/pt_to_en",
                 max_len=64,
-                emb_dim=256,
-                num_heads=4,
-                num_layers=4,
-                mlp_dim=1024,
-                dropout_rate=0.1,
+                model=dict(
+                    emb_dim=256, num_heads=4, num_layers=4, mlp_dim=1024, dropout_rate=0.1, attention_dropout_rate=0.1
+                ),
                 label_smoothing=0.1,
                 num_train_steps=20_000,
                 learning_rate=1e-3,
@@ -57,14 +67,12 @@ def get_config(variant: str = "cpu"):
             dict(
                 batch_size=512,
                 num_train_steps=20_000,
-                emb_dim=512,
-                num_heads=8,
-                num_layers=6,
-                mlp_dim=2048,
+                model=dict(
+                    emb_dim=512, num_heads=8, num_layers=6, mlp_dim=2048, dropout_rate=0.1, attention_dropout_rate=0.1
+                ),
                 max_len=64,
                 vocab_size=64,
                 num_train_examples=1_000_000,
-                dropout_rate=0.1,
                 parallel="jit",
             )
         )

@@ -3,6 +3,8 @@
 Variant `:accelerator`: longer series, wider models, more data.
 """
 
+import ml_collections
+
 from experiments.common import base_config
 
 
@@ -24,8 +26,9 @@ def get_config(variant: str = "cpu"):
     c.num_eval_examples = 1024
     c.eval_batch_size = 256
     c.data_seed = 0
-    c.hidden = 32
-    c.tau = 4  # the fixed window
+    # make_models' arguments: every model's width, and the autoregressive model's fixed window (the task adds the
+    # naive model's max_len = length).
+    c.model = ml_collections.ConfigDict(dict(hidden=32, tau=4))
     c.score_from = 16  # one-step errors count from this step (every model has seen 16 values)
     c.forecast_from = 48  # k-step forecasts start after this prefix
     c.horizon = 8
@@ -33,7 +36,7 @@ def get_config(variant: str = "cpu"):
         c.update(
             dict(
                 length=256,
-                hidden=256,
+                model=dict(hidden=256),
                 num_train_examples=200_000,
                 batch_size=512,
                 num_train_steps=20_000,

@@ -4,6 +4,8 @@ Variants: `:mnist`, `:cifar10` (prepared beforehand; see seqjax.data.datasets), 
 cifar10, for a GPU/TPU).
 """
 
+import ml_collections
+
 from experiments.common import base_config
 
 
@@ -22,23 +24,23 @@ def get_config(variant: str = "cpu"):
     c.num_eval_examples = 1024
     c.eval_batch_size = 256
     c.data_seed = 0
-    c.variant = "Mu/8"  # seqjax.models.vit.VARIANTS name / patch size (8x8 patches: 16 tokens)
-    c.pool = "cls"
-    c.dropout_rate = 0.0
+    # vit_config's arguments: `variant` (a seqjax.models.vit.VARIANTS name / patch size; 8x8 patches: 16 tokens) and
+    # ViTConfig's fields (the task adds num_classes and image_size, from the data).
+    c.model = ml_collections.ConfigDict(
+        dict(variant="Mu/8", pool="cls", dropout_rate=0.0, attention_dropout_rate=0.0, scan_layers=True)
+    )
     c.label_smoothing = 0.0
-    c.scan_layers = True
     if variant in ("mnist", "cifar10"):
         c.dataset = variant
         c.num_eval_examples = 10_000
-        c.variant = "Mu/7" if variant == "mnist" else "Mu/8"  # 28x28 images: 7x7 patches
+        c.model.variant = "Mu/7" if variant == "mnist" else "Mu/8"  # 28x28 images: 7x7 patches
     elif variant == "accelerator":
         c.update(
             dict(
                 dataset="cifar10",
-                variant="S/4",
+                model=dict(variant="S/4", dropout_rate=0.1),
                 batch_size=512,
                 num_train_steps=50_000,
-                dropout_rate=0.1,
                 label_smoothing=0.1,
                 num_eval_examples=10_000,
                 parallel="jit",

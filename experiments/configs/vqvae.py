@@ -3,6 +3,8 @@
 Variant `:accelerator`: 512 codes on cifar10.
 """
 
+import ml_collections
+
 from experiments.common import base_config
 
 
@@ -20,15 +22,14 @@ def get_config(variant: str = "cpu"):
     c.num_eval_examples = 512
     c.eval_batch_size = 256
     c.data_seed = 0
-    c.num_codes, c.code_dim, c.channels, c.num_downsamples = 64, 16, 64, 2
-    c.res_blocks = 2  # residual blocks at the latent grid, encoder and decoder (0: runs from before they existed)
+    # VQVAEConfig's fields (the task adds image_channels, from the data). res_blocks: residual blocks at the latent
+    # grid, encoder and decoder (0: runs from before they existed).
+    c.model = ml_collections.ConfigDict(dict(num_codes=64, code_dim=16, channels=64, num_downsamples=2, res_blocks=2))
     if variant == "accelerator":
         c.update(
             dict(
                 dataset="cifar10",
-                num_codes=512,
-                code_dim=64,
-                channels=256,
+                model=dict(num_codes=512, code_dim=64, channels=256),
                 batch_size=256,
                 num_train_steps=50_000,
                 num_eval_examples=10_000,

@@ -5,7 +5,7 @@ ranked by the held-out loss.
         --sweep experiments/sweeps/seq2seq_random.py
         --parallel 2
 
-num_layers changes the model's shapes: these trials run as separate processes (not --vectorize).
+model.num_layers changes the model's shapes: these trials run as separate processes (not --vectorize).
 """
 
 from seqjax import sweeps
@@ -17,7 +17,7 @@ def get_sweep():
             {
                 "learning_rate": sweeps.log_uniform(3e-4, 1e-2),
                 "warmup_steps": sweeps.int_uniform(0, 100),
-                "num_layers": sweeps.choice([1, 2, 3]),
+                "model.num_layers": sweeps.choice([1, 2, 3]),
             },
             num_trials=8,
             seed=0,

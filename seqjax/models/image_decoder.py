@@ -27,47 +27,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.models.config_base import ConfigBase, check_positive_ints, check_rates
-from seqjax.models.transformer import DecoderBlock, LayerStack, TransformerConfig, stack_config
+from seqjax.models.config_base import check_positive_ints, check_rates
+from seqjax.models.transformer import DecoderBlock, LayerStack, StackConfig, TransformerConfig, stack_config
 from seqjax.models.transformer_steps import CachedStep, empty_cache, with_decode
 
 Array = jax.Array
-Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageDecoderConfig(ConfigBase):
-    """Attributes:
+class ImageDecoderConfig(StackConfig):
+    """The decoder's fields; the block stack's (emb_dim, num_heads, num_layers, mlp_dim, dropout_rate,
+    attention_dropout_rate, dtype, param_dtype, scan_layers, remat_policy, attention_implementation) are
+    `StackConfig`'s, with its defaults. Before it shared them this class had emb_dim=256, num_heads=4, num_layers=4,
+    mlp_dim=1024 and no dropout: give those to get that model.
+
+    Attributes:
     text_vocab_size: Vt (id 0 is padding; the begin-of-image token gets id Vt in the text table).
     image_vocab_size: K.
     text_len: Lt.
     image_grid: (h, w) of image tokens.
-    emb_dim, num_heads, num_layers, mlp_dim, dropout_rate, attention_dropout_rate, dtype, param_dtype,
-      scan_layers, remat_policy, attention_implementation, decode: as in `TransformerConfig`.
     image_loss_weight: weight of the image tokens' loss (the text's gets 1 - it).
     caption_dropout: probability, in training, of replacing a caption by padding (for classifier-free guidance).
+    decode: as in `TransformerConfig`.
     """
 
     text_vocab_size: int
     image_vocab_size: int
     text_len: int = 16
     image_grid: tuple[int, int] = (8, 8)
-    emb_dim: int = 256
-    num_heads: int = 4
-    num_layers: int = 4
-    mlp_dim: int = 1024
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
     image_loss_weight: float = 7.0 / 8.0
     caption_dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-    attention_implementation: str = "auto"
     decode: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         check_positive_ints(self, ("text_vocab_size", "image_vocab_size", "text_len"))
         if len(self.image_grid) != 2 or min(self.image_grid) < 1:
             raise ValueError(f"ImageDecoderConfig.image_grid must be (h, w) >= 1, got {self.image_grid!r}")

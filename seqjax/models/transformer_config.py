@@ -1,5 +1,7 @@
-"""The Transformer models' configuration: `TransformerConfig` (frozen, validated), the names its fields choose from,
-`stack_config` for models that reuse the Transformer's blocks, and `check_tokens`.
+"""The Transformer models' configuration: `StackConfig` (the block stack's fields, declared and validated once),
+`TransformerConfig` extending it (frozen, validated), the names their fields choose from, `stack_config` for the
+other models built on the Transformer's blocks (`ViTConfig`, `ImageDecoderConfig`, which extend `StackConfig` too),
+and `check_tokens`.
 
 Glossary: B batch, T length, D width (`emb_dim`), N query heads, K key/value heads, H head dim, M MLP width,
 V vocabulary, L layers.
@@ -34,24 +36,72 @@ ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 ATTENTION_IMPLEMENTATIONS = kernels.NAMES  # seqjax.kernels.registry; "auto" chooses per platform
 
 
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig(ConfigBase):
-    """Every hyperparameter of the Transformer models; derive variants with `config.replace(...)`.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StackConfig(ConfigBase):
+    """The fields of a stack of Transformer blocks, each declared (with its one default) and validated here only:
+    `TransformerConfig`, `ViTConfig` and `ImageDecoderConfig` extend it. Keyword-only, so that a subclass's own
+    required fields (`vocab_size`, `num_classes`, ...) come first and stay positional. Errors name the concrete
+    class, e.g. `ViTConfig.emb_dim must be a positive int, got emb_dim=0`.
 
     Attributes:
-      vocab_size: V of the inputs (the encoder's, or the decoder-only model's).
-      output_vocab_size: V of the decoder's targets and logits; None: same as `vocab_size`.
       emb_dim: D.
-      num_heads: N (must divide `qkv_dim`).
-      num_kv_heads: K, the key/value heads of every attention (grouped-query attention; 1 is multi-query); must
-        divide `num_heads`. None: `num_heads`.
-      num_layers: L of the encoder and of the decoder.
-      num_decoder_layers: L of the decoder when it differs; None: `num_layers`.
-      qkv_dim: N*H of the attention projections; None: `emb_dim`.
+      num_heads: N (must divide the attention width: `emb_dim`, or `TransformerConfig.qkv_dim`).
+      num_layers: L (of the encoder and of the decoder, in `TransformerConfig`).
       mlp_dim: M.
-      max_len: the longest sequence positions are defined for (and the longest cache).
       dropout_rate: dropout on the embeddings and on each sublayer's output, in [0, 1).
       attention_dropout_rate: dropout on the attention weights, in [0, 1).
+      dtype: compute dtype; LayerNorm statistics, softmax and logits stay float32.
+      param_dtype: storage dtype of the parameters (LayerNorm's scale and bias stay float32).
+      scan_layers: run each stack with `nn.scan` over stacked parameters (compile time independent of depth).
+      remat_policy: "none" or a key of `REMAT_POLICIES`.
+      attention_implementation: see `seqjax.nn.scaled_dot_product_attention`.
+    """
+
+    emb_dim: int = 512
+    num_heads: int = 8
+    num_layers: int = 6
+    mlp_dim: int = 2048
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    attention_implementation: str = "auto"
+
+    def __post_init__(self):
+        name = type(self).__name__
+        check_positive_ints(self, ("emb_dim", "num_heads", "num_layers", "mlp_dim"))
+        check_rates(self, ("dropout_rate", "attention_dropout_rate"))
+        if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"{name}.remat_policy={self.remat_policy!r} is unknown; use 'none' or one of {sorted(REMAT_POLICIES)}"
+            )
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"{name}.attention_implementation={self.attention_implementation!r} is unknown; use one of "
+                f"{ATTENTION_IMPLEMENTATIONS}"
+            )
+
+
+# The fields a model that reuses the Transformer's blocks (ViT, the image decoder) passes on to them.
+STACK_FIELDS = tuple(f.name for f in dataclasses.fields(StackConfig))
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig(StackConfig):
+    """Every hyperparameter of the Transformer models; derive variants with `config.replace(...)`. `vocab_size` may
+    be given by position, the rest by keyword.
+
+    Attributes (and `StackConfig`'s: emb_dim, num_heads, num_layers, mlp_dim, dropout_rate, attention_dropout_rate,
+    dtype, param_dtype, scan_layers, remat_policy, attention_implementation):
+      vocab_size: V of the inputs (the encoder's, or the decoder-only model's).
+      output_vocab_size: V of the decoder's targets and logits; None: same as `vocab_size`.
+      num_kv_heads: K, the key/value heads of every attention (grouped-query attention; 1 is multi-query); must
+        divide `num_heads`. None: `num_heads`.
+      num_decoder_layers: L of the decoder when it differs; None: `num_layers`.
+      qkv_dim: N*H of the attention projections; None: `emb_dim`.
+      max_len: the longest sequence positions are defined for (and the longest cache).
       position: "sinusoidal" (fixed table), "learned" (a `[max_len, D]` table), both added to the embeddings;
         "rope" (rotary embeddings of the queries and keys in every self-attention, none added; head dim even); or
         "none".
@@ -60,43 +110,28 @@ class TransformerConfig(ConfigBase):
       tie_embeddings: the decoder's logits use its token embedding transposed (scaled by 1/sqrt(D)).
       share_embeddings: encoder and decoder share one token embedding (needs equal vocabularies).
       activation: the MLP's nonlinearity, "relu" (the paper), "gelu" or "silu".
-      dtype: compute dtype; LayerNorm statistics, softmax and logits stay float32.
-      param_dtype: storage dtype of the parameters (LayerNorm's scale and bias stay float32).
-      scan_layers: run each stack with `nn.scan` over stacked parameters (compile time independent of depth).
-      remat_policy: "none" or a key of `REMAT_POLICIES`.
-      attention_implementation: see `seqjax.nn.scaled_dot_product_attention`.
       decode: cached autoregressive decoding (see the module docstring).
     """
 
     vocab_size: int
     output_vocab_size: int | None = None
-    emb_dim: int = 512
-    num_heads: int = 8
     num_kv_heads: int | None = None
-    num_layers: int = 6
     num_decoder_layers: int | None = None
     qkv_dim: int | None = None
-    mlp_dim: int = 2048
     max_len: int = 256
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
     position: str = "sinusoidal"
     rope_base: float = 10000.0
     pre_norm: bool = True
     tie_embeddings: bool = True
     share_embeddings: bool = False
     activation: str = "gelu"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-    attention_implementation: str = "auto"
     decode: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         check_positive_ints(
             self,
-            ("vocab_size", "emb_dim", "num_heads", "num_layers", "mlp_dim", "max_len"),
+            ("vocab_size", "max_len"),
             optional=("output_vocab_size", "num_decoder_layers", "qkv_dim", "num_kv_heads"),
         )
         if self.attention_dim % self.num_heads:
@@ -110,12 +145,6 @@ class TransformerConfig(ConfigBase):
             )
         if not self.rope_base > 0:
             raise ValueError(f"TransformerConfig.rope_base must be > 0, got rope_base={self.rope_base!r}")
-        check_rates(self, ("dropout_rate", "attention_dropout_rate"))
-        if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"TransformerConfig.remat_policy={self.remat_policy!r} is unknown; use 'none' or one of "
-                f"{sorted(REMAT_POLICIES)}"
-            )
         if self.position not in POSITIONS:
             raise ValueError(f"TransformerConfig.position={self.position!r} is unknown; use one of {POSITIONS}")
         if self.position == "sinusoidal" and self.emb_dim % 2:
@@ -128,11 +157,6 @@ class TransformerConfig(ConfigBase):
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"TransformerConfig.activation={self.activation!r} is unknown; use one of {sorted(ACTIVATIONS)}"
-            )
-        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"TransformerConfig.attention_implementation={self.attention_implementation!r} is unknown; use one "
-                f"of {ATTENTION_IMPLEMENTATIONS}"
             )
         if self.share_embeddings and self.target_vocab_size != self.vocab_size:
             raise ValueError(
@@ -153,16 +177,9 @@ class TransformerConfig(ConfigBase):
         return self.num_decoder_layers or self.num_layers
 
 
-# The fields a model that reuses the Transformer's blocks (ViT, the image decoder) passes on to them.
-STACK_FIELDS = (
-    "emb_dim", "num_heads", "num_layers", "mlp_dim", "dropout_rate", "attention_dropout_rate", "dtype",
-    "param_dtype", "scan_layers", "remat_policy", "attention_implementation",
-)  # fmt: skip
-
-
-def stack_config(owner: Any, **extra) -> TransformerConfig:
-    """The `TransformerConfig` for the block stack of another model's config `owner`: its `STACK_FIELDS` plus
-    `extra`; token fields unused. Validation errors name the owner's class and field."""
+def stack_config(owner: StackConfig, **extra) -> TransformerConfig:
+    """The `TransformerConfig` for the block stack of another model's config `owner` (a `StackConfig`): its
+    `STACK_FIELDS` plus `extra`; token fields unused. Validation errors name the owner's class and field."""
     fields = {name: getattr(owner, name) for name in STACK_FIELDS}
     try:
         return TransformerConfig(**{"vocab_size": 1, "max_len": 1, "position": "none", **fields, **extra})

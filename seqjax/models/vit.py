@@ -21,19 +21,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.models.config_base import ConfigBase, check_positive_ints
+from seqjax.models.config_base import check_positive_ints
 from seqjax.models.transformer import (
     ATTENTION_IMPLEMENTATIONS,
     REMAT_POLICIES,
     EncoderBlock,
     LayerStack,
+    StackConfig,
     TransformerConfig,
     stack_config,
 )
 from seqjax.nn.position import sinusoidal_positions_2d
 
 Array = jax.Array
-Dtype = Any
 
 # name: (width D, layers, MLP width, heads), as in the ViT paper (Ti and S from DeiT).
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -48,36 +48,29 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig(ConfigBase):
-    """Attributes:
+class ViTConfig(StackConfig):
+    """The ViT's fields; the encoder stack's (emb_dim, num_heads, num_layers, mlp_dim, dropout_rate,
+    attention_dropout_rate, dtype, param_dtype, scan_layers, remat_policy, attention_implementation) are
+    `StackConfig`'s, with its defaults. Those are not ViT-B's widths (this class's defaults before it shared the
+    stack's fields) and have dropout (0 here before): name a variant, `vit_config("B/16", ...)`, and give the dropout
+    rates you want.
+
+    Attributes:
     num_classes: K (0: no head; the model returns the pooled representation `[B, D]`).
     image_size: (H, W) (or one int) the position table is made for.
     patch_size: P.
-    emb_dim, num_layers, mlp_dim, num_heads: as in `TransformerConfig`.
     pool: "cls" (a learned class token, read out after the last layer) or "gap" (mean over patches).
     position: "learned", "sinusoidal" (2D) or "none".
-    dropout_rate, attention_dropout_rate: in [0, 1).
-    dtype, param_dtype, scan_layers, remat_policy, attention_implementation: as in `TransformerConfig`.
     """
 
     num_classes: int
     image_size: int | tuple[int, int] = 224
     patch_size: int = 16
-    emb_dim: int = 768
-    num_layers: int = 12
-    mlp_dim: int = 3072
-    num_heads: int = 12
     pool: str = "cls"
     position: str = "learned"
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-    attention_implementation: str = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"ViTConfig.num_classes must be an int >= 0, got {self.num_classes!r}")
         if self.pool not in ("cls", "gap"):

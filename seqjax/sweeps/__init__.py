@@ -2,7 +2,7 @@
 
     space.py    the sweep language: Sweep, grid / product / zip / chain / trials, random with uniform / log_uniform /
                 int_uniform / choice; load_sweep (a sweep file's get_sweep())
-    trial.py    one trial: trial_dir (DIR/trial_{i:03d}), its config (apply_overrides, trial_config,
+    trial.py    one trial: trial_dir (DIR/trial_{i:03d}), its config (apply_overrides, moved_key, trial_config,
                 write_trial_config), its state (trial.json: trial_status, update_trial), its lock (.trial.lock)
     runner.py   run_trials: commands as processes N at a time (logs, failures, retries, PR_SET_PDEATHSIG, Ctrl-C)
     results.py  trial_row / collect, rank, write_results (results.csv, results.md, metric_vs_KEY.png, curves.png)
@@ -35,7 +35,9 @@ from seqjax.sweeps.space import (
 from seqjax.sweeps.trial import (
     apply_overrides,
     load_config,
+    moved_key,
     read_json,
+    split_config,
     trial_config,
     trial_dir,
     trial_status,
@@ -58,6 +60,7 @@ __all__ = [
     "load_config",
     "load_sweep",
     "log_uniform",
+    "moved_key",
     "prepare",
     "product",
     "random",
@@ -65,6 +68,7 @@ __all__ = [
     "read_json",
     "run_sweep",
     "run_trials",
+    "split_config",
     "trial_config",
     "trial_dir",
     "trial_row",

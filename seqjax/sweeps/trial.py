@@ -22,17 +22,33 @@ from typing import Any
 from seqjax.errors import ConfigError
 
 
+def moved_key(config: Any, key: str) -> str | None:
+    """Where a dotted `key` that `config` lacks lives one section down: a part missing from its node that exactly one
+    section of that node (a child ConfigDict) holds, e.g. "num_layers" -> "model.num_layers" since the model's fields
+    moved into `config.model`; None when there is no such section (or several), or `config` has `key`."""
+    parts, node = key.split("."), config
+    for depth, name in enumerate(parts):
+        if not hasattr(node, "keys"):
+            return None
+        if name not in node:
+            holders = [k for k in node.keys() if hasattr(node[k], "keys") and name in node[k]]
+            return ".".join([*parts[:depth], holders[0], *parts[depth:]]) if len(holders) == 1 else None
+        node = node[name]
+    return None
+
+
 def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     """`config` (an ml_collections.ConfigDict, changed in place) with dotted keys set; unknown keys and values of the
-    wrong type raise `ConfigError` naming the key."""
+    wrong type raise `ConfigError` naming the key (and where it moved, for a key now in a section: `moved_key`)."""
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config
         for depth, name in enumerate([*parents, leaf]):
             if not hasattr(node, "keys") or name not in node:
+                moved = moved_key(config, key)
                 near = difflib.get_close_matches(name, list(node.keys()) if hasattr(node, "keys") else [], n=1)
                 hint = f"did you mean {'.'.join([*parents[:depth], near[0]])}?" if near else "only keys the config has"
-                raise ConfigError(key, f"no such key in the config ({hint})")
+                raise ConfigError(key, f"no such key in the config ({f'moved to {moved}' if moved else hint})")
             if depth < len(parents):
                 node = node[name]
         try:
@@ -49,6 +65,14 @@ def load_config(path: str, variant: str | None = None) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config() if variant is None else module.get_config(variant)
+
+
+def split_config(spec: str) -> tuple[str, str | None]:
+    """A config file spec, FILE[:VARIANT] -> (FILE, VARIANT or None)."""
+    path, sep, variant = spec.rpartition(":")
+    if sep and path.endswith(".py"):
+        return path, variant
+    return spec, None
 
 
 def trial_config(base: str, variant: str | None, overrides: dict[str, Any]) -> Any:

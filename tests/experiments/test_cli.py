@@ -23,7 +23,8 @@ EXPERIMENTS = ["dalle", "lm", "rnn_lm", "seq2seq", "sequence_models", "vit", "vq
 # The tiny seq2seq run of tests/experiments/test_experiments.py.
 TINY = dict(
     log_every_steps=1, checkpoint_every_steps=10, eval_every_steps=10, batch_size=8, eval_batch_size=8, warmup_steps=1,
-    num_eval_examples=16, num_train_examples=64, emb_dim=16, num_heads=2, mlp_dim=32, max_len=6, beam_size=2,
+    num_eval_examples=16, num_train_examples=64, max_len=6, beam_size=2,
+    **{"model.emb_dim": 16, "model.num_heads": 2, "model.mlp_dim": 32},
 )  # fmt: skip
 
 
@@ -64,7 +65,9 @@ def test_an_unknown_key_is_one_line_with_the_suggestion(tmp_path, name):
         ({"num_train_steps": 0}, "error: config.num_train_steps: 0 is too small (an integer >= 1)"),
         ({"learning_rate": -1}, "error: config.learning_rate: -1.0 is negative (>= 0)"),
         ({"parallel": "tpu"}, "error: config.parallel: 'tpu' is unknown (one of 'none', 'pmap', 'jit')"),
-        ({"emb_dimm": 8}, "error: config.emb_dimm: no such key (did you mean config.emb_dim?)"),
+        ({"model.emb_dimm": 8}, "error: config.model.emb_dimm: no such key (did you mean config.model.emb_dim?)"),
+        ({"num_layers": 4}, "error: config.num_layers: no such key (moved to config.model.num_layers)"),
+        ({"emb_dim": 8}, "error: config.emb_dim: no such key (moved to config.model.emb_dim)"),
     ],
 )
 def test_seq2seq_config_errors_are_one_line(tmp_path, fields, expected):

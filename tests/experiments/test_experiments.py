@@ -24,31 +24,34 @@ COMMON = dict(
     num_eval_examples=16,
     num_train_examples=64,
 )
+
+
+def _model(**fields):
+    return {f"model.{k}": v for k, v in fields.items()}  # the model's fields are in config.model
+
+
 TINY = {
-    "seq2seq": dict(emb_dim=16, num_heads=2, mlp_dim=32, max_len=6, beam_size=2),
-    "lm": dict(emb_dim=16, num_heads=2, mlp_dim=32, seq_len=24, max_depth=1, num_samples=8),
-    "rnn_lm": dict(emb_dim=8, hidden_size=16, seq_len=24, max_depth=1, num_samples=8, cell="gru"),
-    "vit": dict(variant="Mu/8"),
-    "vqvae": dict(num_codes=8, code_dim=4, channels=8),
-    "sequence_models": dict(hidden=4, length=24, score_from=4, forecast_from=16, horizon=3),
+    "seq2seq": dict(max_len=6, beam_size=2, **_model(emb_dim=16, num_heads=2, mlp_dim=32)),
+    "lm": dict(seq_len=24, max_depth=1, num_samples=8, **_model(emb_dim=16, num_heads=2, mlp_dim=32)),
+    "rnn_lm": dict(seq_len=24, max_depth=1, num_samples=8, **_model(emb_dim=8, hidden_size=16, cell="gru")),
+    "vit": _model(variant="Mu/8"),
+    "vqvae": _model(num_codes=8, code_dim=4, channels=8),
+    "sequence_models": dict(length=24, score_from=4, forecast_from=16, horizon=3, **_model(hidden=4)),
     "dalle": dict(
-        emb_dim=16,
-        num_heads=2,
-        num_layers=1,
-        mlp_dim=32,
+        **_model(emb_dim=16, num_heads=2, num_layers=1, mlp_dim=32),
         num_eval_examples=8,
         eval_batch_size=8,
         **{
-            "vqvae.num_codes": 8,
-            "vqvae.code_dim": 4,
-            "vqvae.channels": 8,
+            "vqvae.model.num_codes": 8,
+            "vqvae.model.code_dim": 4,
+            "vqvae.model.channels": 8,
             "vqvae.num_train_steps": 2,
             "vqvae.batch_size": 8,
             "vqvae.warmup_steps": 1,
             "classifier.warmup_steps": 1,
             "vqvae.eval_batch_size": 8,
             "vqvae.num_eval_examples": 8,
-            "classifier.variant": "Mu/8",
+            "classifier.model.variant": "Mu/8",
             "classifier.num_train_steps": 2,
             "classifier.batch_size": 8,
             "classifier.eval_batch_size": 8,
@@ -201,15 +204,18 @@ def test_real_dataset_variants_on_mocked_data(tmp_path, name, dataset):
     import jax
     import tensorflow_datasets as tfds
 
+    from seqjax.sweeps import apply_overrides
     from seqjax.training import train_and_evaluate
 
     module = importlib.import_module(f"experiments.{name}")
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
-    config.update({**COMMON, **TINY[name], "num_train_steps": 2, "dataset": dataset, "data_dir": str(tmp_path)})
+    apply_overrides(
+        config, {**COMMON, **TINY[name], "num_train_steps": 2, "dataset": dataset, "data_dir": str(tmp_path)}
+    )
     if dataset == "lm1b":
         config.vocab_size = 40
     if dataset == "mnist":
-        config.variant = "Mu/7"  # 28x28 images
+        config.model.variant = "Mu/7"  # 28x28 images
     if name == "seq2seq":
         config.update(dict(subword_vocab_size=40, max_len=12))
     task_cls = {"vit": "ViTTask", "lm": "LMTask", "rnn_lm": "RNNLMTask", "seq2seq": "Seq2SeqTask"}[name]

@@ -77,12 +77,16 @@ def test_the_old_module_path_still_names_the_sweep_language():
 
 def test_overrides_are_checked_against_the_config():
     base = os.path.join(ROOT, "experiments", "configs", "dalle.py")
-    config = sw.trial_config(base, None, {"learning_rate": 0.5, "vqvae.num_codes": 16})
-    assert config.learning_rate == 0.5 and config.vqvae.num_codes == 16
+    config = sw.trial_config(base, None, {"learning_rate": 0.5, "vqvae.model.num_codes": 16})
+    assert config.learning_rate == 0.5 and config.vqvae.model.num_codes == 16
     with pytest.raises(ValueError, match=r"config\.lr: no such key"):
         sw.trial_config(base, None, {"lr": 0.1})
-    with pytest.raises(ValueError, match=r"config\.num_layers: 'two' has the wrong type \(int"):
-        sw.trial_config(base, None, {"num_layers": "two"})
+    with pytest.raises(ValueError, match=r"config\.model\.num_layers: 'two' has the wrong type \(int"):
+        sw.trial_config(base, None, {"model.num_layers": "two"})
+    with pytest.raises(
+        ValueError, match=r"config\.num_layers: no such key in the config \(moved to model\.num_layers\)"
+    ):
+        sw.trial_config(base, None, {"num_layers": 2})
 
 
 def test_a_grid_over_two_keys_gives_exactly_its_trials_and_workdirs(tmp_path):

@@ -18,7 +18,7 @@ from tests.models.squares import quadrant_squares
 def _config(**overrides):
     base = dict(
         text_vocab_size=7, image_vocab_size=11, text_len=4, image_grid=(2, 3), emb_dim=16, num_heads=2, num_layers=2,
-        mlp_dim=32,
+        mlp_dim=32, dropout_rate=0.0, attention_dropout_rate=0.0,
     )  # fmt: skip
     return ImageDecoderConfig(**{**base, **overrides})
 
@@ -148,7 +148,7 @@ def test_tiny_text_to_image_model_draws_what_the_caption_says(rng, tmp_path):
     model = ImageTokenDecoder(
         ImageDecoderConfig(
             text_vocab_size=5, image_vocab_size=16, text_len=2, image_grid=(4, 4), emb_dim=32, num_heads=2,
-            num_layers=2, mlp_dim=64,
+            num_layers=2, mlp_dim=64, dropout_rate=0.0, attention_dropout_rate=0.0,
         )
     )  # fmt: skip
     params = jax.jit(model.init)(rng, captions, tokens)["params"]

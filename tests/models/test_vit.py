@@ -21,7 +21,8 @@ from tests.models.squares import quadrant_squares
 
 
 def _config(**overrides):
-    base = dict(num_classes=5, image_size=8, patch_size=2, emb_dim=16, num_layers=2, mlp_dim=32, num_heads=2)
+    base = dict(num_classes=5, image_size=8, patch_size=2, emb_dim=16, num_layers=2, mlp_dim=32, num_heads=2,
+                dropout_rate=0.0, attention_dropout_rate=0.0)  # fmt: skip
     return ViTConfig(**{**base, **overrides})
 
 

@@ -190,8 +190,8 @@ def _experiment_task(name: str, data_dir: str):
 
     module, config = {"lm": (lm, lm_config), "seq2seq": (seq2seq, seq2seq_config)}[name]
     c: ml_collections.ConfigDict = config.get_config()
-    tiny = dict(emb_dim=16, num_heads=2, mlp_dim=32, num_layers=1, batch_size=B, eval_batch_size=B, dropout_rate=0.0,
-                num_train_examples=64, num_eval_examples=3 * B, data_dir=data_dir)  # fmt: skip
+    tiny = dict(model=dict(emb_dim=16, num_heads=2, mlp_dim=32, num_layers=1, dropout_rate=0.0), batch_size=B,
+                eval_batch_size=B, num_train_examples=64, num_eval_examples=3 * B, data_dir=data_dir)  # fmt: skip
     tiny.update(dict(seq_len=24, max_depth=2) if name == "lm" else dict(max_len=8, min_len=1))
     c.update(tiny)
     return module.TASK(c)
