@@ -213,6 +213,7 @@ def _lm(rng, scan_layers=False):
     return model, params, prompt
 
 
+@pytest.mark.slow
 def test_transformer_sampling_limits_equal_greedy_and_seed_fixes_output(rng):
     model, params, prompt = _lm(rng)
     step, n = LMStep(model), 8
@@ -228,6 +229,7 @@ def test_transformer_sampling_limits_equal_greedy_and_seed_fixes_output(rng):
     assert not np.array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_transformer_beam_search_scores_match_full_pass(rng, scan_layers):
     """Scanned layers keep the cache's batch at axis 1: LMStep.batch_axes says so, or beams would mix."""
@@ -254,6 +256,7 @@ def test_bad_arguments(rng):
         decoding.sample(bigram_step, state, jnp.zeros((3, 1), jnp.int32), rng, 4, temperature=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_recurrent_lm_through_the_same_functions(rng, cell):
     from seqjax.models.recurrent_lm import RecurrentLM, RecurrentLMConfig, RNNStep, rnn_state
@@ -303,6 +306,7 @@ def test_beam_search_rejects_pad_or_eos_outside_vocabulary(rng):
             decoding.beam_search(bigram_step, state, jnp.zeros((3, 1), jnp.int32), 2, beam_size=2, **kwargs)
 
 
+@pytest.mark.slow
 def test_cache_too_short_is_an_error(rng):
     model, params, prompt = _lm(rng)
     state = lm_state(model, params, 3, 8)

@@ -88,6 +88,7 @@ def _recurrent_lm(cell):
     return model, model.init(jax.random.key(0), tokens)["params"], tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [pytest.param(_decoder_lm, marks=pytest.mark.slow),
                                    pytest.param(lambda: _recurrent_lm("lstm"), marks=pytest.mark.slow),
                                    lambda: _recurrent_lm("gru")],
@@ -195,6 +196,7 @@ def _training_step(name):
 _SLOW = ("transformer", "vit", "vqvae", "image_decoder")  # 7-12 s each on a busy 2-core machine
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n for n in sorted(_cases())]
 )

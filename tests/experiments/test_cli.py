@@ -50,6 +50,7 @@ def _seq2seq(workdir, *args, **fields):
     return ["experiments.seq2seq", f"--workdir={workdir}", *args, *(f"--config.{k}={v}" for k, v in fields.items())]
 
 
+@pytest.mark.slow_beyond(3)
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_an_unknown_key_is_one_line_with_the_suggestion(tmp_path, name):
     out = _run([f"experiments.{name}", f"--workdir={tmp_path / 'run'}", "--config.lerning_rate=1e-3"])
@@ -75,6 +76,7 @@ def test_seq2seq_config_errors_are_one_line(tmp_path, fields, expected):
     assert not (tmp_path / "run").exists()  # nothing written (and nothing compiled)
 
 
+@pytest.mark.slow
 def test_a_batch_the_devices_cannot_split_is_one_line(tmp_path):
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     out = _run(_seq2seq(tmp_path / "run", parallel="pmap", batch_size=7), env=env)
@@ -82,6 +84,7 @@ def test_a_batch_the_devices_cannot_split_is_one_line(tmp_path):
     assert _one_error_line(out) == expected
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize(
     ("name", "variant", "dataset"),
     [("vit", "mnist", "mnist"), ("seq2seq", "translation", "ted_hrlr_translate/pt_to_en")],
@@ -95,6 +98,7 @@ def test_a_dataset_missing_from_data_dir_is_one_line(tmp_path, name, variant, da
     assert f"tfds build {dataset} --data_dir DIR" in line
 
 
+@pytest.mark.slow
 def test_an_unwritable_workdir_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")  # a path under a file: not writable, even for root
     out = _run(_seq2seq(tmp_path / "file" / "run"))
@@ -107,6 +111,7 @@ def test_an_unwritable_workdir_is_one_line(tmp_path):
     assert ("SEQJAX_HUGEPAGES=0 turns this off" in status) == restarted, status
 
 
+@pytest.mark.slow
 def test_flag_and_config_file_errors_are_one_line(tmp_path):
     out = _run(["experiments.vit", f"--workdir={tmp_path}", "--config", "experiments/configs/vit.py:nonsense"])
     assert _one_error_line(out).startswith("error: --config: unknown vit config variant 'nonsense'")

@@ -188,6 +188,7 @@ def test_sigkill_then_the_same_command_gives_the_same_loss_curve(tmp_path):
     assert _losses(cut) == _losses(ref)  # bitwise equal floats at every step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "dataset"),
     [

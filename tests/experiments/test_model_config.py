@@ -41,6 +41,7 @@ def _layers(name, tmp_path, *args):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "default"), [("seq2seq", 2), ("lm", 2)])
 def test_a_model_key_on_the_command_line_changes_the_built_model(tmp_path, name, default):
     small = ["--config.model.emb_dim=16", "--config.model.mlp_dim=32"]

@@ -45,6 +45,7 @@ def _losses(workdir, i):
     return np.array([r["train_loss"] for r in read_metrics(sw.trial_dir(str(workdir), i)).values()])
 
 
+@pytest.mark.slow
 def test_spaces_expand_to_exactly_the_trials_written():
     g = sw.grid({"a": [1, 2], "b": ["x", "y", "z"]})
     assert g.expand() == [{"a": a, "b": b} for a in (1, 2) for b in ("x", "y", "z")]
@@ -69,12 +70,14 @@ def test_spaces_expand_to_exactly_the_trials_written():
             bad()
 
 
+@pytest.mark.slow
 def test_the_old_module_path_still_names_the_sweep_language():
     from seqjax.training import sweep as old  # sweep files written before seqjax.sweeps existed
 
     assert old.Sweep is sw.Sweep and old.grid is sw.grid and old.trial_config is sw.trial_config
 
 
+@pytest.mark.slow
 def test_overrides_are_checked_against_the_config():
     base = os.path.join(ROOT, "experiments", "configs", "dalle.py")
     config = sw.trial_config(base, None, {"learning_rate": 0.5, "vqvae.model.num_codes": 16})
@@ -89,6 +92,7 @@ def test_overrides_are_checked_against_the_config():
         sw.trial_config(base, None, {"num_layers": 2})
 
 
+@pytest.mark.slow
 def test_a_grid_over_two_keys_gives_exactly_its_trials_and_workdirs(tmp_path):
     sweep_file = _sweep_file(
         tmp_path, 'sweeps.Sweep(sweeps.grid({"learning_rate": [1e-3, 3e-2], "warmup_steps": [1, 3]}))'
@@ -147,6 +151,7 @@ def test_a_killed_sweep_rerun_finishes_only_what_was_missing(tmp_path):
     assert len(_losses(tmp_path / "s", 1)) == 30
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_rest_complete(tmp_path):
     sweep_file = _sweep_file(tmp_path, 'sweeps.Sweep(sweeps.grid("nan_at_step", [-1, 3, -1]))')
     out = _sweep(tmp_path / "s", sweep_file, "--parallel", "2")
@@ -160,6 +165,7 @@ def test_a_failing_trial_is_recorded_and_the_rest_complete(tmp_path):
     assert open(tmp_path / "s" / "results.md").read().splitlines()[-1].startswith("| trial_001")  # failed: last
 
 
+@pytest.mark.slow
 def test_a_bad_sweep_fails_before_running_anything(tmp_path):
     sweep_file = _sweep_file(tmp_path, 'sweeps.Sweep(sweeps.grid("learnin_rate", [1e-3]))')
     out = _sweep(tmp_path / "s", sweep_file)
@@ -170,6 +176,7 @@ def test_a_bad_sweep_fails_before_running_anything(tmp_path):
     assert out.returncode != 0 and "['batch_size']" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_a_vectorized_sweep_of_learning_rates_and_seeds_equals_separate_runs(tmp_path):
     sweep_file = _sweep_file(tmp_path, 'sweeps.Sweep(sweeps.grid({"learning_rate": [1e-3, 3e-2], "seed": [0, 1]}))')
     vec = _sweep(tmp_path / "vec", sweep_file, "--vectorize")

@@ -297,6 +297,7 @@ def test_scaled_dot_product_attention_matches_torch(case, implementation):
     np.testing.assert_allclose(np.asarray(ours), _from_torch_layout(theirs), **TOL)
 
 
+@pytest.mark.slow_beyond(18)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", ("plain", "mask", "causal", "cross", "value_dim", "batch_dims", "blocks"))
 def test_scaled_dot_product_attention_gradients_match_torch(case, implementation):

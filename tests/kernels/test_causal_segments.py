@@ -48,6 +48,7 @@ def _explicit(tq, tk, causal, segs, mask):
 SHAPES = [(384, 384, None), (200, 384, 4096), (384, 120, 4096)]
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize("what", ["causal", "segments", "causal+segments+mask"])
 @pytest.mark.parametrize("tq, tk, block_elements", SHAPES, ids=["self", "tq<tk", "tq>tk"])
 @pytest.mark.parametrize("name", NAMES)
@@ -108,6 +109,7 @@ def test_segment_ids_errors_name_the_shapes():
         scaled_dot_product_attention(q, q, q, segment_ids=jnp.ones((2, 4)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["auto", "blocked", "cpu", "reference"])
 def test_mha_is_causal_and_segment_ids_equal_the_explicit_mask(implementation):
     """Through MultiHeadAttention's fused projection (each kernel's self_attention) above one block."""
@@ -131,6 +133,7 @@ def _temp_bytes(t, kw):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_blocked_is_causal_memory_is_linear_in_length():
     """4x the length costs about 4x the memory with is_causal / segment_ids (16x with a [T, T] mask, which the
     second check shows the measure sees)."""

@@ -64,6 +64,7 @@ def _jax_reference(qkv, mask):
     return jnp.einsum("bnqk,bknh->bqnh", e / jnp.where(z > 0, z, 1.0), v)
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize("t", [40, T], ids=["one-block", "three-blocks"])
 @pytest.mark.parametrize("kind", ["none", "causal", "padding", "per-head", "queries"])
 def test_attention_kernel_matches_references(kind, t):
@@ -103,6 +104,7 @@ def test_attention_kernel_masked_keys_get_no_gradient():
     assert np.abs(np.asarray(g[:, :100, 1:])).max() > 0
 
 
+@pytest.mark.slow
 def test_attention_kernel_gradients_of_gradients():
     """The kernel's backward pass can itself be differentiated (its custom calls carry the plain-JAX formulation's
     derivatives): the gradient of a gradient penalty equals that of autodiff through plain attention."""
@@ -140,6 +142,7 @@ def test_attention_fallback_branch_is_the_same_function(monkeypatch):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_long_sequences_run_the_kernel_and_match_the_xla_kernel(monkeypatch):
     """Past the XLA kernel's whole-row blocks (T=384 with 4 heads blocks queries there), MultiHeadAttention still
     runs the C++ kernel, up to NATIVE_MAX_LENGTH positions, with the XLA kernel's outputs and gradients."""
@@ -201,6 +204,7 @@ print(np.float32(tiny) * np.float32(1.5) > 0)
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
 
 
+@pytest.mark.slow
 def test_disabled_kernels_fall_back_to_xla():
     code = """
 import jax, jax.numpy as jnp
@@ -219,6 +223,7 @@ print(out.shape, "seqjax_attention" in jax.jit(m.apply).lower(m.init(jax.random.
     assert lines[1] == "(4, 256, 16) False"
 
 
+@pytest.mark.slow
 def test_module_runs_the_kernel_with_one_device_only():
     """MultiHeadAttention's self-attention lowers to the custom call in a process with one CPU device, and not in
     this test process (8 CPU devices), where a batch-sharded jit would have to gather the batch for it."""
@@ -237,6 +242,7 @@ print(jax.device_count(), "seqjax_attention" in jax.jit(m.apply).lower(m.init(ja
     assert "seqjax_attention" not in jax.jit(m.apply).lower(m.init(jax.random.key(0), x), x).as_text()
 
 
+@pytest.mark.slow
 def test_kernels_build_into_the_cache_folder(tmp_path):
     proc = _python("from seqjax.kernels import cpu; print(cpu.available())", SEQJAX_CACHE_DIR=str(tmp_path))
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
@@ -340,6 +346,7 @@ def test_kernel_equals_the_xla_formulation(one_device, kind, shape):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_recurrent_kernel_gradients_of_gradients(one_device, kind):
     """The kernels' custom calls carry the JAX formulation's derivatives, so their backward can be differentiated."""

@@ -30,6 +30,7 @@ def _case(b, t, n, h, seed=0):
     return q, k, v, mask
 
 
+@pytest.mark.slow_beyond(8)
 @pytest.mark.parametrize("t", [6, 384], ids=["one-block", "blocks"])  # 2*2*384*384 > 2**19: the blocks run
 @pytest.mark.parametrize("name", NAMES)
 def test_every_kernel_gives_the_reference(name, t):
@@ -46,6 +47,7 @@ def test_every_kernel_gives_the_reference(name, t):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow_beyond(9)
 @pytest.mark.parametrize("kv_heads", [1, 2], ids=["multi-query", "grouped"])
 @pytest.mark.parametrize("t", [6, 384], ids=["one-block", "blocks"])
 @pytest.mark.parametrize("name", NAMES)
@@ -67,6 +69,7 @@ def test_every_kernel_takes_grouped_heads(name, t, kv_heads):
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_blocked_kernel_on_grouped_heads_in_small_blocks():
     """The blocked kernel forced into query blocks (small `block_elements`) on grouped heads."""
     q, k, v, mask = _case(2, 40, 4, 8)
@@ -114,6 +117,7 @@ def test_names_and_aliases():
         kernels.attention_kernel("flash")
 
 
+@pytest.mark.slow
 def test_attention_fn_after_flax_convention():
     """`MultiHeadAttention(attention_fn=...)` takes any callable with scaled_dot_product_attention's signature; a
     registered kernel gives what its name gives."""

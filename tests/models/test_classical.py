@@ -84,6 +84,7 @@ def trivial_baselines(train, test, start):
 # model is held to a series that is; the others learn the noisy sine. Measured test MSEs (sine: last value 0.017,
 # mean 0.51, AR(1) 0.017; the models 0.004-0.006. Logistic map: last value 0.17, mean 0.045, AR(1) 0.0116; Markov
 # 0.001), so half the best baseline leaves each model a margin and fails any that has not learned the series.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_each_model_learns_a_noisy_series(name):
     model = MODELS[name]()
@@ -122,6 +123,7 @@ def test_each_model_learns_a_noisy_series(name):
     assert float(np.mean(np.abs(ahead[:, 0] - test[:, 16]))) < 0.7 * trivial_mae, trivial_mae
 
 
+@pytest.mark.slow
 def test_models_see_only_the_past():
     x = jnp.asarray(noisy_sine(2, 10, 2))
     for make in MODELS.values():

@@ -31,6 +31,7 @@ def _setup(rng, **overrides):
     return model, params, text, image
 
 
+@pytest.mark.slow
 def test_changing_text_or_earlier_image_tokens_changes_nothing_before(rng):
     model, params, text, image = _setup(rng)
     apply = jax.jit(lambda t, i: model.apply({"params": params}, t, i))
@@ -48,6 +49,7 @@ def test_changing_text_or_earlier_image_tokens_changes_nothing_before(rng):
     assert not np.allclose(i2[:, 0], image_logits[:, 0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_generation_equals_full_recompute(rng, scan):
     model, params, text, image = _setup(rng, scan_layers=scan)
@@ -68,6 +70,7 @@ def test_cached_generation_equals_full_recompute(rng, scan):
     np.testing.assert_array_equal(np.argmax(again, -1), tokens)
 
 
+@pytest.mark.slow
 def test_classifier_free_guidance_mixes_logits(rng):
     model, params, text, _ = _setup(rng)
     prompt = image_prompt(model, text)
@@ -78,6 +81,7 @@ def test_classifier_free_guidance_mixes_logits(rng):
         np.testing.assert_allclose(guided, uncond + scale * (cond - uncond), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_weights_text_and_image(rng):
     model, params, text, image = _setup(rng)
     text_logits, image_logits = model.apply({"params": params}, text, image)
@@ -92,6 +96,7 @@ def test_loss_weights_text_and_image(rng):
         np.testing.assert_allclose(loss, (1 - w) * text_nll + w * image_nll, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bad_inputs_name_the_sizes(rng):
     model, params, text, image = _setup(rng)
     with pytest.raises(ValueError, match=r"text \(caption\) has length 5 > the model's 4"):

@@ -17,6 +17,7 @@ from seqjax.models import DecoderLM, TransformerConfig
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu" or not cpu.available(), reason="the C++ CPU kernels' shape")
 def test_nanogpt_shape_step_temporaries_fit_under_the_mmap_threshold(monkeypatch):
     monkeypatch.setattr(common, "single_device", lambda: True)  # a user's process (the tests run 8 CPU devices)

@@ -51,6 +51,7 @@ def _init(model, rng, *args):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("implementation", ["xla", "reference"])
 def test_decoder_lm_is_causal_bitwise(rng, scan, implementation):
@@ -68,6 +69,7 @@ def test_decoder_lm_is_causal_bitwise(rng, scan, implementation):
         assert not np.allclose(out[:, t + 1 :], base[:, t + 1 :])  # the change is visible later
 
 
+@pytest.mark.slow
 def test_decoder_lm_is_causal_at_blocked_size(rng):
     # Large enough that attention runs the blocked kernel (B*N*T*T > 2**19 elements).
     cfg = _config(emb_dim=32, num_heads=4, num_layers=1, max_len=256)
@@ -80,6 +82,7 @@ def test_decoder_lm_is_causal_at_blocked_size(rng):
     np.testing.assert_array_equal(np.asarray(apply(changed))[:, :100], base[:, :100])
 
 
+@pytest.mark.slow
 def test_transformer_decoder_is_causal_bitwise(rng):
     cfg = _config()
     inputs, targets = _tokens(rng, (2, 9)), _tokens(jax.random.fold_in(rng, 1), (2, 10))
@@ -95,6 +98,7 @@ def test_transformer_decoder_is_causal_bitwise(rng):
     assert not np.allclose(out[:, t + 1 :], base[:, t + 1 :])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pre_norm", [True, False])
 def test_encoder_padding_does_not_change_real_tokens(rng, pre_norm):
     cfg = _config(pre_norm=pre_norm)
@@ -121,6 +125,7 @@ def test_encoder_padding_does_not_change_real_tokens(rng, pre_norm):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("position", ["sinusoidal", "learned"])
 def test_lm_cached_decoding_equals_full_pass(rng, scan, position):
@@ -138,6 +143,7 @@ def test_lm_cached_decoding_equals_full_pass(rng, scan, position):
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_seq2seq_cached_decoding_equals_full_pass(rng, scan):
     cfg = _config(scan_layers=scan, pre_norm=False)
@@ -156,6 +162,7 @@ def test_seq2seq_cached_decoding_equals_full_pass(rng, scan):
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_rope_gqa_lm_cached_decoding_equals_full_pass(rng, scan, kv_heads):
@@ -186,6 +193,7 @@ def test_rope_gqa_lm_cached_decoding_equals_full_pass(rng, scan, kv_heads):
     assert np.abs(np.asarray(none[:, 1:] - full[:, 1:])).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_rope_gqa_seq2seq_cached_decoding_equals_full_pass(rng, scan):
     cfg = _config(scan_layers=scan, position="rope", num_heads=4, num_kv_heads=2)
@@ -204,6 +212,7 @@ def test_rope_gqa_seq2seq_cached_decoding_equals_full_pass(rng, scan):
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_decode_rejects_prompt_longer_than_cache_or_max_len(rng):
     cfg = _config()
     model = DecoderLM(cfg)
@@ -222,6 +231,7 @@ def test_decode_rejects_prompt_longer_than_cache_or_max_len(rng):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["decoder_lm", "transformer", "encoder"])
 def test_scanned_and_unscanned_compute_the_same(rng, name):
     cfg = _config(num_layers=3, num_decoder_layers=2 if name == "transformer" else None)
@@ -239,6 +249,7 @@ def test_scanned_and_unscanned_compute_the_same(rng, name):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("policy", ["full", "dots_saveable"])
 def test_remat_changes_nothing_but_memory(rng, scan, policy):
@@ -259,6 +270,7 @@ def test_remat_changes_nothing_but_memory(rng, scan, policy):
     assert "remat" in jaxpr or "checkpoint" in jaxpr
 
 
+@pytest.mark.slow
 def test_dropout_is_on_only_in_training(rng):
     cfg = _config(dropout_rate=0.3)
     tokens = _tokens(rng, (2, 8))
@@ -271,6 +283,7 @@ def test_dropout_is_on_only_in_training(rng):
     assert not np.allclose(a, b) and not np.allclose(b, c)
 
 
+@pytest.mark.slow
 def test_tied_and_shared_embeddings(rng):
     inputs, targets = _tokens(rng, (2, 6)), _tokens(rng, (2, 5))
     tied = _init(Transformer(_config()), rng, inputs, targets)
@@ -284,6 +297,7 @@ def test_tied_and_shared_embeddings(rng):
     assert Transformer(_config(output_vocab_size=7)).apply({"params": other}, inputs, targets).shape == (2, 5, 7)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_logits(rng):
     cfg = _config(dtype=jnp.bfloat16)
     tokens = _tokens(rng, (2, 8))
@@ -347,6 +361,7 @@ def test_get_model_errors():
     assert isinstance(get_model("encoder", _config()), Encoder)
 
 
+@pytest.mark.slow
 def test_bfloat16_parameters_under_strict_promotion(rng):
     cfg = _config(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     tokens = _tokens(rng, (2, 8))
@@ -367,6 +382,7 @@ def test_decoder_lm_rejects_num_decoder_layers(rng):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "scan, remat, implementation, position",
     [
@@ -410,6 +426,7 @@ def test_packed_row_gives_each_sequence_its_own_logits(rng, scan, remat, impleme
     np.testing.assert_allclose(packed_loss, float(jnp.mean(jnp.concatenate(alone_nll))), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_packed_gradients_equal_the_separate_runs(rng):
     """Gradients of the weighted loss over a packed batch equal those of the same sequences run one by one."""
     from seqjax.data.pipeline import pack, packed_lm_targets

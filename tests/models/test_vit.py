@@ -43,6 +43,7 @@ def _perturb(params, rng):
     )
 
 
+@pytest.mark.slow
 def test_patch_embedding_is_reshape_and_matmul(rng):
     cfg = _config(num_classes=0, num_layers=1)
     images = _images(rng)
@@ -57,6 +58,7 @@ def test_patch_embedding_is_reshape_and_matmul(rng):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", ["cls", "gap"])
 def test_patch_permutation_matters_only_through_positions(rng, pool):
     images = _images(rng)
@@ -72,6 +74,7 @@ def test_patch_permutation_matters_only_through_positions(rng, pool):
         assert np.allclose(a, b, atol=1e-5) == invariant, (position, pool)
 
 
+@pytest.mark.slow
 def test_resizing_positions(rng):
     cfg = _config()
     model = ViT(cfg)
@@ -104,6 +107,7 @@ def test_variants_and_registry():
         _config(num_heads=3)
 
 
+@pytest.mark.slow
 def test_bad_images_name_the_sizes(rng):
     model = ViT(_config())
     params = _init(model, rng, _images(rng))
@@ -111,6 +115,7 @@ def test_bad_images_name_the_sizes(rng):
         model.apply({"params": params}, jnp.zeros((3, 9, 8, 3)))
 
 
+@pytest.mark.slow
 def test_scanned_stack_and_rollout(rng, tmp_path):
     cfg = _config()
     images = _images(rng)

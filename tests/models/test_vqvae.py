@@ -24,6 +24,7 @@ def test_nearest_code_against_numpy(rng):
     np.testing.assert_array_equal(nearest_code(flat, codebook), want)
 
 
+@pytest.mark.slow
 def test_quantizer_forward_and_straight_through_by_hand():
     vq = VectorQuantizer(num_codes=2, commitment=0.25, restart_threshold=0.0)
     variables = _vq_variables([[0.0], [1.0]])
@@ -71,6 +72,7 @@ def _squares(key, n):
     return (quadrant_squares(key, n)[1] * 0.8 + 0.1)[..., None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("res_blocks", [0, 1])
 def test_trained_tiny_vqvae_reconstructs_its_images(rng, res_blocks):
     cfg = VQVAEConfig(num_codes=32, code_dim=8, channels=32, num_downsamples=1, image_channels=1, res_blocks=res_blocks)
@@ -105,6 +107,7 @@ def test_trained_tiny_vqvae_reconstructs_its_images(rng, res_blocks):
     assert 1.0 < float(aux["perplexity"]) <= 32 and 0 < float(aux["usage"]) <= 1
 
 
+@pytest.mark.slow
 def test_residual_blocks_with_zero_output_convolutions_are_the_identity(rng):
     """res_blocks adds x + conv1x1(relu(conv3x3(relu(x)))) in the encoder and the decoder: with the 1x1 convolutions
     zeroed, the model computes exactly what the model without blocks computes with the same other weights."""

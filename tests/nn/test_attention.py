@@ -94,6 +94,7 @@ def test_sdpa_matches_numpy(impl, mask_kind):
     np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow_beyond(6)
 @pytest.mark.parametrize(
     "shape",
     [
@@ -181,6 +182,7 @@ def test_bf16_inputs_use_float32_softmax():
     np.testing.assert_allclose(np.asarray(fast.astype(jnp.float32)), ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_causal_future_has_no_influence():
     q, k, v = qkv(11, 1, 6, 6, 2, 3)
     x = jnp.concatenate([jnp.asarray(a) for a in (q, k, v)], axis=-1)  # [1, T, N, 3H]
@@ -195,6 +197,7 @@ def test_causal_future_has_no_influence():
         assert np.any(jac[t, :, :, t] != 0.0)
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize("impl", ["xla", "reference"])
 def test_gradients_float64(impl, x64):
     q, k, v = qkv(12, 2, 5, 6, 2, 3, np.float64)
@@ -204,12 +207,14 @@ def test_gradients_float64(impl, x64):
     check_grads(f, (q, k, v), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_float64_with_bias(x64):
     q, k, v = qkv(14, 1, 4, 4, 2, 3, np.float64)
     bias = np.random.default_rng(15).normal(size=(1, 2, 4, 4))
     check_grads(lambda *a: scaled_dot_product_attention(*a[:3], bias=a[3]), (q, k, v, bias), order=2, modes=["rev"])
 
 
+@pytest.mark.slow
 def test_dropout(rng):
     q, k, v = qkv(16, 2, 6, 6, 2, 4)
     kw = dict(dropout_rate=0.5, deterministic=False)
@@ -248,6 +253,7 @@ def test_dropout_at_rate_0_2_drops_a_fifth_and_scales_survivors(impl):
     np.testing.assert_allclose(out[~dropped], weights[~dropped] / 0.8, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_gradients_match_their_forward(rng, x64):
     """The blocked kernel regenerates the dropout mask in its backward pass; check it is the forward's mask."""
     q, k, v = qkv(17, 2, 5, 5, 2, 3, np.float64)
@@ -309,6 +315,7 @@ def test_mha_self_attention_matches_flax(rng, fuse_qkv, impl):
         )
 
 
+@pytest.mark.slow
 def test_mha_cross_attention_features_and_no_bias_match_flax(rng):
     kq, kkv = jax.random.split(rng)
     xq, xkv = jax.random.normal(kq, (2, 3, 5, 6)), jax.random.normal(kkv, (2, 3, 7, 10))
@@ -323,6 +330,7 @@ def test_mha_cross_attention_features_and_no_bias_match_flax(rng):
     )
 
 
+@pytest.mark.slow
 def test_mha_sows_attention_weights(rng):
     x = jax.random.normal(rng, (2, 5, 8))
     m = MultiHeadAttention(num_heads=2)
@@ -335,6 +343,7 @@ def test_mha_sows_attention_weights(rng):
     np.testing.assert_allclose(np.asarray(out), np.asarray(m.apply(params, x, mask=causal_mask(5))), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mha_causal_jacobian_blocks_the_future(rng):
     x = jax.random.normal(rng, (1, 6, 8))
     m = MultiHeadAttention(num_heads=2)
@@ -357,6 +366,7 @@ def test_mha_dropout_needs_rng_and_is_off_when_deterministic(rng):
     np.testing.assert_array_equal(np.asarray(base), np.asarray(m.apply(params, x, deterministic=True)))
 
 
+@pytest.mark.slow
 def test_mha_dtypes(rng):
     x = jax.random.normal(rng, (2, 4, 8))
     m = MultiHeadAttention(num_heads=2, dtype=jnp.bfloat16, param_dtype=jnp.float32)
@@ -369,6 +379,7 @@ def test_mha_dtypes(rng):
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=0.018, rtol=0)
 
 
+@pytest.mark.slow
 def test_mha_float64_gradients(x64):
     x = np.random.default_rng(18).normal(size=(2, 4, 6))
     m = MultiHeadAttention(num_heads=2, param_dtype=jnp.float64)
@@ -376,6 +387,7 @@ def test_mha_float64_gradients(x64):
     check_grads(lambda p, x: m.apply(p, x, mask=causal_mask(4)), (params, x), order=1, modes=["rev"])
 
 
+@pytest.mark.slow
 def test_mha_bad_config_names_the_shapes(rng):
     x = jnp.zeros((2, 4, 10))
     with pytest.raises(ValueError, match=r"qkv_features \(10\) must be divisible by num_heads \(3\)"):
@@ -389,6 +401,7 @@ def test_mha_bad_config_names_the_shapes(rng):
 # ---------------------------------------------------------------------------------------------------- KV cache
 
 
+@pytest.mark.slow_beyond(2)
 @pytest.mark.parametrize("prefill", [0, 1, 4])
 def test_cached_decoding_equals_the_full_causal_pass(rng, prefill):
     b, length, f = 2, 7, 8
@@ -422,6 +435,7 @@ def test_cache_overflow_and_cross_attention_errors(rng):
         dec.init(rng, jnp.zeros((2, 3, 8)), jnp.zeros((2, 3, 8)))
 
 
+@pytest.mark.slow
 def test_mha_dropout_gradients_match_their_forward(x64):
     x = np.random.default_rng(19).normal(size=(2, 5, 6))
     m = MultiHeadAttention(num_heads=2, dropout_rate=0.4, param_dtype=jnp.float64)
@@ -439,6 +453,7 @@ def test_long_sequences_use_query_blocks(rng):
     np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v, mask)[0], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow_beyond(2)
 @pytest.mark.parametrize("native", [False, True], ids=["xla-kernel", "cpu-kernel"])
 @pytest.mark.parametrize("shape, heads", [((2, 384, 8), 2), ((16, 256, 4), 1)])
 def test_mha_above_one_block_matches_flax(rng, shape, heads, native, monkeypatch):
@@ -473,6 +488,7 @@ def test_mha_above_one_block_matches_flax(rng, shape, heads, native, monkeypatch
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 520, 4), (2, 384, 4)])
 def test_mha_above_one_block_dropout_gradients(x64, shape):
     """The kernel paths of MultiHeadAttention (query blocks; the fused one, whole rows) regenerate their dropout masks
@@ -485,6 +501,7 @@ def test_mha_above_one_block_dropout_gradients(x64, shape):
     check_grads(f, (params, x), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fused_self_attention_equals_the_blocked_kernel(rng):
     """The fused self-attention kernel (d(qkv) emitted in the projection's layout) computes what the blocked kernel
     computes on q, k, v sliced out of it: outputs and gradients, with dropout, a per-row padding mask combined with
@@ -509,6 +526,7 @@ def test_fused_self_attention_equals_the_blocked_kernel(rng):
                                    np.asarray(jax.jit(f, static_argnums=0)(blocked)), rtol=1e-6, atol=1e-7)  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("several_devices", [True, False])
 def test_batch_sharded_jit_gathers_nothing(several_devices, monkeypatch):
     """With several devices the kernel's blocks hold the whole batch and run over queries only, so that under a jit

@@ -68,6 +68,7 @@ def test_no_bias(rng):
     assert all(set(p) == {"kernel"} for p in params.values())
 
 
+@pytest.mark.slow
 def test_dropout_only_when_not_deterministic(rng):
     x = jnp.ones((4, 16))
     block = MlpBlock(mlp_dim=64, dropout_rate=0.5)
@@ -108,6 +109,7 @@ def test_check_grads_float64(x64, rng, gated):
     check_grads(f, (params, x), order=1, modes=["rev"])
 
 
+@pytest.mark.slow
 def test_bf16_compute(rng):
     x = normal((2, 8), jnp.bfloat16)
     block = MlpBlock(mlp_dim=16, gated=True, dtype=jnp.bfloat16)

@@ -15,6 +15,7 @@ def normal(shape, dtype=np.float32, seed=0):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize("shape", [(7, 16), (2, 5, 32), (1, 1, 3)])
 def test_matches_flax(shape):
     x = 3.0 * normal(shape) + 1.0

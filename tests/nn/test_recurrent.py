@@ -202,6 +202,7 @@ def test_flip_sequences_reverses_within_lengths():
     np.testing.assert_array_equal(np.asarray(flip_sequences(x, jnp.array([5, 3]))), [[4, 3, 2, 1, 0], [7, 6, 5, 8, 9]])
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize("kind", ["lstm", "gru", "tanh"])
 def test_rnn_gradients_float64(kind, x64):
     x = np.random.default_rng(15).normal(size=(3, 5, F))
@@ -211,6 +212,7 @@ def test_rnn_gradients_float64(kind, x64):
     check_grads(f, (params, x), order=1, modes=["rev"])
 
 
+@pytest.mark.slow
 def test_rnn_bf16_compute():
     x = jax.random.normal(jax.random.key(17), (2, 4, F))
     rnn = RNN(LSTMCell(H, dtype=jnp.bfloat16))
@@ -243,6 +245,7 @@ def test_bad_inputs_raise_clear_errors():
         SimpleRNNCell(H, activation="sigmoid").init(jax.random.key(0), jnp.zeros((2, H)), jnp.zeros((2, F)))
 
 
+@pytest.mark.slow
 def test_bidirectional_concatenates_forward_and_reverse_within_lengths():
     from seqjax.nn import Bidirectional
 
@@ -294,6 +297,7 @@ def _fused_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -325,6 +329,7 @@ def test_fused_kernel_equals_the_scanned_cell(monkeypatch, kind, reverse, use_bi
     assert jax.tree.structure(fused.init(jax.random.key(22), x)) == jax.tree.structure(params)
 
 
+@pytest.mark.slow
 def test_fused_kernels_gradients_float64(x64):
     from seqjax.nn.recurrent import fused_gru, fused_lstm
 
@@ -345,6 +350,7 @@ def test_fused_kernels_gradients_float64(x64):
     check_grads(f_gru, gru, order=1, modes=["rev"])
 
 
+@pytest.mark.slow
 def test_fused_path_is_not_taken_where_it_would_differ(monkeypatch):
     calls = _fused_calls(monkeypatch)
     x = jnp.ones((2, 4, F))
@@ -377,6 +383,7 @@ def test_fused_path_is_not_taken_where_it_would_differ(monkeypatch):
     assert calls == [] and all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_stacked_layers_forward_mode_autodiff_with_fused_off(kind):
     from seqjax.nn import GRU, LSTM

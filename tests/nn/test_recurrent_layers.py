@@ -30,6 +30,7 @@ def torch_forward(module, x, lengths, kind):
     return xt, out, state
 
 
+@pytest.mark.slow_beyond(3)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("num_layers, bidirectional", [(1, False), (2, True), (3, False)])
 def test_stacked_layers_match_torch_with_packed_sequences(kind, num_layers, bidirectional):
@@ -71,6 +72,7 @@ def test_initial_state_matches_torch():
     np.testing.assert_allclose(np.asarray(c), tc.detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_between_layers_only_in_training():
     layer = GRU(H, num_layers=2, dropout=0.5)
     x = jnp.asarray(np.random.default_rng(7).normal(size=(B, T, F)).astype(np.float32))

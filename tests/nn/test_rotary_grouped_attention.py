@@ -58,6 +58,7 @@ def _inputs(b=2, t=7, seed=0):
     return x, positions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("fuse_qkv", [True, False])
 @pytest.mark.parametrize("impl", ["auto", "reference", "jax"])
@@ -75,6 +76,7 @@ def test_matches_numpy(kv_heads, fuse_qkv, impl):
     assert np.abs(np_grouped_rotary_attention(params, x, positions, 500.0, interleaved=True) - want).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_default_positions_count_from_zero_and_fast_path_agrees():
     """Without `positions` the tokens sit at 0..T-1. Above one block (the blocked kernel's d(qkv) variant or the C++
     kernel on the rotated fused projection) the result equals the reference kernel's."""
@@ -91,6 +93,7 @@ def test_default_positions_count_from_zero_and_fast_path_agrees():
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_matches_transformers_llama_attention(kv_heads):
     """Llama's attention (rotate-half RoPE, grouped heads by repeat_kv, biases on) with its weights mapped into
@@ -149,6 +152,7 @@ def test_cached_decoding_equals_the_full_pass(kv_heads, prefill):
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_float64_gradients(x64):
     """Gradients through the rotation and the grouped heads (parameters and inputs) by finite differences."""
     x = np.random.default_rng(18).normal(size=(2, 5, 16))

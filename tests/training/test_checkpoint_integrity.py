@@ -196,6 +196,7 @@ def uninterrupted(tmp_path_factory):
     return _toy(tmp_path_factory.mktemp("uninterrupted"), num_train_steps=40)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_loop_resumes_from_the_newest_intact_step_bitwise(tmp_path, monkeypatch, capsys, uninterrupted, layout):
     if layout == "state":

@@ -129,6 +129,7 @@ def test_bad_configs_fail_before_compiling(tmp_path, overrides, key):
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_modes_and_device_counts(tmp_path):
     """20 steps on one device, 20 under pmap on 8 devices, 20 under jit on 8 with the weights split 4 ways (FSDP):
     the same losses as one device throughout (no dropout here: under pmap each device draws its own masks)."""
@@ -144,6 +145,7 @@ def test_checkpoint_moves_between_modes_and_device_counts(tmp_path):
     np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-4)
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize("mode", ["none", "pmap", "jit"])
 def test_train_step_compiles_once(tmp_path, mode):
     traces = []

@@ -24,6 +24,7 @@ def _plain(x, kernel, bias, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+@pytest.mark.slow_beyond(7)
 @pytest.mark.parametrize("chunk_size", [1, 7, 16, 60, 512])  # 7 does not divide 60 tokens: padded to 63
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_value_and_gradients_match_plain_loss(rng, chunk_size, with_bias):
@@ -39,6 +40,7 @@ def test_value_and_gradients_match_plain_loss(rng, chunk_size, with_bias):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_check_grads_float64(rng, x64):
     x, kernel, bias, labels = _problem(rng, lead=(10,), d=5, v=7, dtype=jnp.float64)
     check_grads(
@@ -57,6 +59,7 @@ def test_bad_shapes_are_named(rng):
         fused_linear_cross_entropy(x, kernel, bias[:36], labels)
 
 
+@pytest.mark.slow
 def test_where_averages_over_selected_tokens(rng):
     x, kernel, bias, labels = _problem(rng)
     where = jax.random.bernoulli(jax.random.fold_in(rng, 5), 0.6, labels.shape)
@@ -81,6 +84,7 @@ def test_bfloat16_inputs_keep_their_dtype(rng):
     fused_linear_cross_entropy(x, kernel.astype(jnp.float32), bias.astype(jnp.float32), labels)
 
 
+@pytest.mark.slow
 def test_label_outside_vocabulary_gives_consistent_loss_and_gradient(rng):
     x, kernel, bias, _ = _problem(rng, lead=(4,), v=5)
     labels = jnp.array([0, 7, -1, 4])

@@ -101,6 +101,7 @@ def test_hyperparameters_stay_float32_under_bfloat16_parameters():
     assert np.all(np.isfinite(np.asarray(updates["w"], np.float32)))
 
 
+@pytest.mark.slow
 def test_a_restored_state_takes_the_hyperparameters_of_the_new_config():
     params = {"w": jnp.ones((2, 2))}
     old_tx = make_optimizer(_opt_config(learning_rate=0.1, num_train_steps=10, schedule="linear"))
@@ -160,6 +161,7 @@ def _lm_task():
     return loss_fn, data, params
 
 
+@pytest.mark.slow
 def test_train_step_is_pure_and_learns():
     loss_fn, data, params = _lm_task()
     tx = make_optimizer(_opt_config(learning_rate=1e-2))
@@ -175,6 +177,7 @@ def test_train_step_is_pure_and_learns():
     assert runs[0][-1] < runs[0][0] - 0.3 and int(state.step) == 12
 
 
+@pytest.mark.slow
 def test_parallel_modes_agree_on_8_devices():
     assert jax.device_count() == 8
     loss_fn, data, params = _lm_task()

@@ -46,6 +46,7 @@ def separate(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_stacked_trials_match_separate_runs(tmp_path, separate):
     configs = [_config(**o) for o in GRID]
     dirs = [str(tmp_path / f"t{i}") for i in range(len(GRID))]
@@ -69,6 +70,7 @@ def test_stacked_trials_match_separate_runs(tmp_path, separate):
     np.testing.assert_allclose(again["w1_norm"], summaries[3]["w1_norm"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_is_exact(tmp_path, separate):
     configs = [_config(**o) for o in GRID[:2]]
     dirs = [str(tmp_path / f"t{i}") for i in range(2)]
@@ -84,6 +86,7 @@ def test_resume_after_an_interruption_is_exact(tmp_path, separate):
         np.testing.assert_allclose(_curve(d), _curve(ref), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_task_hyperparameters_are_traced_per_trial(tmp_path):
     """The toy task reads its dropout rate with `hparam`: stacked rates equal separate runs with each rate."""
     configs = [_config(dropout=0.0), _config(dropout=0.5)]
@@ -119,6 +122,7 @@ def test_hparam_reads_the_traced_value_inside_the_block():
     assert hparam(config, "dropout") == 0.1
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_stops_alone(tmp_path):
     """Trial 1's eighth batch holds NaN targets: it stops there (metrics up to step 7, its step-6 checkpoint, no
     summary), exactly as a separate run of its config stops, while trial 0 trains on as a separate run does."""

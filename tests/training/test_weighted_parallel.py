@@ -111,6 +111,7 @@ def _toy_metrics(params, model_state, batch):
     }  # divided per device: what pmap used to average
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize("n", [4, 8])
 def test_toy_task_with_uneven_padding_gives_the_same_numbers_in_every_mode(n):
     per = B // n
@@ -125,6 +126,7 @@ def test_toy_task_with_uneven_padding_gives_the_same_numbers_in_every_mode(n):
     assert abs(plain[2] - plain[0]) > 1e-2 * abs(plain[0])
 
 
+@pytest.mark.slow
 def test_toy_batch_of_the_issue_matches_the_global_mean_under_pmap():
     """16 rows on 4 devices, one device with 2 real rows, the others 1: pmap's loss and gradient are the global
     weighted mean's (computed here directly with numpy-free plain JAX on the whole batch)."""
@@ -166,6 +168,7 @@ def test_means_reduce_as_sums_over_sums():
     assert float(value(jax.tree.map(lambda x: x[0], out["m"]))) == pytest.approx(23 / 4)
 
 
+@pytest.mark.slow
 def test_fused_linear_cross_entropy_as_mean_is_the_sum_and_its_weight(rng):
     x = jax.random.normal(rng, (2, 5, D))
     kernel = jax.random.normal(jax.random.fold_in(rng, 1), (D, V))
