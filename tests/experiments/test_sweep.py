@@ -45,7 +45,6 @@ def _losses(workdir, i):
     return np.array([r["train_loss"] for r in read_metrics(sw.trial_dir(str(workdir), i)).values()])
 
 
-@pytest.mark.slow
 def test_spaces_expand_to_exactly_the_trials_written():
     g = sw.grid({"a": [1, 2], "b": ["x", "y", "z"]})
     assert g.expand() == [{"a": a, "b": b} for a in (1, 2) for b in ("x", "y", "z")]
@@ -70,14 +69,12 @@ def test_spaces_expand_to_exactly_the_trials_written():
             bad()
 
 
-@pytest.mark.slow
 def test_the_old_module_path_still_names_the_sweep_language():
     from seqjax.training import sweep as old  # sweep files written before seqjax.sweeps existed
 
     assert old.Sweep is sw.Sweep and old.grid is sw.grid and old.trial_config is sw.trial_config
 
 
-@pytest.mark.slow
 def test_overrides_are_checked_against_the_config():
     base = os.path.join(ROOT, "experiments", "configs", "dalle.py")
     config = sw.trial_config(base, None, {"learning_rate": 0.5, "vqvae.model.num_codes": 16})
