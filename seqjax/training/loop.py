@@ -87,12 +87,20 @@ def validate_config(config: Any) -> None:
             raise ConfigError(key, f"{config[key]} is negative ({allowed})")
     if config.parallel not in MODES:
         raise ConfigError("parallel", f"{config.parallel!r} is unknown (one of {', '.join(map(repr, MODES))})")
-    for key, kind in (("fsdp", int), ("fsdp_min_size", int), ("distributed", bool)):
-        if key in config and (not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool))):
+    for key, kind in (("fsdp", int), ("fsdp_min_size", int), ("distributed", bool), ("grad_accum_steps", int)):
+        if config.get(key) is not None and (not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool))):
             raise ConfigError(key, f"{config[key]!r} has the wrong type ({_KINDS[kind]})")
     if config.get("fsdp", 1) < 1 or (config.get("fsdp", 1) > 1 and config.parallel != "jit"):
         raise ConfigError("fsdp", f"{config.fsdp} is not possible here (>= 1, and above 1 only with parallel='jit')")
+    if config.get("grad_accum_steps") is not None and config.grad_accum_steps < 1:
+        raise ConfigError("grad_accum_steps", f"{config.grad_accum_steps} is too small (an integer >= 1; 1: off)")
     _profile_window(config)
+
+
+def step_options(config: Any) -> dict[str, Any]:
+    """The config's options of `make_train_step` (those it sets, not None; the rest keep `make_train_step`'s
+    defaults)."""
+    return {key: config[key] for key in ("grad_accum_steps",) if config.get(key) is not None}
 
 
 _KINDS = {int: "an int", float: "a number", str: "a string", bool: "True or False"}
@@ -138,7 +146,7 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
 def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     par = Parallel.from_config(config)
-    par.check_batch_size(config.batch_size)
+    par.check_batch_size(config.batch_size, **step_options(config))
     if not hasattr(task, "loss_fn") and callable(task):  # a function that builds the task
         task = task()
     primary = jax.process_index() == 0  # writes the logs, summaries and pictures; every process trains and saves
@@ -158,7 +166,7 @@ def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
         dev_state = host if par.mode == "jit" else par.put_state(host)
         if primary:
             print(f"resumed from step {int(restored[0].step)} in {workdir}", flush=True)
-    train_step = par.train_step(task.loss_fn, tx, state)
+    train_step = par.train_step(task.loss_fn, tx, state, **step_options(config))
     eval_step = par.eval_step(task.metric_fn) if hasattr(task, "metric_fn") else None
     meta = {"config": json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)}
 

@@ -97,12 +97,18 @@ class Parallel:
     def num_devices(self) -> int:
         return len(self.devices)
 
-    def check_batch_size(self, batch_size: int) -> None:
+    def check_batch_size(self, batch_size: int, grad_accum_steps: int = 1) -> None:
         if batch_size % self.num_devices:
             raise ConfigError(
                 "batch_size",
                 f"{batch_size} is not divisible by the {self.num_devices} devices of parallel={self.mode!r} "
                 f"(a multiple of {self.num_devices})",
+            )
+        if (batch_size // self.num_devices) % grad_accum_steps:
+            raise ConfigError(
+                "grad_accum_steps",
+                f"{grad_accum_steps} does not divide the {batch_size // self.num_devices} rows of each of the "
+                f"{self.num_devices} devices (batch_size {batch_size}); each micro-batch needs equal rows",
             )
 
     # -- placement ---------------------------------------------------------------------------------------------
@@ -173,14 +179,17 @@ class Parallel:
 
     # -- compiled steps ----------------------------------------------------------------------------------------
 
-    def train_step(self, loss_fn: Callable, tx: optax.GradientTransformation, state: Any = None) -> Callable:
+    def train_step(
+        self, loss_fn: Callable, tx: optax.GradientTransformation, state: Any = None, **options: Any
+    ) -> Callable:
         """Compiled `(state, batch) -> (state, metrics)`; the input state is donated. Under "jit", `state` (a
-        template, possibly abstract) fixes the state's shardings on the way in and out."""
+        template, possibly abstract) fixes the state's shardings on the way in and out. `options` go to
+        `make_train_step` (e.g. `grad_accum_steps`)."""
         if self.mode == "pmap":
-            step = make_train_step(loss_fn, tx, axis_name=AXIS)
+            step = make_train_step(loss_fn, tx, axis_name=AXIS, **options)
             pmapped = jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=self.devices)
             return lambda state, batch: _first_of_metrics(pmapped(state, batch))
-        step = make_train_step(loss_fn, tx)
+        step = make_train_step(loss_fn, tx, **options)
         if self.mode == "jit":
             replicated = NamedSharding(self.mesh, P())
             if state is None:

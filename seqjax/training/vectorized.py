@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.training.checkpoint import Checkpointer
-from seqjax.training.loop import plot_curves, validate_config
+from seqjax.training.loop import plot_curves, step_options, validate_config
 from seqjax.training.metrics import Accumulator
 from seqjax.training.optim import (
     HYPERPARAMETERS,
@@ -185,7 +185,8 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
         return wrapped
 
     loss_fn = with_hparams(task0.loss_fn)
-    one_step = lambda state, batch, hp: make_train_step(lambda *a: loss_fn(hp, *a), tx)(state, batch)
+    options = step_options(configs[0])  # equal in every trial (they change the program)
+    one_step = lambda state, batch, hp: make_train_step(lambda *a: loss_fn(hp, *a), tx, **options)(state, batch)
     per_trial = lambda batches: jax.tree.map(lambda x: x[group], batches)
     vstep = jax.jit(lambda s, b, hp: jax.vmap(one_step)(s, per_trial(b), hp), donate_argnums=0)
     veval = None
