@@ -40,6 +40,7 @@ def base_config(**fields: Any) -> ml_collections.ConfigDict:
     c.weight_decay = 0.0
     c.grad_clip_norm = 1.0
     c.grad_accum_steps = config_dict.placeholder(int)  # K micro-batches per step, summed; None: make_train_step's (1)
+    c.ema_decay = config_dict.placeholder(float)  # EMA of the parameters, evaluated beside them; None: off
     c.parallel = "none"  # "none" | "pmap" | "jit"
     c.data_dir = ""  # TFDS data directory; "": TFDS's default (~/tensorflow_datasets)
     c.update(fields)

@@ -8,7 +8,7 @@ from seqjax.models import Transformer, TransformerConfig
 from seqjax.plotting import attention_weights, plot_attention
 
 
-@pytest.mark.slow_beyond(1)
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_attention_weights_of_every_layer(rng, scan):
     cfg = TransformerConfig(

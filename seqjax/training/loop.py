@@ -87,20 +87,26 @@ def validate_config(config: Any) -> None:
             raise ConfigError(key, f"{config[key]} is negative ({allowed})")
     if config.parallel not in MODES:
         raise ConfigError("parallel", f"{config.parallel!r} is unknown (one of {', '.join(map(repr, MODES))})")
-    for key, kind in (("fsdp", int), ("fsdp_min_size", int), ("distributed", bool), ("grad_accum_steps", int)):
-        if config.get(key) is not None and (not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool))):
-            raise ConfigError(key, f"{config[key]!r} has the wrong type ({_KINDS[kind]})")
+    optional = (("fsdp", int), ("fsdp_min_size", int), ("distributed", bool), ("grad_accum_steps", int))
+    for key, kind in (*optional, ("ema_decay", float)):
+        value = config.get(key)
+        numeric = kind in (int, float) and isinstance(value, bool)
+        ok = isinstance(value, (int, float) if kind is float else kind) and not numeric
+        if value is not None and not ok:
+            raise ConfigError(key, f"{value!r} has the wrong type ({_KINDS[kind]})")
     if config.get("fsdp", 1) < 1 or (config.get("fsdp", 1) > 1 and config.parallel != "jit"):
         raise ConfigError("fsdp", f"{config.fsdp} is not possible here (>= 1, and above 1 only with parallel='jit')")
     if config.get("grad_accum_steps") is not None and config.grad_accum_steps < 1:
         raise ConfigError("grad_accum_steps", f"{config.grad_accum_steps} is too small (an integer >= 1; 1: off)")
+    if config.get("ema_decay") is not None and not 0.0 <= config.ema_decay < 1.0:
+        raise ConfigError("ema_decay", f"{config.ema_decay} is out of range (in [0, 1); 0: off)")
     _profile_window(config)
 
 
 def step_options(config: Any) -> dict[str, Any]:
     """The config's options of `make_train_step` (those it sets, not None; the rest keep `make_train_step`'s
     defaults)."""
-    return {key: config[key] for key in ("grad_accum_steps",) if config.get(key) is not None}
+    return {key: config[key] for key in ("grad_accum_steps", "ema_decay") if config.get(key) is not None}
 
 
 _KINDS = {int: "an int", float: "a number", str: "a string", bool: "True or False"}
@@ -146,14 +152,14 @@ def train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
 def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     par = Parallel.from_config(config)
-    par.check_batch_size(config.batch_size, **step_options(config))
+    par.check_batch_size(config.batch_size, step_options(config).get("grad_accum_steps", 1))
     if not hasattr(task, "loss_fn") and callable(task):  # a function that builds the task
         task = task()
     primary = jax.process_index() == 0  # writes the logs, summaries and pictures; every process trains and saves
     tx = make_optimizer(config)
     root = jax.random.key(config.seed)
     params, model_state = task.init(jax.random.fold_in(root, 0))
-    state = TrainState.create(params, tx, jax.random.fold_in(root, 1), model_state)
+    state = TrainState.create(params, tx, jax.random.fold_in(root, 1), model_state, ema=bool(config.get("ema_decay")))
     ckpt = Checkpointer.from_config(os.path.join(workdir, "checkpoints"), config)
     # Under "jit" the checkpoint is read straight into the mesh's shardings (each process its own shards).
     restored = ckpt.restore(state, shardings=par.state_shardings(state))  # skips damaged steps, or raises
@@ -174,8 +180,14 @@ def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
         if eval_step is None:
             return {}
         # Sums over sums: a batch with fewer real tokens weighs less (seqjax.training.metrics).
-        results = accumulate(eval_step(dev_state, par.put_batch(batch)) for batch in task.eval_batches())
-        return {f"eval_{k}": v for k, v in results.items()}
+        states = {"eval_": dev_state}
+        if dev_state.ema_params is not None:  # the EMA parameters too, beside the raw ones
+            states["eval_ema_"] = dev_state.with_ema_params()
+        out = {}
+        for prefix, s in states.items():
+            results = accumulate(eval_step(s, par.put_batch(batch)) for batch in task.eval_batches())
+            out.update({f"{prefix}{k}": v for k, v in results.items()})
+        return out
 
     step, total = int(par.get_state(dev_state).step), config.num_train_steps
     profile = _profile_window(config)
@@ -239,7 +251,8 @@ def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
         ckpt.close()
     summary = {"step": step, **last_eval}
     if hasattr(task, "report"):
-        params, model_state = par.to_host((dev_state.params, dev_state.model_state))
+        reported = dev_state if dev_state.ema_params is None else dev_state.with_ema_params()  # EMA when kept
+        params, model_state = par.to_host((reported.params, reported.model_state))
         report = task.report(params, model_state, workdir if primary else None)
         summary.update(report or {})
     if primary:

@@ -27,25 +27,43 @@ Array = jax.Array
 
 
 class TrainState(flax.struct.PyTreeNode):
+    """`ema_params`: the exponential moving average of the parameters (`make_train_step(ema_decay=...)`), or None
+    (off: no leaves, so the checkpoint is the same as without the field)."""
+
     step: Array
     params: Any
     opt_state: Any
     rng: Array
     model_state: Any = flax.struct.field(default_factory=dict)
+    ema_params: Any = None
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation, rng: Array, model_state: Any = None) -> TrainState:
+    def create(
+        cls, params: Any, tx: optax.GradientTransformation, rng: Array, model_state: Any = None, *, ema: bool = False
+    ) -> TrainState:
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             rng=rng,
             model_state={} if model_state is None else model_state,
+            ema_params=jax.tree.map(jnp.copy, params) if ema else None,  # starts at the initial parameters
         )
+
+    def with_ema_params(self) -> TrainState:
+        """The state with the EMA parameters in place of the raw ones (to evaluate or sample with them)."""
+        if self.ema_params is None:
+            raise ValueError("this state keeps no EMA parameters (make_train_step(ema_decay=...) > 0 keeps them)")
+        return self.replace(params=self.ema_params)
 
 
 def make_train_step(
-    loss_fn: Callable, tx: optax.GradientTransformation, *, axis_name: str | None = None, grad_accum_steps: int = 1
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    *,
+    axis_name: str | None = None,
+    grad_accum_steps: int = 1,
+    ema_decay: float = 0.0,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Array]]]:
     """`train_step(state, batch) -> (state, metrics)`, pure.
 
@@ -62,7 +80,12 @@ def make_train_step(
     each loss term's total, weight and gradient summed; the optimizer steps once with the sum of totals divided by the
     sum of weights: the update of one step on the whole batch (up to float rounding), with the activations of one
     micro-batch alive at a time. Micro-batch k draws its dropout from `fold_in(key, k)`; the model state is threaded
-    through the micro-batches in order."""
+    through the micro-batches in order.
+
+    `ema_decay=d` (in (0, 1); 0: off) updates `state.ema_params` after each optimizer step: `ema = d * ema + (1 - d)
+    * params` (the state must be created with `ema=True`)."""
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {ema_decay!r}")
     if not isinstance(grad_accum_steps, int) or isinstance(grad_accum_steps, bool) or grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
 
@@ -89,12 +112,13 @@ def make_train_step(
             loss, grads = jax.lax.psum((loss, grads), axis_name)
             model_state = jax.lax.pmean(model_state, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = state.replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            model_state=model_state,
-        )
+        params = optax.apply_updates(state.params, updates)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+        if ema_decay:
+            if state.ema_params is None:
+                raise ValueError("ema_decay > 0 needs a state created with TrainState.create(..., ema=True)")
+            average = lambda e, p: (ema_decay * e + (1.0 - ema_decay) * p).astype(e.dtype)
+            new = new.replace(ema_params=jax.tree.map(average, state.ema_params, params))
         return new, {**values(metrics), "train_loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def terms(params, model_state, batch, rng):

@@ -155,7 +155,7 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
     for k, (c, tx_k) in enumerate(zip(configs, txs, strict=True)):
         root = jax.random.key(c.seed)
         p_k, ms_k = jax.tree.map(lambda x, k=k: x[k], (params, model_state))
-        states.append(TrainState.create(p_k, tx_k, jax.random.fold_in(root, 1), ms_k))
+        states.append(TrainState.create(p_k, tx_k, jax.random.fold_in(root, 1), ms_k, ema=bool(c.get("ema_decay"))))
     ckpts = [
         Checkpointer.from_config(os.path.join(w, "checkpoints"), c) for w, c in zip(workdirs, configs, strict=True)
     ]
@@ -200,12 +200,19 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
     def evaluate(state) -> list[dict[str, float]]:
         if veval is None:
             return [{} for _ in range(K)]
-        accs = [Accumulator() for _ in range(K)]  # per trial, sums over sums as in train_and_evaluate
-        for batches in zip(*(t.eval_batches() for t in readers), strict=True):
-            m = jax.device_get(veval(state, _stack_host(list(batches)), hps))
-            for k in range(K):
-                accs[k].add(jax.tree.map(lambda x, k=k: x[k], m))
-        return [{f"eval_{n}": v for n, v in acc.result().items()} for acc in accs]
+        out = [{} for _ in range(K)]
+        states = {"eval_": state}
+        if state.ema_params is not None:  # as train_and_evaluate: the EMA parameters beside the raw ones
+            states["eval_ema_"] = state.with_ema_params()
+        for prefix, s in states.items():
+            accs = [Accumulator() for _ in range(K)]  # per trial, sums over sums as in train_and_evaluate
+            for batches in zip(*(t.eval_batches() for t in readers), strict=True):
+                m = jax.device_get(veval(s, _stack_host(list(batches)), hps))
+                for k in range(K):
+                    accs[k].add(jax.tree.map(lambda x, k=k: x[k], m))
+            for k, acc in enumerate(accs):
+                out[k].update({f"{prefix}{n}": v for n, v in acc.result().items()})
+        return out
 
     def next_batch(i):
         return jax.device_put(_stack_host([t.train_batch(i) for t in readers]))
@@ -279,7 +286,8 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
         else:
             summary = {"step": step, **last_eval[k]}
             if hasattr(tasks[k], "report"):
-                host = jax.device_get((finals[k].params, finals[k].model_state))
+                reported = finals[k] if finals[k].ema_params is None else finals[k].with_ema_params()
+                host = jax.device_get((reported.params, reported.model_state))
                 summary.update(tasks[k].report(*host, workdirs[k]) or {})
             with open(os.path.join(workdirs[k], "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)

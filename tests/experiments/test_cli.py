@@ -50,7 +50,7 @@ def _seq2seq(workdir, *args, **fields):
     return ["experiments.seq2seq", f"--workdir={workdir}", *args, *(f"--config.{k}={v}" for k, v in fields.items())]
 
 
-@pytest.mark.slow_beyond(3)
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_an_unknown_key_is_one_line_with_the_suggestion(tmp_path, name):
     out = _run([f"experiments.{name}", f"--workdir={tmp_path / 'run'}", "--config.lerning_rate=1e-3"])
@@ -59,6 +59,7 @@ def test_an_unknown_key_is_one_line_with_the_suggestion(tmp_path, name):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow_beyond(3)
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [

@@ -53,6 +53,7 @@ def test_a_model_key_on_the_command_line_changes_the_built_model(tmp_path, name,
     assert counts == {0: dict.fromkeys(stacks, default), 3: dict.fromkeys(stacks, 3)}
 
 
+@pytest.mark.slow_beyond(2)
 @pytest.mark.parametrize(
     ("name", "key", "new"),
     [("seq2seq", "num_layers", "model.num_layers"), ("lm", "dropout_rate", "model.dropout_rate"),

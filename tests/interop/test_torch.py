@@ -102,6 +102,7 @@ def test_converted_variables_have_the_layer_structure():
     assert shapes(variables) == shapes(jax.tree.map(np.asarray, init))
 
 
+@pytest.mark.slow_beyond(2)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", ("causal", "cross", "no_bias"))
 def test_multihead_attention_gradients_match_torch(case, implementation):

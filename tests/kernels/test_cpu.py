@@ -300,6 +300,7 @@ SCANNED_CASES = [(RNN_SHAPES[0], r, u) for r in (False, True) for u in (True, Fa
 SCANNED_CASES += [(RNN_SHAPES[1], False, True), (RNN_SHAPES[2], True, False)]
 
 
+@pytest.mark.slow_beyond(4)
 @pytest.mark.parametrize("shape, reverse, use_bias", SCANNED_CASES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_kernel_equals_the_scanned_cell(one_device, kind, shape, reverse, use_bias):
@@ -333,6 +334,7 @@ def test_kernel_equals_the_scanned_cell(one_device, kind, shape, reverse, use_bi
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize("shape", [(64, 6, 256, 256), (6, 2, 16, 16)], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_kernel_equals_the_xla_formulation(one_device, kind, shape):
@@ -401,6 +403,7 @@ def test_recurrent_fallback_branch_is_the_same_function(one_device, monkeypatch,
         np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize("kind", KINDS)
 def test_recurrent_kernel_under_vmap(one_device, kind):
     pairs = zip(_layer_args(kind, 3, 4, 5, 17, 8), _layer_args(kind, 3, 4, 5, 17, 9), strict=True)

@@ -30,7 +30,7 @@ def _case(b, t, n, h, seed=0):
     return q, k, v, mask
 
 
-@pytest.mark.slow_beyond(8)
+@pytest.mark.slow_beyond(2)
 @pytest.mark.parametrize("t", [6, 384], ids=["one-block", "blocks"])  # 2*2*384*384 > 2**19: the blocks run
 @pytest.mark.parametrize("name", NAMES)
 def test_every_kernel_gives_the_reference(name, t):

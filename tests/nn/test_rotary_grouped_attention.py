@@ -128,6 +128,7 @@ def test_matches_transformers_llama_attention(kv_heads):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow_beyond(1)
 @pytest.mark.parametrize("prefill", [0, 3])
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_cached_decoding_equals_the_full_pass(kv_heads, prefill):
