@@ -36,6 +36,7 @@ def get_config(variant: str = "cpu"):
             attention_dropout_rate=0.0,
             caption_dropout=0.1,
             scan_layers=True,
+            dtype="float32",  # compute dtype; "bfloat16": mixed precision, parameters stay float32
         )
     )
     c.guidance_scale = 3.0
@@ -68,7 +69,7 @@ def get_config(variant: str = "cpu"):
     if variant == "accelerator":
         c.update(
             dict(
-                model=dict(emb_dim=512, num_heads=8, num_layers=12, mlp_dim=2048),
+                model=dict(emb_dim=512, num_heads=8, num_layers=12, mlp_dim=2048, dtype="bfloat16"),
                 batch_size=256,
                 num_train_steps=50_000,
                 num_train_examples=200_000,

@@ -34,6 +34,7 @@ def get_config(variant: str = "cpu"):
             attention_dropout_rate=0.0,
             position="learned",
             scan_layers=True,
+            dtype="float32",  # compute dtype; "bfloat16": mixed precision, parameters stay float32
         )
     )
     if variant == "tiny_shakespeare":
@@ -49,7 +50,13 @@ def get_config(variant: str = "cpu"):
                 batch_size=256,
                 num_train_steps=100_000,
                 model=dict(
-                    emb_dim=512, num_heads=8, num_layers=6, mlp_dim=2048, dropout_rate=0.1, attention_dropout_rate=0.1
+                    dtype="bfloat16",
+                    emb_dim=512,
+                    num_heads=8,
+                    num_layers=6,
+                    mlp_dim=2048,
+                    dropout_rate=0.1,
+                    attention_dropout_rate=0.1,
                 ),
                 parallel="jit",
             )

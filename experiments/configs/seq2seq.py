@@ -42,6 +42,7 @@ def get_config(variant: str = "cpu"):
             dropout_rate=0.0,
             attention_dropout_rate=0.0,
             scan_layers=True,
+            dtype="float32",  # compute dtype; "bfloat16": mixed precision, parameters stay float32
         )
     )
     c.label_smoothing = 0.0
@@ -68,7 +69,13 @@ def get_config(variant: str = "cpu"):
                 batch_size=512,
                 num_train_steps=20_000,
                 model=dict(
-                    emb_dim=512, num_heads=8, num_layers=6, mlp_dim=2048, dropout_rate=0.1, attention_dropout_rate=0.1
+                    dtype="bfloat16",
+                    emb_dim=512,
+                    num_heads=8,
+                    num_layers=6,
+                    mlp_dim=2048,
+                    dropout_rate=0.1,
+                    attention_dropout_rate=0.1,
                 ),
                 max_len=64,
                 vocab_size=64,

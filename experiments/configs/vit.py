@@ -27,7 +27,14 @@ def get_config(variant: str = "cpu"):
     # vit_config's arguments: `variant` (a seqjax.models.vit.VARIANTS name / patch size; 8x8 patches: 16 tokens) and
     # ViTConfig's fields (the task adds num_classes and image_size, from the data).
     c.model = ml_collections.ConfigDict(
-        dict(variant="Mu/8", pool="cls", dropout_rate=0.0, attention_dropout_rate=0.0, scan_layers=True)
+        dict(
+            variant="Mu/8",
+            pool="cls",
+            dropout_rate=0.0,
+            attention_dropout_rate=0.0,
+            scan_layers=True,
+            dtype="float32",  # compute dtype; "bfloat16": mixed precision, parameters stay float32
+        )
     )
     c.label_smoothing = 0.0
     if variant in ("mnist", "cifar10"):
@@ -38,7 +45,7 @@ def get_config(variant: str = "cpu"):
         c.update(
             dict(
                 dataset="cifar10",
-                model=dict(variant="S/4", dropout_rate=0.1),
+                model=dict(variant="S/4", dropout_rate=0.1, dtype="bfloat16"),
                 batch_size=512,
                 num_train_steps=50_000,
                 label_smoothing=0.1,

@@ -33,6 +33,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
+FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64))
 ATTENTION_IMPLEMENTATIONS = kernels.NAMES  # seqjax.kernels.registry; "auto" chooses per platform
 
 
@@ -50,8 +51,9 @@ class StackConfig(ConfigBase):
       mlp_dim: M.
       dropout_rate: dropout on the embeddings and on each sublayer's output, in [0, 1).
       attention_dropout_rate: dropout on the attention weights, in [0, 1).
-      dtype: compute dtype; LayerNorm statistics, softmax and logits stay float32.
-      param_dtype: storage dtype of the parameters (LayerNorm's scale and bias stay float32).
+      dtype: compute dtype (a dtype or its name, e.g. "bfloat16"; stored as a numpy dtype); LayerNorm statistics,
+        softmax and logits stay float32.
+      param_dtype: storage dtype of the parameters, as `dtype` (LayerNorm's scale and bias stay float32).
       scan_layers: run each stack with `nn.scan` over stacked parameters (compile time independent of depth).
       remat_policy: "none" or a key of `REMAT_POLICIES`.
       attention_implementation: see `seqjax.nn.scaled_dot_product_attention`.
@@ -71,6 +73,16 @@ class StackConfig(ConfigBase):
 
     def __post_init__(self):
         name = type(self).__name__
+        for field in ("dtype", "param_dtype"):  # a name ("bfloat16", from a config file or the command line) or a type
+            value = getattr(self, field)
+            try:
+                dtype = None if value is None else jnp.dtype(value)
+            except TypeError:
+                dtype = None
+            if dtype is None or dtype not in FLOAT_DTYPES:  # (`in` alone: a numpy dtype equals None, as float64)
+                names = ", ".join(repr(d.name) for d in FLOAT_DTYPES)
+                raise ValueError(f"{name}.{field}={value!r} is not a floating dtype; use one of {names}")
+            object.__setattr__(self, field, dtype)
         check_positive_ints(self, ("emb_dim", "num_heads", "num_layers", "mlp_dim"))
         check_rates(self, ("dropout_rate", "attention_dropout_rate"))
         if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
