@@ -1,11 +1,12 @@
 """Language-model data and evaluation shared by `lm` (Transformer) and `rnn_lm` (recurrent): character-level
 `synthetic_text` (sentences of a probabilistic grammar, so samples can be parsed) or `tiny_shakespeare`, and
-SentencePiece subwords on `lm1b`; synthetic_text also as words (`config.tokens="word"`).
+SentencePiece subwords on `lm1b`; synthetic_text also as words (`config.tokens="word"`); or your own UTF-8 files
+(`dataset="text"`, `text_files="DIR/*.txt"`, characters or bytes: seqjax.data.text_files).
 
 Batches: `inputs` = ids[:-1], `targets` = ids[1:], `weights` 1 on real target tokens. A sentence is
-[bos] + tokens + [eos], padded; tiny_shakespeare is cut into windows. Evaluation: perplexity = exp(mean token
-cross-entropy) on the test split; at the end, samples from [bos] until eos, written to samples.txt, and for
-synthetic_text the grammaticality rate (the share of samples the grammar's parser accepts).
+[bos] + tokens + [eos], padded; tiny_shakespeare and text files are cut into windows. Evaluation: perplexity =
+exp(mean token cross-entropy) on the test split; at the end, samples from [bos] until eos, written to samples.txt,
+and for synthetic_text the grammaticality rate (the share of samples the grammar's parser accepts).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from experiments.common import PipelineTask
 from seqjax import decoding
-from seqjax.data import datasets
+from seqjax.data import datasets, text_files
 from seqjax.data.builders import build, synthetic_text
 from seqjax.data.pipeline import Mapped, Pipeline, pad, stack
 from seqjax.data.sources import data_dir, head
@@ -26,13 +27,16 @@ from seqjax.data.tokenizers import BOS, EOS, PAD, CharTokenizer, WordTokenizer
 from seqjax.errors import ConfigError
 from seqjax.training import cross_entropy
 
-DATASETS = ("synthetic_text", "tiny_shakespeare", "lm1b")
+DATASETS = ("synthetic_text", "tiny_shakespeare", "lm1b", "text")
 
 
 def text_config(c) -> None:
     """The data fields of both LM experiments."""
-    c.dataset = "synthetic_text"  # synthetic_text | tiny_shakespeare | lm1b
-    c.tokens = "char"  # synthetic_text: "char" or "word" (tiny_shakespeare is characters, lm1b subwords)
+    c.dataset = "synthetic_text"  # synthetic_text | tiny_shakespeare | lm1b | text (your files: text_files)
+    c.tokens = "char"  # synthetic_text: "char" | "word"; text: "char" ("word" too) | "byte"
+    c.text_files = ""  # text: glob patterns of UTF-8 files, comma-separated; chars cached in DATA_DIR/seqjax
+    c.eval_files = ""  # text: held-out files (globs); "": the last eval_fraction of each text file
+    c.eval_fraction = 0.1  # text without eval_files: the held-out share of each file, in (0, 1)
     c.seq_len = 80  # tokens per example (sentences longer than this are cut)
     c.max_depth = 3  # synthetic_text: the grammar's recursion depth
     c.num_train_examples = 20_000  # synthetic_text
@@ -72,6 +76,16 @@ class TextLMTask(PipelineTask):
             test_windows, _ = datasets.char_lm("tiny_shakespeare", "test", n, data_dir=d)
             train, test = windows, _Weighted(test_windows)
             train = _Weighted(windows)
+        elif config.dataset == "text":
+            windows, test_windows, self.tokenizer = text_files.read(
+                config.text_files,
+                n,
+                eval_files=config.eval_files,
+                eval_fraction=config.eval_fraction,
+                tokens="char" if config.tokens == "word" else config.tokens,  # word: lm's synthetic_text default
+                cache_dir=os.path.join(d, "seqjax"),
+            )
+            train, test = _Weighted(windows), _Weighted(test_windows)
         else:
             source, self.tokenizer = datasets.subword_lm("lm1b", "train", config.vocab_size, n + 1, data_dir=d)
             test_source, _ = datasets.subword_lm("lm1b", "test", config.vocab_size, n + 1, data_dir=d)
