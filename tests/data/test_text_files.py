@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from seqjax.data import text_files
+from seqjax.data.pipeline import Pipeline, stack
 from seqjax.data.tokenizers import UNK, ByteTokenizer, CharTokenizer
 from seqjax.errors import ConfigError
 
@@ -136,6 +137,20 @@ def test_concatenated_finds_each_example():
     assert len(parts) == 6 and [parts[i] for i in range(6)] == [0, 1, 2, 3, 4, 5]
     with pytest.raises(IndexError):
         parts[6]
+
+
+def test_pipeline_batches_are_a_function_of_seed_and_step_with_per_process_rows(tmp_path):
+    _write(tmp_path, "a.txt", A * 3)
+    _write(tmp_path, "b.txt", B * 3)
+    train, _, _ = text_files.read(f"{tmp_path}/*.txt", 8)
+    make = lambda **kw: Pipeline(train, 8, seed=3, collate=stack, **kw)
+    whole, again = make(process_index=0, process_count=1), make(process_index=0, process_count=1)
+    for k in (5, 0, 17):  # any order: a resume reads batch k alone
+        batch = whole.batch(k)
+        assert all(np.array_equal(batch[f], again.batch(k)[f]) for f in ("inputs", "targets"))
+        halves = [make(process_index=i, process_count=2).process_batch(k) for i in (0, 1)]
+        assert np.array_equal(np.concatenate([h["inputs"] for h in halves]), batch["inputs"])
+    assert not np.array_equal(whole.batch(0)["inputs"], Pipeline(train, 8, seed=4, collate=stack).batch(0)["inputs"])
 
 
 def _lm(workdir, data, *fields):
