@@ -27,6 +27,8 @@ def test_accelerator_benchmark_quick_runs_every_part():
         line = next(line for line in out.splitlines() if line.strip().startswith(part))
         rate = float(re.search(rf"([\d,.]+) {unit}", line).group(1).replace(",", ""))
         mfu = float(re.search(r"MFU\s+([\d.]+)%", line).group(1))
-        assert rate > 0 and 0 < mfu < 100, line
+        # No upper bound: on CPU the peak is a matmul timed in the same process, and a concurrent job (CI's other
+        # worker) can slow that timing more than the step's, so a ratio above 100% says nothing (seen: 118%).
+        assert rate > 0 and mfu > 0, line
     decode = next(line for line in out.splitlines() if line.strip().startswith("decode"))
     assert float(re.search(r"([\d,.]+) tokens/s", decode).group(1).replace(",", "")) > 0, decode
