@@ -180,11 +180,8 @@ def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
         if eval_step is None:
             return {}
         # Sums over sums: a batch with fewer real tokens weighs less (seqjax.training.metrics).
-        states = {"eval_": dev_state}
-        if dev_state.ema_params is not None:  # the EMA parameters too, beside the raw ones
-            states["eval_ema_"] = dev_state.with_ema_params()
         out = {}
-        for prefix, s in states.items():
+        for prefix, s in dev_state.evaluated().items():  # the EMA parameters too, beside the raw ones
             results = accumulate(eval_step(s, par.put_batch(batch)) for batch in task.eval_batches())
             out.update({f"{prefix}{k}": v for k, v in results.items()})
         return out
@@ -251,7 +248,7 @@ def _train_and_evaluate(config: Any, workdir: str, task: Any) -> dict[str, Any]:
         ckpt.close()
     summary = {"step": step, **last_eval}
     if hasattr(task, "report"):
-        reported = dev_state if dev_state.ema_params is None else dev_state.with_ema_params()  # EMA when kept
+        reported = dev_state.reported()  # the EMA parameters when kept
         params, model_state = par.to_host((reported.params, reported.model_state))
         report = task.report(params, model_state, workdir if primary else None)
         summary.update(report or {})

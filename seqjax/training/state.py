@@ -50,6 +50,14 @@ class TrainState(flax.struct.PyTreeNode):
             ema_params=jax.tree.map(jnp.copy, params) if ema else None,  # starts at the initial parameters
         )
 
+    def evaluated(self) -> dict[str, TrainState]:
+        """The states to evaluate, by metric prefix: "eval_" (the parameters) and, when kept, "eval_ema_"."""
+        return {"eval_": self} if self.ema_params is None else {"eval_": self, "eval_ema_": self.with_ema_params()}
+
+    def reported(self) -> TrainState:
+        """The state whose parameters make the final report (samples, decoding): the EMA ones when kept."""
+        return self if self.ema_params is None else self.with_ema_params()
+
     def with_ema_params(self) -> TrainState:
         """The state with the EMA parameters in place of the raw ones (to evaluate or sample with them)."""
         if self.ema_params is None:

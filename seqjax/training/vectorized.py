@@ -201,10 +201,7 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
         if veval is None:
             return [{} for _ in range(K)]
         out = [{} for _ in range(K)]
-        states = {"eval_": state}
-        if state.ema_params is not None:  # as train_and_evaluate: the EMA parameters beside the raw ones
-            states["eval_ema_"] = state.with_ema_params()
-        for prefix, s in states.items():
+        for prefix, s in state.evaluated().items():  # as train_and_evaluate: the EMA parameters beside the raw ones
             accs = [Accumulator() for _ in range(K)]  # per trial, sums over sums as in train_and_evaluate
             for batches in zip(*(t.eval_batches() for t in readers), strict=True):
                 m = jax.device_get(veval(s, _stack_host(list(batches)), hps))
@@ -286,7 +283,7 @@ def train_and_evaluate_many(configs: list[Any], workdirs: list[str], tasks: list
         else:
             summary = {"step": step, **last_eval[k]}
             if hasattr(tasks[k], "report"):
-                reported = finals[k] if finals[k].ema_params is None else finals[k].with_ema_params()
+                reported = finals[k].reported()
                 host = jax.device_get((reported.params, reported.model_state))
                 summary.update(tasks[k].report(*host, workdirs[k]) or {})
             with open(os.path.join(workdirs[k], "summary.json"), "w") as f:
